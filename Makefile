@@ -1,0 +1,50 @@
+# g2rpo: `make run` trains the embedded default on CPU, `make test` runs the suite.
+# Both create .venv on first use. On a GPU machine install a CUDA build instead:
+#   make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" run
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-all bench reproduce lint format clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first, so that no dependency resolves it to a multi-GB CUDA build on CPU machines
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(STAMP) ## Create .venv and install g2rpo with its dev extras
+
+run: $(STAMP) ## Train Flow-GRPO on the embedded default (CPU, a few minutes); extra overrides: make run ARGS="seed=1"
+	$(PY) -m g2rpo.run $(ARGS)
+
+test: $(STAMP) ## Run the test suite (fast tests; slow and GPU tests are skipped)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: $(STAMP) ## Run every test, slow ones included
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP) ## Print framework-overhead ratios and peak memory for the tiny SD3 model
+	$(PY) -m experiments.bench $(ARGS)
+
+reproduce: $(STAMP) ## Run the experiment suites and regenerate the result tables and curves
+	$(PY) -m experiments.reproduce $(ARGS)
+
+lint: $(STAMP) ## Ruff lint and format check
+	$(PY) -m ruff check g2rpo experiments tests
+	$(PY) -m ruff format --check g2rpo experiments tests
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(PY) -m ruff check --fix g2rpo experiments tests
+	$(PY) -m ruff format g2rpo experiments tests
+
+clean: ## Remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache

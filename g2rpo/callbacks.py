@@ -1,0 +1,51 @@
+"""Callbacks: sample images (PNG grid in the run dir and W&B images with prompts) and policy export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import make_image_grid
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class SampleImages(L.Callback):
+    """Every ``every_n_iterations``: the rollout's first images, captioned with prompt and reward."""
+
+    def __init__(self, every_n_iterations: int = 10, directory: str = "images") -> None:
+        self.every_n_iterations = every_n_iterations
+        self.directory = directory
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        samples = getattr(pl_module, "last_samples", None)
+        iteration = trainer.current_epoch
+        if samples is None or iteration % self.every_n_iterations:
+            return
+        pictures = VaeImageProcessor.numpy_to_pil(samples.images.permute(0, 2, 3, 1).float().numpy())
+        captions = [
+            f"{prompt} | reward {reward:.3f}" for prompt, reward in zip(samples.prompts, samples.rewards)
+        ]
+        columns = math.ceil(math.sqrt(len(pictures)))
+        rows = math.ceil(len(pictures) / columns)
+        pictures += [pictures[0].copy().point(lambda _: 255)] * (rows * columns - len(pictures))
+        directory = Path(trainer.default_root_dir) / self.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        make_image_grid(pictures, rows, columns).save(directory / f"iteration_{iteration:06d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", pictures[: len(captions)], step=iteration, caption=captions)
+
+
+class ExportPolicy(L.Callback):
+    """At the end of training, write the policy in its library's format (a diffusers LoRA for LoRA runs)."""
+
+    def __init__(self, directory: str = "policy") -> None:
+        self.directory = directory
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        pl_module.policy.save_pretrained(Path(trainer.default_root_dir) / self.directory)

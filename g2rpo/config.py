@@ -1,0 +1,51 @@
+"""Typed config schemas and resolvers, registered before Hydra composes.
+
+A dataclass that a config group instantiates (``algo``, ``curriculum``) doubles as that group's schema:
+``schema(cls)`` adds the ``_target_`` field, and the group's YAML lists it first in its defaults
+(``/schema/algo/flow_grpo@_here_``). Hydra then rejects an unknown field or an ill-typed value on the
+command line at compose time, naming the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from g2rpo.algos import FlowGRPO
+from g2rpo.curriculum import UniformCurriculum
+
+SCHEMAS = {
+    "algo": {"flow_grpo": FlowGRPO},
+    "curriculum": {"uniform": UniformCurriculum},
+}
+
+
+def schema(cls: type) -> type:
+    """``cls`` with a ``_target_`` field pointing at itself, usable as a Hydra structured config."""
+    target = f"{cls.__module__}.{cls.__qualname__}"
+    return dataclasses.make_dataclass(
+        f"{cls.__name__}Config", [("_target_", str, dataclasses.field(default=target))], bases=(cls,)
+    )
+
+
+def run_name(override_dirname: str) -> str:
+    """The run directory's name: the command-line overrides (``algo=dgpo,seed=1``), or ``default``.
+
+    Deterministic, so the same command finds the same directory and resumes from its last checkpoint.
+    """
+    return re.sub(r"[/\\]+", "_", override_dirname) or "default"
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    for group, entries in SCHEMAS.items():
+        for name, cls in entries.items():
+            store.store(group=f"schema/{group}", name=name, node=schema(cls))
+    if not OmegaConf.has_resolver("g2rpo.run_name"):
+        OmegaConf.register_new_resolver("g2rpo.run_name", run_name)
+
+
+register()

@@ -1,0 +1,60 @@
+"""Uniform prompt sampling with a fixed group size: the baseline every paper uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from g2rpo.data import PromptDataset
+from g2rpo.types import PromptBatch, RewardOutput
+
+
+class Curriculum:
+    """Draws the prompts of an iteration and learns from their rewards.
+
+    ``sample`` must give every rank the same batch for the same generator state; ``update`` sees the
+    rewards of what ``sample`` returned. The state goes into checkpoints so a resumed run continues the
+    same curriculum.
+    """
+
+    def sample(self, dataset: PromptDataset, generator: torch.Generator) -> PromptBatch:
+        raise NotImplementedError
+
+    def update(self, batch: PromptBatch, rewards: RewardOutput) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class UniformCurriculum(Curriculum):
+    """``prompts_per_iteration`` distinct prompts drawn uniformly, ``group_size`` samples each.
+
+    As Flow-GRPO's ``DistributedKRepeatSampler``: a fresh random subset every iteration (no epochs over
+    the prompt set). Paper sizing is 48 prompts x 24 samples; the defaults here fit a CPU.
+    """
+
+    prompts_per_iteration: int = 4
+    group_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_iteration < 1 or self.group_size < 2:
+            raise ValueError(
+                "curriculum: prompts_per_iteration must be >= 1 and group_size >= 2 "
+                f"(a group of one has no baseline); got {self.prompts_per_iteration}, {self.group_size}"
+            )
+
+    def sample(self, dataset: PromptDataset, generator: torch.Generator) -> PromptBatch:
+        if self.prompts_per_iteration > len(dataset):
+            raise ValueError(
+                f"curriculum.prompts_per_iteration={self.prompts_per_iteration} exceeds the "
+                f"{len(dataset)} prompts of the dataset"
+            )
+        prompt_ids = torch.randperm(len(dataset), generator=generator)[: self.prompts_per_iteration]
+        sizes = torch.full((self.prompts_per_iteration,), self.group_size)
+        return PromptBatch.from_groups(dataset.prompts, dataset.metadata, prompt_ids, sizes)

@@ -1,0 +1,226 @@
+"""The Lightning module: one ``training_step`` is one RL iteration, and one Lightning epoch.
+
+    prompts (curriculum) -> rollout (no_grad) -> rewards -> advantages -> minibatches of loss units
+    -> manual_backward / clip / step -> log
+
+The curriculum draws prompts inside ``training_step`` because it learns from the previous iteration's
+rewards; the dataloader only paces iterations. Every random draw of an iteration comes from generators
+seeded by ``(seed, iteration, rank)``, so a run resumed from a checkpoint repeats exactly what the
+uninterrupted run would have done. Checkpoints hold only the trainable weights (the LoRA adapter or the
+fine-tuned transformer), the optimiser and the curriculum state; frozen weights are rebuilt from the
+model config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from g2rpo.advantages import Advantages
+from g2rpo.algos.base import Algorithm
+from g2rpo.curriculum import Curriculum
+from g2rpo.data import PromptDataset
+from g2rpo.policies.base import FlowPolicy
+from g2rpo.rewards.base import RewardEnsemble
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """The last rollout's images, for the image-logging callback."""
+
+    images: Tensor
+    prompts: list[str]
+    rewards: Tensor
+
+
+def iteration_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a well-mixed hash of ``key`` (e.g. seed, iteration, rank)."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+class RLModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: FlowPolicy,
+        algorithm: Algorithm,
+        reward: RewardEnsemble,
+        dataset: PromptDataset,
+        curriculum: Curriculum,
+        optimizer: Callable,
+        seed: int = 0,
+        max_grad_norm: float | None = 1.0,
+        logprob_tolerance: float = 1e-3,
+        max_skipped_steps: int = 3,
+        num_logged_images: int = 16,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable weights only (see on_save_checkpoint)
+        self.policy = policy
+        self.algorithm = algorithm
+        self.reward = reward
+        self.dataset = dataset
+        self.curriculum = curriculum
+        self.optimizer_factory = optimizer
+        self.seed = seed
+        self.max_grad_norm = max_grad_norm
+        self.logprob_tolerance = logprob_tolerance
+        self.max_skipped_steps = max_skipped_steps
+        self.num_logged_images = num_logged_images
+        self.skipped_in_a_row = 0
+        self.last_samples: Samples | None = None
+        if algorithm.uses_reference:
+            policy.enable_reference()
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.policy.trainable_parameters())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([0], batch_size=None)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        iteration = self.current_epoch
+        shared = iteration_generator(self.seed, iteration)  # identical on every rank: which prompts
+        local = iteration_generator(self.seed, iteration, self.global_rank + 1)  # per rank: which noise
+
+        prompts = self.curriculum.sample(self.dataset, shared)
+        clock = time.perf_counter()
+        self.policy.nfe = 0
+        with torch.no_grad():
+            rollout = self.algorithm.rollout(self.policy, prompts, local)
+        nfe_rollout, rollout_seconds = self.policy.nfe, time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        with torch.no_grad():
+            rewards = self.reward(rollout.images, prompts.prompts, prompts.metadata)
+        reward_seconds = time.perf_counter() - clock
+        advantages = self.algorithm.advantages(rewards, prompts)
+        metrics = {**rewards.metrics(), **advantages.metrics(), **self.curriculum.update(prompts, rewards)}
+        if not advantages.valid.all():
+            log.warning(
+                "iteration %d: %d of %d samples have a NaN reward; they are left out of the advantage "
+                "statistics and of training",
+                iteration,
+                int((~advantages.valid).sum()),
+                len(prompts),
+            )
+
+        clock = time.perf_counter()
+        self.policy.nfe = 0
+        metrics.update(self._optimize(rollout, advantages, local, iteration))
+        metrics.update(
+            {
+                "nfe/rollout": nfe_rollout,
+                "nfe/train": self.policy.nfe,
+                "time/rollout_s": rollout_seconds,
+                "time/reward_s": reward_seconds,
+                "time/train_s": time.perf_counter() - clock,
+            }
+        )
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(prompts))
+        self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(prompts))
+        shown = slice(0, self.num_logged_images)
+        self.last_samples = Samples(
+            rollout.images[shown].cpu(), prompts.prompts[shown], rewards.total[shown].cpu()
+        )
+
+    def _optimize(self, rollout, advantages: Advantages, generator: torch.Generator, iteration: int) -> dict:
+        """One optimiser step per minibatch; a non-finite loss or gradient skips that step."""
+        optimizer = self.optimizers()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        gaps_before_update: list[float] = []
+        grad_norms: list[float] = []
+        steps = skipped = 0
+        for index, units in enumerate(self.algorithm.minibatches(rollout, advantages, generator)):
+            finite = True
+            for unit in units:
+                out = self.algorithm.loss(self.policy, rollout, advantages, unit)
+                if not torch.isfinite(out.loss):
+                    finite = False
+                    break
+                self.manual_backward(out.loss / len(units))
+                for key, value in out.metrics.items():
+                    sums[key] += float(value)
+                    counts[key] += 1
+                if index == 0 and "logprob_gap" in out.metrics:
+                    gaps_before_update.append(float(out.metrics["logprob_gap"]))
+            grad_norm = self._clip_gradients(optimizer) if finite else float("nan")
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                steps += 1
+                grad_norms.append(grad_norm)
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped and not steps else 0
+        if skipped:
+            log.warning(
+                "iteration %d: skipped %d optimiser step(s) with a non-finite loss or gradient",
+                iteration,
+                skipped,
+            )
+        if self.skipped_in_a_row >= self.max_skipped_steps:
+            raise FloatingPointError(
+                f"{self.skipped_in_a_row} iterations in a row had only non-finite losses or gradients; stopping. "
+                "The last good checkpoint is kept: lower the learning rate or check the rewards, then re-run "
+                "the same command to resume."
+            )
+        metrics = {f"train/{key}": sums[key] / counts[key] for key in sums}
+        if gaps_before_update:
+            gap = sum(gaps_before_update) / len(gaps_before_update)
+            metrics["train/logprob_gap_before_update"] = gap
+            if gap > self.logprob_tolerance:
+                log.warning(
+                    "iteration %d: mean |logp_old - logp| before any update is %.2e (> %.0e): rollout and "
+                    "training compute different log-probs (precision, batch shape, or a non-deterministic "
+                    "kernel); the ratio is not 1 on-policy",
+                    iteration,
+                    gap,
+                    self.logprob_tolerance,
+                )
+        metrics["train/optimizer_steps"] = steps
+        metrics["train/skipped_steps"] = skipped
+        if grad_norms:
+            metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _clip_gradients(self, optimizer) -> float:
+        """Unscale (fp16 AMP), clip to ``max_grad_norm`` and return the pre-clip total norm."""
+        self.trainer.precision_plugin.unscale_gradients(optimizer.optimizer)
+        max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), max_norm)
+        return float(norm)
+
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["curriculum"] = self.curriculum.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self._trainable_keys() - checkpoint["state_dict"].keys())
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[:3]}): "
+                "it was written by a different model or LoRA configuration. Use another run directory, "
+                "or ckpt_path=null to start fresh."
+            )
+        self.curriculum.load_state_dict(checkpoint.get("curriculum", {}))

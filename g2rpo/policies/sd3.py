@@ -1,0 +1,207 @@
+"""The SD3 family (SD3, SD3.5) over a diffusers ``StableDiffusion3Pipeline``.
+
+The pipeline supplies the parts: ``encode_prompt`` (CLIP-L + CLIP-G + optional T5), the
+``FlowMatchEulerDiscreteScheduler`` config, the VAE and its image processor. We only drive the
+``SD3Transformer2DModel`` step by step, because RL needs every intermediate latent and log-probability.
+The same class drives the tiny test model, the embedded world and SD3.5-Large: nothing is special-cased.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch import Tensor, nn
+
+from g2rpo.policies.base import FlowPolicy
+from g2rpo.sampling import sigma_schedule
+from g2rpo.types import Conditioning
+
+
+def load_sd3_pipeline(
+    path: str,
+    dtype: str = "bfloat16",
+    variant: str | None = None,
+    text_encoder_3: bool = True,
+    local_files_only: bool = True,
+) -> StableDiffusion3Pipeline:
+    """Load an SD3 / SD3.5 pipeline from a local directory or the Hugging Face cache, never the network.
+
+    ``text_encoder_3=False`` drops T5-XXL (about 9 GB in bf16); the pipeline then feeds zeros in its place,
+    as diffusers documents for memory-constrained SD3 use.
+    """
+    extra = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(
+            path, dtype=getattr(torch, dtype), variant=variant, local_files_only=local_files_only, **extra
+        )
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"model: cannot load SD3 weights from {path!r} without network access.\n"
+            f"  Download them once with `hf download {path}` (accept the model licence on the Hub and run "
+            "`hf auth login` first),\n"
+            "  or point model.pipeline.path at a local directory that contains model_index.json.\n"
+            f"  ({type(error).__name__}: {error})"
+        ) from error
+
+
+class SD3Policy(FlowPolicy):
+    """An SD3-architecture policy: LoRA through peft (``lora`` given) or full fine-tuning (``lora=None``).
+
+    The reference model for KL terms is the same transformer with its adapters disabled (LoRA, no copy)
+    or a frozen copy of the initial weights (full fine-tuning, made by ``enable_reference``).
+    """
+
+    def __init__(
+        self,
+        pipeline: StableDiffusion3Pipeline,
+        resolution: int,
+        lora: LoraConfig | None = None,
+        max_sequence_length: int = 128,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.pipeline = pipeline  # not a Module: holds the same component objects registered below
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.text_encoders = nn.ModuleList(
+            e
+            for e in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3)
+            if e is not None
+        )
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        if resolution % (self.vae_scale * self.transformer.config.patch_size):
+            raise ValueError(
+                f"model.resolution={resolution} must be a multiple of the VAE factor x patch size "
+                f"({self.vae_scale} x {self.transformer.config.patch_size})"
+            )
+
+        for frozen in (self.vae, self.text_encoders):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        self.is_lora = lora is not None
+        if self.is_lora:
+            self.transformer.requires_grad_(False)
+            self.transformer.add_adapter(lora)
+            cast_training_params(self.transformer, dtype=torch.float32)
+        else:
+            self.transformer.requires_grad_(True)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.reference_transformer: nn.Module | None = None
+        self._use_reference = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
+        embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=negative,
+            negative_prompt="",
+            max_sequence_length=self.max_sequence_length,
+        )
+        return Conditioning(embeds, pooled, negative_embeds, negative_pooled)
+
+    def velocity(
+        self,
+        latents: Tensor,
+        sigma: Tensor | float,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        detach_uncond: bool = False,
+    ) -> Tensor:
+        transformer = self.reference_transformer if self._use_reference else self.transformer
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
+        hidden, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
+        guided = guidance_scale > 1.0
+        if guided:
+            if cond.negative_prompt_embeds is None:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
+                )
+            hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
+            embeds = torch.cat([cond.negative_prompt_embeds, embeds])
+            pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
+        output = transformer(
+            hidden_states=hidden.to(transformer.dtype),
+            timestep=sigma * self.pipeline.scheduler.config.num_train_timesteps,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0].float()
+        self.nfe += hidden.shape[0]
+        if not guided:
+            return output
+        uncond, text = output.chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
+        return uncond + guidance_scale * (text - uncond)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.vae is None:  # pixel-space model: latents are images in [-1, 1]
+            images = latents
+        else:
+            config = self.vae.config
+            latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
+            images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pt")
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        return sigma_schedule(self.pipeline.scheduler.config, num_steps)
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
+        size = self.resolution // self.vae_scale
+        shape = (batch_size, self.transformer.config.in_channels, size, size)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def enable_reference(self) -> None:
+        if not self.is_lora and self.reference_transformer is None:
+            self.reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    @contextmanager
+    def reference(self):
+        if self.is_lora:
+            self.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+        else:
+            if self.reference_transformer is None:
+                raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """LoRA: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; else the transformer."""
+        directory = Path(directory)
+        if self.is_lora:
+            StableDiffusion3Pipeline.save_lora_weights(
+                directory,
+                transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+                # rank and alpha: without them a loader would assume alpha = rank (scale 1)
+                transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+            )
+        else:
+            self.transformer.save_pretrained(directory / "transformer")

@@ -1,0 +1,113 @@
+"""A tiny SD3 pipeline built from configs in code: no download, random but seeded weights.
+
+It has the real architecture (``SD3Transformer2DModel``, optionally an ``AutoencoderKL``, two CLIP text
+encoders; T5 omitted as diffusers allows) at a few hundred thousand parameters, as diffusers' own fast tests do, so the
+code path that drives SD3.5 is the one tested here. Tokenisation is character-level: a CLIP BPE tokenizer
+with a byte vocabulary and no merges, built locally.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+def char_tokenizer(max_length: int = 16) -> CLIPTokenizer:
+    """A CLIP tokenizer over single bytes (vocabulary 514): works offline, encodes any text."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    symbols = list(bytes_to_unicode().values())
+    for suffix in ("", "</w>"):
+        for symbol in symbols:
+            vocab[symbol + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_sd3_pipeline(
+    seed: int = 0,
+    latent_size: int = 32,
+    latent_channels: int = 3,
+    patch_size: int = 4,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    attention_head_dim: int = 8,
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    max_length: int = 16,
+    vae_block_channels: tuple[int, ...] | None = None,
+    shift: float = 3.0,
+) -> StableDiffusion3Pipeline:
+    """Without ``vae_block_channels`` the model works in pixel space (``latent_channels`` must be 3) and its
+    images are ``latent_size`` pixels square; with them, an ``AutoencoderKL`` with those block widths
+    decodes ``latent_size * 2 ** (len(vae_block_channels) - 1)`` pixel images.
+
+    Weights depend only on ``seed`` (the global RNG is left untouched), so a resumed run rebuilds the
+    same base model.
+    """
+    tokenizer = char_tokenizer(max_length)
+    clip_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden_size,
+        intermediate_size=2 * text_hidden_size,
+        num_attention_heads=4,
+        num_hidden_layers=text_layers,
+        projection_dim=text_hidden_size,
+        max_position_embeddings=max_length,
+    )
+    if vae_block_channels is None and latent_channels != 3:
+        raise ValueError("a pixel-space model (no vae_block_channels) needs latent_channels=3")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=latent_size,
+            patch_size=patch_size,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            caption_projection_dim=num_attention_heads * attention_head_dim,
+            joint_attention_dim=2 * text_hidden_size,  # CLIP-L and CLIP-G hidden states are concatenated
+            pooled_projection_dim=2 * text_hidden_size,
+            pos_embed_max_size=latent_size // patch_size,
+        )
+        vae = None
+        if vae_block_channels is not None:
+            blocks = len(vae_block_channels)
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * blocks,
+                up_block_types=("UpDecoderBlock2D",) * blocks,
+                block_out_channels=tuple(vae_block_channels),
+                layers_per_block=1,
+                latent_channels=latent_channels,
+                norm_num_groups=4,
+                sample_size=latent_size * 2 ** (blocks - 1),
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                shift_factor=0.0609,
+                scaling_factor=1.5035,
+            )
+        text_encoder = CLIPTextModelWithProjection(clip_config)
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )

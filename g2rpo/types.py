@@ -1,0 +1,127 @@
+"""The small dataclasses that flow through one RL iteration.
+
+    PromptBatch -> (rollout) -> Rollout -> (reward) -> RewardOutput -> (advantages) -> Advantages
+                -> (loss over TrainingUnits) -> LossOutput -> optimiser step
+
+Every per-sample tensor has the batch as its first dimension; a group is the set of samples that share
+a ``group_ids`` value (the samples drawn for one prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PromptBatch:
+    """The prompts of one iteration, one entry per *sample* (a prompt appears once per group member)."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    group_ids: Tensor  # [B] long, 0 .. G-1
+    prompt_ids: Tensor  # [B] long, index of the prompt in its dataset
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @classmethod
+    def from_groups(cls, prompts: list[str], metadata: list[dict], prompt_ids: Tensor, group_sizes: Tensor):
+        """Repeat prompt ``k`` ``group_sizes[k]`` times; group ``k`` gets ``group_ids == k``."""
+        group_ids = torch.repeat_interleave(torch.arange(len(prompt_ids)), group_sizes)
+        ids = prompt_ids[group_ids]
+        return cls(
+            prompts=[prompts[i] for i in ids.tolist()],
+            metadata=[metadata[i] for i in ids.tolist()],
+            group_ids=group_ids,
+            prompt_ids=ids,
+        )
+
+    def unique(self) -> tuple[list[str], Tensor]:
+        """The distinct prompts, and for each sample the index of its prompt among them."""
+        order: dict[str, int] = {}
+        index = [order.setdefault(p, len(order)) for p in self.prompts]
+        return list(order), torch.tensor(index, dtype=torch.long)
+
+
+@dataclass
+class Conditioning:
+    """SD3-style text conditioning: token embeddings and pooled embeddings, with the CFG negatives."""
+
+    prompt_embeds: Tensor  # [N, L, D]
+    pooled_prompt_embeds: Tensor  # [N, P]
+    negative_prompt_embeds: Tensor | None = None
+    negative_pooled_prompt_embeds: Tensor | None = None
+
+    def select(self, index: Tensor) -> Conditioning:
+        """Rows ``index`` of every field (a group's members share one encoded prompt)."""
+        return Conditioning(
+            **{
+                f.name: None
+                if getattr(self, f.name) is None
+                else getattr(self, f.name)[index.to(self.device)]
+                for f in fields(self)
+            }
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embeds.device
+
+
+@dataclass
+class RewardOutput:
+    """Per-reward scores ``[B]`` (NaN = unscorable) and how they combine into one training signal."""
+
+    scores: dict[str, Tensor]
+    weights: dict[str, float]
+    aggregate: str = "reward"  # "reward": normalise sum_k w_k r_k; "advantage": sum_k w_k normalise(r_k)
+
+    @property
+    def total(self) -> Tensor:
+        return sum(self.weights[name] * score.float() for name, score in self.scores.items())
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for name, score in {**self.scores, "total": self.total}.items():
+            finite = score[torch.isfinite(score)].float()
+            out[f"reward/{name}/mean"] = finite.mean().item() if finite.numel() else float("nan")
+            out[f"reward/{name}/std"] = finite.std(correction=0).item() if finite.numel() else float("nan")
+        return out
+
+
+@dataclass
+class SDERollout:
+    """Stochastic trajectories with their per-step log-probabilities under the sampling policy.
+
+    The whole trajectory is kept (``latents[:, i]`` is ``x_i``), so the pair ``(x_i, x_{i+1})`` of a
+    trained step is two views of one tensor rather than two copies.
+    """
+
+    images: Tensor  # [B, 3, H, W] in [0, 1]
+    latents: Tensor  # [B, T + 1, C, h, w] fp32
+    log_probs: Tensor  # [B, T] log pi_old(x_{i+1} | x_i), NaN where the step is deterministic
+    sigmas: Tensor  # [T + 1]
+    train_steps: Tensor  # [B, J] long: the step indices trained for each sample, in training order
+    cond: Conditioning  # one row per distinct prompt
+    cond_index: Tensor  # [B] row of ``cond`` for each sample
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass
+class TrainingUnit:
+    """One forward/backward of the loss: a micro-batch of samples at one column of ``train_steps``."""
+
+    samples: Tensor  # [b] sample indices
+    column: int
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, differentiable
+    metrics: dict[str, Tensor]  # detached scalars, averaged over units by the module
