@@ -32,8 +32,11 @@ test: $(STAMP) ## Run the test suite (fast tests; slow and GPU tests are skipped
 test-all: $(STAMP) ## Run every test, slow ones included
 	$(PY) -m pytest $(ARGS)
 
-bench: $(STAMP) ## Print framework-overhead ratios and peak memory for the tiny SD3 model
+BENCH_MEDIUM := model.pipeline.num_layers=4 model.pipeline.attention_head_dim=32 model.pipeline.text_hidden_size=64
+
+bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.09M) and a 2.4M variant
 	$(PY) -m experiments.bench $(ARGS)
+	$(PY) -m experiments.bench $(BENCH_MEDIUM) $(ARGS)
 
 reproduce: $(STAMP) ## Run the experiment suites and regenerate the result tables and curves
 	$(PY) -m experiments.reproduce $(ARGS)

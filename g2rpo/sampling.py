@@ -116,28 +116,29 @@ def sde_step(
         dt = sigma_next - sigma
         sigma_denominator = torch.where(sigma == 1, sigma_next, sigma)
         std_dev_t = noise_level * torch.sqrt(sigma / (1 - sigma_denominator))
-        mean = (
-            x * (1 + std_dev_t**2 / (2 * sigma) * dt)
-            + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
-        )
+        x_coefficient = 1 + std_dev_t**2 / (2 * sigma) * dt
+        v_coefficient = (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
         std = std_dev_t * torch.sqrt(-dt)
     else:
         std = sigma_next * math.sin(noise_level * math.pi / 2)
-        x0_hat = x - sigma * v
-        x1_hat = x + (1 - sigma) * v
-        mean = (1 - sigma_next) * x0_hat + torch.sqrt((sigma_next**2 - std**2).clamp_min(0)) * x1_hat
+        # (1 - s') x0_hat + sqrt(s'^2 - std^2) x1_hat with x0_hat = x - s v and x1_hat = x + (1 - s) v
+        noise_coefficient = torch.sqrt((sigma_next**2 - std**2).clamp_min(0))
+        x_coefficient = 1 - sigma_next + noise_coefficient
+        v_coefficient = noise_coefficient * (1 - sigma) - (1 - sigma_next) * sigma
         std_dev_t = std
+    mean = torch.addcmul(x * x_coefficient, v, v_coefficient)  # per-sample scalars times full tensors
 
     if prev_sample is None:
-        prev_sample = mean + std * noise.float()
+        prev_sample = torch.addcmul(mean, noise.float(), std)
     prev_sample = prev_sample.float()
 
-    if sde_type == "sde":
-        log_density = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    else:
-        log_density = -((prev_sample - mean) ** 2)
-    log_prob = mean_over_dims(log_density)
+    # The per-sample constants come out of the mean over dims: two full-tensor ops instead of six.
+    squared_error = mean_over_dims((prev_sample - mean) ** 2)
     std, std_dev_t = std.flatten(), std_dev_t.flatten()
+    if sde_type == "sde":
+        log_prob = -squared_error / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    else:
+        log_prob = -squared_error
     log_prob = torch.where(std > 0, log_prob, torch.full_like(log_prob, float("nan")))
     return Transition(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, std_dev_t=std_dev_t)
 

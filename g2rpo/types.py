@@ -10,6 +10,7 @@ a ``group_ids`` value (the samples drawn for one prompt).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -69,6 +70,17 @@ class Conditioning:
     @property
     def device(self) -> torch.device:
         return self.prompt_embeds.device
+
+    @cached_property
+    def guided(self) -> tuple[Tensor, Tensor]:
+        """``[negatives; prompts]`` token and pooled embeddings for a CFG forward, built once per selection
+        (a rollout reuses them for every step)."""
+        if self.negative_prompt_embeds is None:
+            raise ValueError("guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)")
+        return (
+            torch.cat([self.negative_prompt_embeds, self.prompt_embeds]),
+            torch.cat([self.negative_pooled_prompt_embeds, self.pooled_prompt_embeds]),
+        )
 
 
 @dataclass

@@ -136,3 +136,12 @@ def test_stock_pipeline_samples_with_the_policy_components():
         prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=16
     ).images
     assert images.shape == (1, 3, 32, 32)
+
+
+def test_negative_embeddings_are_those_diffusers_computes(policy):
+    cond = policy.encode(["a cat", "a dog"])
+    _, negative, _, negative_pooled = policy.pipeline.encode_prompt(
+        prompt=["a cat", "a dog"], prompt_2=None, prompt_3=None, negative_prompt="", max_sequence_length=16
+    )
+    torch.testing.assert_close(cond.negative_prompt_embeds, negative)
+    torch.testing.assert_close(cond.negative_pooled_prompt_embeds, negative_pooled)

@@ -17,6 +17,7 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 
@@ -97,25 +98,46 @@ class SD3Policy(FlowPolicy):
             self.transformer.requires_grad_(True)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        # diffusers' disable_adapters()/enable_adapters() walk every module and query the installed peft
+        # version on each call; the reference runs once per trained unit, so keep the LoRA layers at hand
+        # and toggle them with the same peft call.
+        self._lora_layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
         self.reference_transformer: nn.Module | None = None
         self._use_reference = False
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self.transformer.pos_embed.proj.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The frozen weights' dtype (``transformer.dtype`` scans every parameter: too slow per call)."""
+        return self.transformer.pos_embed.proj.weight.dtype
 
     @torch.no_grad()
     def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
-        embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
-            prompt=list(prompts),
+        embeds, pooled = self._encode(list(prompts))
+        if not negative:
+            return Conditioning(embeds, pooled)
+        # The negative prompt is the same "" for every row: encode it once and broadcast (a view).
+        negative_embeds, negative_pooled = self._encode([""])
+        return Conditioning(
+            embeds,
+            pooled,
+            negative_embeds.expand(len(prompts), -1, -1),
+            negative_pooled.expand(len(prompts), -1),
+        )
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
             prompt_2=None,
             prompt_3=None,
             device=self.device,
-            do_classifier_free_guidance=negative,
-            negative_prompt="",
+            do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        return Conditioning(embeds, pooled, negative_embeds, negative_pooled)
+        return embeds, pooled
 
     def velocity(
         self,
@@ -138,7 +160,7 @@ class SD3Policy(FlowPolicy):
             embeds = torch.cat([cond.negative_prompt_embeds, embeds])
             pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
         output = transformer(
-            hidden_states=hidden.to(transformer.dtype),
+            hidden_states=hidden.to(self.compute_dtype),
             timestep=sigma * self.pipeline.scheduler.config.num_train_timesteps,
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
@@ -176,11 +198,13 @@ class SD3Policy(FlowPolicy):
     @contextmanager
     def reference(self):
         if self.is_lora:
-            self.transformer.disable_adapters()
+            for layer in self._lora_layers:
+                layer.enable_adapters(False)
             try:
                 yield
             finally:
-                self.transformer.enable_adapters()
+                for layer in self._lora_layers:
+                    layer.enable_adapters(True)
         else:
             if self.reference_transformer is None:
                 raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
