@@ -15,7 +15,6 @@ help: ## List the targets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	# torch first, so that no dependency resolves it to a multi-GB CUDA build on CPU machines
 	$(PY) -m pip install $(TORCH)
 	$(PY) -m pip install -e ".[dev]"
@@ -23,8 +22,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install g2rpo with its dev extras
 
-run: $(STAMP) ## Train Flow-GRPO on the embedded default (CPU, a few minutes); extra overrides: make run ARGS="seed=1"
-	$(PY) -m g2rpo.run $(ARGS)
+run: $(STAMP) ## Train Flow-GRPO on the embedded tiny SD3 (about a minute on CPU); overrides: make run ARGS="seed=1"
+	$(PY) -m g2rpo.run experiment=quickstart $(ARGS)
 
 test: $(STAMP) ## Run the test suite (fast tests; slow and GPU tests are skipped)
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -72,7 +72,9 @@ def measure(fn, stopwatch: Stopwatch, repeats: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/config.yaml")
     parser.add_argument("--images", type=int, default=32, help="images per rollout, in two groups")
     parser.add_argument("--repeats", type=int, default=5)
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     backward = stopwatch.wrap(torch.Tensor.backward)
 
     group = args.images // 2
-    batch = PromptBatch.from_groups(["a cat", "a dog"], [{}, {}], torch.arange(2), torch.tensor([group, group]))
+    batch = PromptBatch.from_groups(
+        ["a cat", "a dog"], [{}, {}], torch.arange(2), torch.tensor([group, group])
+    )
 
     def rollout():
         with torch.no_grad():
@@ -101,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rollout_s, rollout_network_s = measure(rollout, stopwatch, args.repeats)
 
     sample = rollout()
-    rewards = RewardOutput({"r": torch.randn(len(batch), generator=torch.Generator().manual_seed(0))}, {"r": 1.0})
+    rewards = RewardOutput(
+        {"r": torch.randn(len(batch), generator=torch.Generator().manual_seed(0))}, {"r": 1.0}
+    )
     advantages = algorithm.advantages(rewards, batch)
     minibatches = algorithm.minibatches(sample, advantages, torch.Generator().manual_seed(0))
 
@@ -135,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         images = args.repeats * (len(batch) if name == "rollout" else trained_images)
         ratio = network / total
         figures[f"{name}_ratio"] = ratio
-        print(f"{name:10}{images / total:10.2f}{images / network:15.2f}{ratio:8.3f}{1 / ratio - 1:10.1%}   {what}")
+        print(
+            f"{name:10}{images / total:10.2f}{images / network:15.2f}{ratio:8.3f}{1 / ratio - 1:10.1%}   {what}"
+        )
     print(f"peak RSS: {peak_rss_mib:.0f} MiB")
     return figures
 

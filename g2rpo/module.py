@@ -96,6 +96,7 @@ class RLModule(L.LightningModule):
         shared = iteration_generator(self.seed, iteration)  # identical on every rank: which prompts
         local = iteration_generator(self.seed, iteration, self.global_rank + 1)  # per rank: which noise
 
+        started = time.perf_counter()
         prompts = self.curriculum.sample(self.dataset, shared)
         clock = time.perf_counter()
         self.policy.nfe = 0
@@ -128,6 +129,7 @@ class RLModule(L.LightningModule):
                 "time/rollout_s": rollout_seconds,
                 "time/reward_s": reward_seconds,
                 "time/train_s": time.perf_counter() - clock,
+                "time/iteration_s": time.perf_counter() - started,
             }
         )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(prompts))
@@ -138,27 +140,27 @@ class RLModule(L.LightningModule):
         )
 
     def _optimize(self, rollout, advantages: Advantages, generator: torch.Generator, iteration: int) -> dict:
-        """One optimiser step per minibatch; a non-finite loss or gradient skips that step."""
+        """One optimiser step per minibatch; a step whose gradient is not finite is skipped.
+
+        A NaN or infinite loss makes the gradient norm non-finite, so one check per step covers both, and
+        metrics stay on the device until the end (no host sync per forward/backward).
+        """
         optimizer = self.optimizers()
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, Tensor] = {}
         counts: dict[str, int] = defaultdict(int)
-        gaps_before_update: list[float] = []
         grad_norms: list[float] = []
         steps = skipped = 0
         for index, units in enumerate(self.algorithm.minibatches(rollout, advantages, generator)):
-            finite = True
             for unit in units:
                 out = self.algorithm.loss(self.policy, rollout, advantages, unit)
-                if not torch.isfinite(out.loss):
-                    finite = False
-                    break
                 self.manual_backward(out.loss / len(units))
-                for key, value in out.metrics.items():
-                    sums[key] += float(value)
+                metrics = dict(out.metrics)
+                if index == 0 and "logprob_gap" in metrics:
+                    metrics["logprob_gap_before_update"] = metrics["logprob_gap"]
+                for key, value in metrics.items():
+                    sums[key] = sums[key] + value if key in sums else value.detach().clone()
                     counts[key] += 1
-                if index == 0 and "logprob_gap" in out.metrics:
-                    gaps_before_update.append(float(out.metrics["logprob_gap"]))
-            grad_norm = self._clip_gradients(optimizer) if finite else float("nan")
+            grad_norm = self._clip_gradients(optimizer)
             if math.isfinite(grad_norm):
                 optimizer.step()
                 steps += 1
@@ -180,19 +182,17 @@ class RLModule(L.LightningModule):
                 "The last good checkpoint is kept: lower the learning rate or check the rewards, then re-run "
                 "the same command to resume."
             )
-        metrics = {f"train/{key}": sums[key] / counts[key] for key in sums}
-        if gaps_before_update:
-            gap = sum(gaps_before_update) / len(gaps_before_update)
-            metrics["train/logprob_gap_before_update"] = gap
-            if gap > self.logprob_tolerance:
-                log.warning(
-                    "iteration %d: mean |logp_old - logp| before any update is %.2e (> %.0e): rollout and "
-                    "training compute different log-probs (precision, batch shape, or a non-deterministic "
-                    "kernel); the ratio is not 1 on-policy",
-                    iteration,
-                    gap,
-                    self.logprob_tolerance,
-                )
+        metrics = {f"train/{key}": float(total) / counts[key] for key, total in sums.items()}
+        gap = metrics.get("train/logprob_gap_before_update", 0.0)
+        if gap > self.logprob_tolerance:
+            log.warning(
+                "iteration %d: mean |logp_old - logp| before any update is %.2e (> %.0e): rollout and training "
+                "compute different log-probs (precision, batch shape, or a non-deterministic kernel); the "
+                "ratio is not 1 on-policy",
+                iteration,
+                gap,
+                self.logprob_tolerance,
+            )
         metrics["train/optimizer_steps"] = steps
         metrics["train/skipped_steps"] = skipped
         if grad_norms:

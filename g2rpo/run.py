@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import g2rpo.config  # noqa: F401  (registers schemas and resolvers before Hydra composes)
-from g2rpo.loggers import JsonlLogger
+from g2rpo.loggers import JsonlLogger, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,12 @@ for noisy in (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*requires torchvision.*",
     r".*module\(s\) in eval mode at the start of training.*",  # frozen VAE / text encoders, on purpose
+    r'.*ckpt_path="last"\) is set, but there is no last checkpoint.*',  # a new run: we say so in train()
 ):
     warnings.filterwarnings("ignore", message=noisy)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda r: "litlogger" not in r.getMessage()
+)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -55,13 +59,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.ckpt_path == "last" and not any(
+        Path(callback.dirpath, "last.ckpt").exists()
+        for callback in trainer.checkpoint_callbacks
+        if callback.dirpath
+    ):
+        log.info("no checkpoint in %s yet: starting a new run (the same command resumes it)", run_dir)
     try:
         trainer.fit(module, ckpt_path=cfg.ckpt_path)
     finally:
         _finish_wandb()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("run directory: %s", run_dir)
-    return metrics
+    _summarise(run_dir)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _summarise(run_dir: Path, window: int = 5) -> None:
+    """Where the run's outputs are, and how its reward moved (first vs last iterations)."""
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    rewards = [r["reward/total/mean"] for r in records if "reward/total/mean" in r]
+    if rewards:
+        first, last = rewards[:window], rewards[-window:]
+        log.info(
+            "reward/total/mean: %.4f (mean of the first %d iterations) -> %.4f (last %d), %d iterations",
+            sum(first) / len(first),
+            len(first),
+            sum(last) / len(last),
+            len(last),
+            len(rewards),
+        )
+    log.info("run directory: %s (metrics.jsonl, checkpoints/, images/, policy/, config.yaml)", run_dir)
+    for offline_run in sorted(run_dir.glob("wandb/offline-run-*")):
+        log.info("upload the W&B run with: wandb sync %s", offline_run)
 
 
 def _finish_wandb() -> None:

@@ -1,0 +1,76 @@
+"""The reproduction harness: collect metrics.jsonl from run dirs, write tables, curves and README blocks."""
+
+import json
+
+import pytest
+import yaml
+
+from experiments import reproduce
+from experiments.reproduce import Column, Suite
+
+
+def _fake_run(root, experiment, seed, rewards):
+    run = root / f"experiment={experiment},seed={seed}"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra/hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"experiment": experiment}}}})
+    )
+    (run / ".hydra/config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+    lines = [{"step": i, "reward/total/mean": r, "time/iteration_s": 1.5} for i, r in enumerate(rewards)]
+    lines.append({"step": 0, "reward/total/mean": rewards[0], "time/iteration_s": 1.5})  # a resumed duplicate
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+
+
+@pytest.fixture
+def suite(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    suite = Suite(
+        name="demo",
+        title="Demo",
+        rows=[{"experiment": "a", "label": "A"}, {"experiment": "b", "label": "B"}],
+        seeds=[0, 1],
+        columns=[
+            Column(key="reward/total/mean", label="start", reduce="first"),
+            Column(key="reward/total/mean", label="end", reduce="mean_last", window=2),
+            Column(key="time/iteration_s", label="wall s", reduce="sum", format=".1f"),
+        ],
+    )
+    monkeypatch.setattr(Suite, "output_dir", property(lambda self: tmp_path / "runs"))
+    _fake_run(tmp_path / "runs", "a", 0, [0.0, 0.5, 1.0])
+    _fake_run(tmp_path / "runs", "a", 1, [0.0, 0.7, 1.2])
+    _fake_run(tmp_path / "runs", "b", 0, [0.0, 0.1, 0.2])
+    return suite
+
+
+def test_table_aggregates_seeds_and_dedupes_resumed_steps(suite):
+    runs = reproduce.collect(suite)
+    assert set(runs) == {("a", 0), ("a", 1), ("b", 0)}
+    assert [r["step"] for r in runs[("a", 0)]] == [0, 1, 2]
+    lines = reproduce.table(suite, runs).splitlines()
+    assert lines[0] == "| method | start | end | wall s | seeds |"
+    assert lines[2] == "| A | 0.000 ± 0.000 | 0.850 ± 0.141 | 4.5 ± 0.0 | 2 |"
+    assert lines[3] == "| B | 0.000 | 0.150 | 4.5 | 1 |"
+
+
+def test_report_writes_markdown_png_and_readme_block(suite, tmp_path):
+    body = reproduce.report(suite, reproduce.collect(suite))
+    assert (tmp_path / "results/demo.png").stat().st_size > 1000
+    assert "](demo.png)" in (tmp_path / "results/demo.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:demo:start -->\nold\n<!-- results:demo:end -->\noutro\n")
+    assert reproduce.update_readme("demo", body, readme)
+    text = readme.read_text()
+    assert "old" not in text and "| A |" in text and text.startswith("intro") and text.endswith("outro\n")
+    assert not reproduce.update_readme("other", body, readme)
+
+
+def test_suites_in_the_repository_load_and_name_existing_experiments():
+    for path in reproduce.SUITES.glob("*.yaml"):
+        suite = Suite.load(path)
+        for row in suite.rows:
+            assert (reproduce.ROOT / "conf/experiment" / f"{row['experiment']}.yaml").is_file(), row
+
+
+def test_unknown_reducer_is_rejected():
+    with pytest.raises(ValueError, match="first, first_mean"):
+        Column(key="x", label="x", reduce="median")
