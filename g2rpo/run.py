@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 for noisy in (
     r".*does not have many workers.*",  # the loader only paces iterations; prompts come from the curriculum
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
-    r".*requires torchvision.*",
     r".*module\(s\) in eval mode at the start of training.*",  # frozen VAE / text encoders, on purpose
     r'.*ckpt_path="last"\) is set, but there is no last checkpoint.*',  # a new run: we say so in train()
 ):

@@ -9,7 +9,7 @@ a ``group_ids`` value (the samples drawn for one prompt).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import torch
@@ -119,7 +119,6 @@ class SDERollout:
     train_steps: Tensor  # [B, J] long: the step indices trained for each sample, in training order
     cond: Conditioning  # one row per distinct prompt
     cond_index: Tensor  # [B] row of ``cond`` for each sample
-    extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.latents.shape[0]

@@ -31,7 +31,6 @@ def load_sd3_pipeline(
     dtype: str = "bfloat16",
     variant: str | None = None,
     text_encoder_3: bool = True,
-    local_files_only: bool = True,
 ) -> StableDiffusion3Pipeline:
     """Load an SD3 / SD3.5 pipeline from a local directory or the Hugging Face cache, never the network.
 
@@ -41,7 +40,7 @@ def load_sd3_pipeline(
     extra = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
     try:
         return StableDiffusion3Pipeline.from_pretrained(
-            path, dtype=getattr(torch, dtype), variant=variant, local_files_only=local_files_only, **extra
+            path, dtype=getattr(torch, dtype), variant=variant, local_files_only=True, **extra
         )
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
