@@ -58,8 +58,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    # Lightning's ckpt_path="last" takes the newest last*.ckpt (last-v1.ckpt after a ckpt_path=null restart).
     if cfg.ckpt_path == "last" and not any(
-        Path(callback.dirpath, "last.ckpt").exists()
+        any(Path(callback.dirpath).glob("last*.ckpt"))
         for callback in trainer.checkpoint_callbacks
         if callback.dirpath
     ):
