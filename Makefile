@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all bench reproduce lint format clean
+.PHONY: help install run test test-all bench reproduce base-model reward-model lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install g2rpo with its dev extras
 
-run: $(STAMP) ## Train Flow-GRPO on the embedded tiny SD3 (about a minute on CPU); overrides: make run ARGS="seed=1"
+run: $(STAMP) ## Train Flow-GRPO on the shapes world, with held-out GenEval tables before/after; make run ARGS="seed=1"
 	$(PY) -m g2rpo.run experiment=quickstart $(ARGS)
 
 test: $(STAMP) ## Run the test suite (fast tests; slow and GPU tests are skipped)
@@ -31,14 +31,20 @@ test: $(STAMP) ## Run the test suite (fast tests; slow and GPU tests are skipped
 test-all: $(STAMP) ## Run every test, slow ones included
 	$(PY) -m pytest $(ARGS)
 
-BENCH_MEDIUM := model.pipeline.num_layers=4 model.pipeline.attention_head_dim=32 model.pipeline.text_hidden_size=64
-
-bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.09M) and a 2.4M variant
-	$(PY) -m experiments.bench $(ARGS)
-	$(PY) -m experiments.bench $(BENCH_MEDIUM) $(ARGS)
+bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.09M) and the shapes base (2.3M)
+	$(PY) -m experiments.bench model=tiny_sd3 $(ARGS)
+	$(PY) -m experiments.bench model=shapes $(ARGS)
 
 reproduce: $(STAMP) ## Run the experiment suites and regenerate the result tables and curves
 	$(PY) -m experiments.reproduce $(ARGS)
+
+BASE_STEPS := 3000
+base-model: $(STAMP) ## Regenerate the shapes base model in g2rpo/shapes/weights/base (deterministic; see its README)
+	$(PY) -m g2rpo.shapes.pretrain --steps $(BASE_STEPS) --threads 2 --out g2rpo/shapes/weights/base
+
+REWARD_STEPS := 400
+reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weights/shapes_score
+	$(PY) -m g2rpo.shapes.clip --steps $(REWARD_STEPS) --out g2rpo/shapes/weights/shapes_score
 
 lint: $(STAMP) ## Ruff lint and format check
 	$(PY) -m ruff check g2rpo experiments tests

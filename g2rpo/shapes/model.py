@@ -1,0 +1,140 @@
+"""The shapes world's text-to-image model: a real SD3 pipeline at a few million parameters.
+
+An ``SD3Transformer2DModel`` denoises 32x32 RGB pixels directly (no VAE: the world's images are already
+tiny), conditioned by two small CLIP text encoders whose penultimate hidden states and pooled projections
+the pipeline turns into SD3's ``encoder_hidden_states`` and ``pooled_projections``, exactly as for SD3.5.
+The tokenizer is word-level over the world's vocabulary (a GenEval prompt is about ten words). The
+pretrained base ships as a diffusers pipeline directory, so it loads through ``load_sd3_pipeline`` like any
+SD3 checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+
+from g2rpo.shapes.prompts import NUMBERS, RELATIONS
+from g2rpo.shapes.world import COLOURS, SHAPES
+
+BASE_MODEL_DIR = Path(__file__).parent / "weights" / "base"
+SPECIAL = ("<|startoftext|>", "<|endoftext|>", "<unk>")
+
+
+def vocabulary() -> list[str]:
+    words = [
+        "a",
+        "an",
+        "photo",
+        "of",
+        "and",
+        *SHAPES,
+        *(s + "s" for s in SHAPES),
+        *COLOURS,
+        *NUMBERS.values(),
+    ]
+    words += sorted({w for relation in RELATIONS for w in relation.split()} - set(words))
+    return [*SPECIAL, *dict.fromkeys(words)]
+
+
+def word_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
+    """Word-level, CLIP's conventions: ``<|startoftext|> words <|endoftext|>``, padded with end tokens."""
+    vocab = {word: index for index, word in enumerate(vocabulary())}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[
+            ("<|startoftext|>", vocab["<|startoftext|>"]),
+            ("<|endoftext|>", vocab["<|endoftext|>"]),
+        ],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def shapes_pipeline(
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 4,
+    num_layers: int = 4,
+    num_attention_heads: int = 4,
+    attention_head_dim: int = 32,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    max_length: int = 16,
+    shift: float = 1.0,
+    qk_norm: str | None = "rms_norm",
+) -> StableDiffusion3Pipeline:
+    """A freshly initialised shapes model (what ``make base-model`` pretrains); weights depend on ``seed``."""
+    tokenizer = word_tokenizer(max_length)
+    clip_config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden_size,
+        intermediate_size=4 * text_hidden_size,
+        num_attention_heads=4,
+        num_hidden_layers=text_layers,
+        projection_dim=text_hidden_size,
+        max_position_embeddings=max_length,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=image_size,
+            patch_size=patch_size,
+            in_channels=3,
+            out_channels=3,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            caption_projection_dim=num_attention_heads * attention_head_dim,
+            joint_attention_dim=2 * text_hidden_size,
+            pooled_projection_dim=2 * text_hidden_size,
+            pos_embed_max_size=image_size // patch_size,
+            qk_norm=qk_norm,  # as SD3.5: keeps attention logits bounded at a high learning rate
+        )
+        text_encoder = CLIPTextModelWithProjection(clip_config)
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def load_base_model(path: str | None = None, dtype: str = "float32") -> StableDiffusion3Pipeline:
+    """The pretrained base (shipped in ``g2rpo/shapes/weights/base``, or ``path``), loaded like any SD3."""
+    directory = Path(path) if path else BASE_MODEL_DIR
+    if not (directory / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model: no shapes base model at {directory}. It ships with the repository; regenerate it with "
+            "`make base-model` (about 30 minutes on 2 CPU cores)."
+        )
+    return StableDiffusion3Pipeline.from_pretrained(
+        directory,
+        dtype=getattr(torch, dtype),
+        local_files_only=True,
+        vae=None,  # pixel space; no T5
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
