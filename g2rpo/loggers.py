@@ -47,10 +47,13 @@ class JsonlLogger(Logger):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """The records of a ``metrics.jsonl``, one per step (the last written wins), sorted by step."""
+    """The records of a ``metrics.jsonl``, one per step, sorted by step.
+
+    Lines of the same step are merged (evaluation metrics join the iteration's), later values winning.
+    """
     by_step: dict[int, dict] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[step] for step in sorted(by_step)]

@@ -7,7 +7,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from g2rpo.policies.base import FlowPolicy
-from g2rpo.sampling import sde_step
+from g2rpo.sampling import euler_step, sde_step
 from g2rpo.types import PromptBatch, SDERollout
 
 
@@ -59,3 +59,30 @@ def sde_rollout(
         cond=cond,
         cond_index=cond_index.to(policy.device),
     )
+
+
+@torch.no_grad()
+def ode_sample(
+    policy: FlowPolicy,
+    prompts: list[str],
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Deterministic Euler (probability-flow ODE) samples, as evaluation uses: images ``[B, 3, H, W]``."""
+    ids = torch.arange(len(prompts))
+    unique, index = PromptBatch(list(prompts), [{} for _ in prompts], ids, ids).unique()
+    cond = policy.encode(unique, negative=guidance_scale > 1)
+    sigmas = policy.sigmas(num_steps).to(policy.device)
+    images = []
+    for chunk in torch.arange(len(prompts)).split(batch_size):
+        chunk_cond = cond.select(index[chunk])
+        x = policy.initial_noise(len(chunk), generator)
+        for i in range(num_steps):
+            x = euler_step(
+                x, policy.velocity(x, sigmas[i], chunk_cond, guidance_scale), sigmas[i], sigmas[i + 1]
+            )
+        images.append(policy.decode(x))
+    return torch.cat(images)

@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate(cfg.optimizer),
     )
     loggers = [JsonlLogger(run_dir)] + [instantiate(node) for node in (cfg.logger or {}).values()]
-    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values()]
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -23,6 +23,10 @@ LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 
 # Small enough that a full iteration takes well under a second on 2 cores.
 FAST_RUN = [
+    "model=tiny_sd3",  # plumbing tests run on the tiny random model; the shapes world has its own tests
+    "reward=jpeg_compressibility",
+    "data=animals",
+    "callbacks.evaluate=null",
     "logger=none",
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",

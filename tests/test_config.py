@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from g2rpo.config import run_name
 
-GROUPS = ["algo", "model", "reward", "data", "curriculum", "trainer", "logger", "callbacks"]
+GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
 NEEDS_DOWNLOADED_WEIGHTS = {"sd3", "sd35_medium"}
 NEEDS_A_GPU = {"gpu"}
 
