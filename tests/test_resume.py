@@ -14,6 +14,10 @@ COMMAND = [
     sys.executable,
     "-m",
     "g2rpo.run",
+    "model=tiny_sd3",  # the framework's resume path; the tiny model keeps it fast
+    "reward=jpeg_compressibility",
+    "data=animals",
+    "callbacks.evaluate=null",
     "logger=none",
     "trainer.enable_progress_bar=false",
     "curriculum.prompts_per_iteration=2",
@@ -22,9 +26,9 @@ COMMAND = [
     "algo.rollout_batch_size=4",
     "trainer.max_epochs=8",
 ]
-RUN_DIR = (
-    Path("outputs")
-    / "algo.num_steps=4,algo.rollout_batch_size=4,curriculum.group_size=4,curriculum.prompts_per_iteration=2"
+RUN_DIR = Path("outputs") / (
+    "algo.num_steps=4,algo.rollout_batch_size=4,callbacks.evaluate=null,curriculum.group_size=4,"
+    "curriculum.prompts_per_iteration=2,data=animals,model=tiny_sd3,reward=jpeg_compressibility"
 )
 
 
