@@ -72,8 +72,9 @@ def ode_sample(
     generator: torch.Generator,
 ) -> Tensor:
     """Deterministic Euler (probability-flow ODE) samples, as evaluation uses: images ``[B, 3, H, W]``."""
-    ids = torch.arange(len(prompts))
-    unique, index = PromptBatch(list(prompts), [{} for _ in prompts], ids, ids).unique()
+    order: dict[str, int] = {}
+    index = torch.tensor([order.setdefault(p, len(order)) for p in prompts])  # each prompt encoded once
+    unique = list(order)
     cond = policy.encode(unique, negative=guidance_scale > 1)
     sigmas = policy.sigmas(num_steps).to(policy.device)
     images = []

@@ -42,22 +42,26 @@ def tiny_sd3_pipeline(
     max_length: int = 16,
     vae_block_channels: tuple[int, ...] | None = None,
     shift: float = 3.0,
+    tokenizer=None,
+    text_intermediate_size: int | None = None,
+    qk_norm: str | None = None,
 ) -> StableDiffusion3Pipeline:
     """Without ``vae_block_channels`` the model works in pixel space (``latent_channels`` must be 3) and its
     images are ``latent_size`` pixels square; with them, an ``AutoencoderKL`` with those block widths
     decodes ``latent_size * 2 ** (len(vae_block_channels) - 1)`` pixel images.
 
     Weights depend only on ``seed`` (the global RNG is left untouched), so a resumed run rebuilds the
-    same base model.
+    same base model. ``tokenizer`` defaults to :func:`char_tokenizer`; the shapes world passes its word-level
+    one (and ``qk_norm``, ``text_intermediate_size``) to build its base model from the same parts.
     """
-    tokenizer = char_tokenizer(max_length)
+    tokenizer = tokenizer if tokenizer is not None else char_tokenizer(max_length)
     clip_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         vocab_size=len(tokenizer),
         hidden_size=text_hidden_size,
-        intermediate_size=2 * text_hidden_size,
+        intermediate_size=text_intermediate_size or 2 * text_hidden_size,
         num_attention_heads=4,
         num_hidden_layers=text_layers,
         projection_dim=text_hidden_size,
@@ -79,6 +83,7 @@ def tiny_sd3_pipeline(
             joint_attention_dim=2 * text_hidden_size,  # CLIP-L and CLIP-G hidden states are concatenated
             pooled_projection_dim=2 * text_hidden_size,
             pos_embed_max_size=latent_size // patch_size,
+            qk_norm=qk_norm,
         )
         vae = None
         if vae_block_channels is not None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import StableDiffusion3Pipeline
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from g2rpo.policies.tiny import tiny_sd3_pipeline
 from g2rpo.shapes.prompts import NUMBERS, RELATIONS
 from g2rpo.shapes.world import COLOURS, SHAPES
 
@@ -77,48 +78,26 @@ def shapes_pipeline(
     shift: float = 1.0,
     qk_norm: str | None = "rms_norm",
 ) -> StableDiffusion3Pipeline:
-    """A freshly initialised shapes model (what ``make base-model`` pretrains); weights depend on ``seed``."""
-    tokenizer = word_tokenizer(max_length)
-    clip_config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden_size,
-        intermediate_size=4 * text_hidden_size,
-        num_attention_heads=4,
-        num_hidden_layers=text_layers,
-        projection_dim=text_hidden_size,
-        max_position_embeddings=max_length,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(
-            sample_size=image_size,
-            patch_size=patch_size,
-            in_channels=3,
-            out_channels=3,
-            num_layers=num_layers,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            caption_projection_dim=num_attention_heads * attention_head_dim,
-            joint_attention_dim=2 * text_hidden_size,
-            pooled_projection_dim=2 * text_hidden_size,
-            pos_embed_max_size=image_size // patch_size,
-            qk_norm=qk_norm,  # as SD3.5: keeps attention logits bounded at a high learning rate
-        )
-        text_encoder = CLIPTextModelWithProjection(clip_config)
-        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-        vae=None,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+    """A freshly initialised shapes model (what ``make base-model`` pretrains); weights depend on ``seed``.
+
+    The tiny test model's builder with the world's word-level tokenizer, 4x text FFNs, and qk RMSNorm as
+    SD3.5 (it keeps attention logits bounded at a high learning rate).
+    """
+    return tiny_sd3_pipeline(
+        seed=seed,
+        latent_size=image_size,
+        latent_channels=3,
+        patch_size=patch_size,
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        text_hidden_size=text_hidden_size,
+        text_layers=text_layers,
+        max_length=max_length,
+        shift=shift,
+        tokenizer=word_tokenizer(max_length),
+        text_intermediate_size=4 * text_hidden_size,
+        qk_norm=qk_norm,
     )
 
 
