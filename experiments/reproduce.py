@@ -13,6 +13,7 @@ resumes unfinished runs and skips finished ones. Results: ``experiments/results/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import subprocess
@@ -75,12 +76,13 @@ class Curve:
 class Suite:
     name: str
     title: str
-    rows: list[dict]  # {experiment: <conf/experiment name>, label: <row label>}
+    rows: list[dict]  # {experiment: <conf/experiment name>, label: <row label>[, at: start]}
     seeds: list[int]
     columns: list[Column]
     curve: Curve = field(default_factory=Curve)
     description: str = ""
     overrides: list[str] = field(default_factory=list)
+    runs: str = ""  # another suite's run directory to share (same overrides), e.g. an ablation of its rows
 
     @classmethod
     def load(cls, path: Path) -> Suite:
@@ -91,12 +93,12 @@ class Suite:
 
     @property
     def output_dir(self) -> Path:
-        return ROOT / "outputs" / "reproduce" / self.name
+        return ROOT / "outputs" / "reproduce" / (self.runs or self.name)
 
 
 def run(suite: Suite, launcher_args: list[str]) -> None:
     """All rows x seeds as one Hydra multirun; finished runs resume to their end at once."""
-    experiments = ",".join(row["experiment"] for row in suite.rows)
+    experiments = ",".join(dict.fromkeys(row["experiment"] for row in suite.rows))
     seeds = ",".join(str(s) for s in suite.seeds)
     command = [
         sys.executable,
@@ -141,7 +143,13 @@ def table(suite: Suite, runs: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in suite.rows:
         per_seed = [runs[(row["experiment"], s)] for s in suite.seeds if (row["experiment"], s) in runs]
-        cells = [_mean_std([c.summarise(r) for r in per_seed], c.format) for c in suite.columns]
+        columns = suite.columns
+        if row.get("at") == "start":  # the model before training: the run's first evaluation
+            columns = [
+                dataclasses.replace(c, reduce="first") if c.key.startswith("eval/") else None
+                for c in suite.columns
+            ]
+        cells = [_mean_std([c.summarise(r) for r in per_seed], c.format) if c else "—" for c in columns]
         lines.append("| " + " | ".join([row["label"], *cells, str(len(per_seed))]) + " |")
     return "\n".join(lines)
 

@@ -101,22 +101,28 @@ class RLModule(L.LightningModule):
         clock = time.perf_counter()
         self.policy.nfe = 0
         with torch.no_grad():
-            rollout = self.algorithm.rollout(self.policy, prompts, local)
+            rollout = self.algorithm.rollout(self.policy, prompts, local, iteration)
         nfe_rollout, rollout_seconds = self.policy.nfe, time.perf_counter() - clock
+        scored = self.algorithm.scored_prompts(rollout, prompts)
 
         clock = time.perf_counter()
         with torch.no_grad():
-            rewards = self.reward(rollout.images, prompts.prompts, prompts.metadata)
+            rewards = self.reward(rollout.images, scored.prompts, scored.metadata)
         reward_seconds = time.perf_counter() - clock
-        advantages = self.algorithm.advantages(rewards, prompts)
-        metrics = {**rewards.metrics(), **advantages.metrics(), **self.curriculum.update(prompts, rewards)}
+        advantages = self.algorithm.advantages(rewards, scored, rollout)
+        metrics = {
+            **rewards.metrics(),
+            **advantages.metrics(),
+            **self.algorithm.rollout_metrics(rollout, rewards),
+            **self.curriculum.update(scored, rewards),
+        }
         if not advantages.valid.all():
             log.warning(
                 "iteration %d: %d of %d samples have a NaN reward; they are left out of the advantage "
                 "statistics and of training",
                 iteration,
                 int((~advantages.valid).sum()),
-                len(prompts),
+                len(advantages.valid),
             )
 
         clock = time.perf_counter()
@@ -132,11 +138,11 @@ class RLModule(L.LightningModule):
                 "time/iteration_s": time.perf_counter() - started,
             }
         )
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(prompts))
-        self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(prompts))
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(scored))
+        self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
         shown = slice(0, self.num_logged_images)
         self.last_samples = Samples(
-            rollout.images[shown].cpu(), prompts.prompts[shown], rewards.total[shown].cpu()
+            rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
         )
 
     def _optimize(self, rollout, advantages: Advantages, generator: torch.Generator, iteration: int) -> dict:

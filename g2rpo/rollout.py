@@ -23,12 +23,14 @@ def sde_rollout(
     batch_size: int,
     train_steps: Tensor,
     generator: torch.Generator,
+    initial_noise: Tensor | None = None,
 ) -> SDERollout:
     """Sample ``len(batch)`` trajectories, ``batch_size`` at a time, keeping every latent and log-prob.
 
     ``noise_levels[i]`` is the SDE noise of step ``i`` (0 makes it a deterministic ODE step with a NaN
     log-prob), so full-SDE (Flow-GRPO), constant-eta (DanceGRPO) and windowed (MixGRPO) rollouts share
-    this loop. Each prompt is encoded once and shared by its group.
+    this loop. Each prompt is encoded once and shared by its group. ``initial_noise`` (``[B, ...]``)
+    replaces the independent ``x_1`` draws, e.g. with one draw shared by each group (DanceGRPO).
     """
     prompts, cond_index = batch.unique()
     cond = policy.encode(prompts, negative=guidance_scale > 1)
@@ -36,7 +38,7 @@ def sde_rollout(
     latents, log_probs, images = [], [], []
     for chunk in torch.arange(len(batch)).split(batch_size):
         chunk_cond = cond.select(cond_index[chunk])
-        x = policy.initial_noise(len(chunk), generator)
+        x = policy.initial_noise(len(chunk), generator) if initial_noise is None else initial_noise[chunk]
         trajectory, chunk_log_probs = [x], []
         for i in range(num_steps):
             v = policy.velocity(x, sigmas[i], chunk_cond, guidance_scale)

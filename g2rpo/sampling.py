@@ -23,7 +23,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
-SDE_TYPES = ("sde", "cps")
+SDE_TYPES = ("sde", "dance", "cps")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -99,6 +99,10 @@ def sde_step(
     (``scheduler.sigmas[1]``, i.e. ``sigma_next`` of the first step), which makes the first step's noise
     exactly ``a``. ``a = 0`` gives the Euler step.
 
+    ``sde_type="dance"`` is DanceGRPO's SDE (official ``flux_step``): a constant diffusion coefficient
+    ``sigma_t = eta``. Its drift ``v dt - eta^2/2 score dt`` with ``score = -(x - (1 - sigma) x0_hat) / sigma^2``
+    is the Flow-SDE drift above with ``sigma_t`` replaced by ``eta``, and ``std = eta sqrt(-dt)``.
+
     ``sde_type="cps"`` is Flow-CPS (Wang et al. 2025, coefficients-preserving sampling)::
 
         std  = sigma_next sin(a pi / 2)
@@ -112,10 +116,13 @@ def sde_step(
     x, v = x.float(), v.float()
     sigma, sigma_next = per_sample(sigma, x), per_sample(sigma_next, x)
 
-    if sde_type == "sde":
+    if sde_type in ("sde", "dance"):
         dt = sigma_next - sigma
-        sigma_denominator = torch.where(sigma == 1, sigma_next, sigma)
-        std_dev_t = noise_level * torch.sqrt(sigma / (1 - sigma_denominator))
+        if sde_type == "sde":
+            sigma_denominator = torch.where(sigma == 1, sigma_next, sigma)
+            std_dev_t = noise_level * torch.sqrt(sigma / (1 - sigma_denominator))
+        else:
+            std_dev_t = torch.full_like(sigma, noise_level)
         x_coefficient = 1 + std_dev_t**2 / (2 * sigma) * dt
         v_coefficient = (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
         std = std_dev_t * torch.sqrt(-dt)
@@ -135,7 +142,7 @@ def sde_step(
     # The per-sample constants come out of the mean over dims: two full-tensor ops instead of six.
     squared_error = mean_over_dims((prev_sample - mean) ** 2)
     std, std_dev_t = std.flatten(), std_dev_t.flatten()
-    if sde_type == "sde":
+    if sde_type != "cps":
         log_prob = -squared_error / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     else:
         log_prob = -squared_error

@@ -1,5 +1,7 @@
 """Flow-GRPO: rollout bookkeeping, on-policy consistency, KL, minibatching, and that it learns."""
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -20,6 +22,11 @@ def _batch(groups=2, size=4):
 
 def _advantages(algo, batch, rewards):
     return algo.advantages(RewardOutput({"r": rewards}, {"r": 1.0}), batch)
+
+
+def _trained_steps(algo, batch):
+    """What ``minibatches`` reads of a rollout: the trained steps of each sample."""
+    return SimpleNamespace(train_steps=torch.zeros(len(batch), algo.num_train_steps, dtype=torch.long))
 
 
 @pytest.fixture
@@ -72,7 +79,7 @@ def test_minibatches_cover_the_kept_samples_once_per_step_and_pad_micro_batches(
     flat_group = torch.tensor([1.0, 2, 3, 4, 0, 0, 0, 0, 5, 6, 7, 9])
     advantages = _advantages(algo, batch, flat_group)
     assert advantages.train_mask.sum() == 8
-    steps = algo.minibatches(None, advantages, torch.Generator().manual_seed(0))
+    steps = algo.minibatches(_trained_steps(algo, batch), advantages, torch.Generator().manual_seed(0))
     assert len(steps) == algo.num_minibatches
     units = [u for step in steps for u in step]
     assert len(units) == 2 * algo.num_train_steps  # 8 kept samples = 2 micro-batches of 4
@@ -82,21 +89,25 @@ def test_minibatches_cover_the_kept_samples_once_per_step_and_pad_micro_batches(
     )
 
     odd = _advantages(algo, batch, torch.tensor([1.0, 2, 3, 4, 0, 0, 0, 0, 5, 5, 5, 9]))
-    units = [u for step in algo.minibatches(None, odd, torch.Generator().manual_seed(0)) for u in step]
+    units = [
+        u
+        for step in algo.minibatches(_trained_steps(algo, batch), odd, torch.Generator().manual_seed(0))
+        for u in step
+    ]
     assert all(len(u.samples) == 4 for u in units)  # 5 kept + 3 re-added from the filtered samples
 
 
 def test_everything_filtered_means_no_update(algo):
     batch = _batch()
     advantages = _advantages(algo, batch, torch.ones(8))
-    assert algo.minibatches(None, advantages, torch.Generator()) == []
+    assert algo.minibatches(_trained_steps(algo, batch), advantages, torch.Generator()) == []
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
         ("timestep_fraction", 1.0, "never the last step"),
-        ("sde_type", "ode", "sde, cps"),
+        ("sde_type", "ode", "sde, dance, cps"),
         ("clip_range", 0.0, "clip_range must be > 0"),
         ("noise_level", 0.0, "deterministic"),
     ],

@@ -34,7 +34,7 @@ def _state(batch=3, shape=(4, 8, 8), seed=0):
     return x, v, noise
 
 
-@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+@pytest.mark.parametrize("sde_type", ["sde", "dance", "cps"])
 def test_zero_noise_level_is_the_euler_step(sde_type):
     x, v, noise = _state()
     sigma, sigma_next = torch.tensor([1.0, 0.7, 0.3]), torch.tensor([0.9, 0.5, 0.0])
@@ -51,6 +51,19 @@ def test_log_prob_is_the_diagonal_normal_density_averaged_over_dims():
     torch.testing.assert_close(step.log_prob, mean_over_dims(expected), rtol=1e-5, atol=1e-5)
     rescored = sde_step(x, v, sigma, sigma_next, 0.7, prev_sample=step.prev_sample)
     torch.testing.assert_close(rescored.log_prob, step.log_prob, rtol=0, atol=0)
+
+
+def test_dance_sde_is_danceGRPO_score_form_with_constant_eta():
+    """DanceGRPO's ``flux_step``: mean = x + v dt - eta^2/2 score dt, score = -(x - (1 - s) x0_hat) / s^2."""
+    x, v, noise = _state()
+    sigma, sigma_next, eta = 0.7, 0.55, 0.3
+    step = sde_step(x, v, sigma, sigma_next, eta, noise=noise, sde_type="dance")
+    dt = sigma_next - sigma
+    x0_hat = x - sigma * v
+    score = -(x - (1 - sigma) * x0_hat) / sigma**2
+    torch.testing.assert_close(step.mean, x + v * dt - 0.5 * eta**2 * score * dt, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step.std, torch.full((3,), eta * math.sqrt(sigma - sigma_next)))
+    torch.testing.assert_close(step.prev_sample, step.mean + step.std.view(-1, 1, 1, 1) * noise)
 
 
 def test_mean_is_the_euler_maruyama_drift_of_the_flow_sde():
@@ -127,7 +140,7 @@ def test_kl_is_zero_for_equal_means_and_scales_with_the_squared_gap():
 
 def test_bad_arguments_fail_clearly():
     x, v, noise = _state()
-    with pytest.raises(ValueError, match="valid: sde, cps"):
+    with pytest.raises(ValueError, match="valid: sde, dance, cps"):
         sde_step(x, v, 0.7, 0.5, 0.7, noise=noise, sde_type="ddim")
     with pytest.raises(ValueError, match="exactly one"):
         sde_step(x, v, 0.7, 0.5, 0.7)

@@ -1,6 +1,10 @@
 """RL algorithms: each one file that reads like its paper's method section."""
 
 from g2rpo.algos.base import Algorithm
+from g2rpo.algos.dance_grpo import DanceGRPO
 from g2rpo.algos.flow_grpo import FlowGRPO
+from g2rpo.algos.g2rpo import G2RPO
+from g2rpo.algos.mix_grpo import MixGRPO
+from g2rpo.algos.stepwise import StepwiseGRPO
 
-__all__ = ["Algorithm", "FlowGRPO"]
+__all__ = ["Algorithm", "DanceGRPO", "FlowGRPO", "G2RPO", "MixGRPO", "StepwiseGRPO"]

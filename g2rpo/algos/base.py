@@ -13,8 +13,9 @@ from g2rpo.types import LossOutput, PromptBatch, RewardOutput, TrainingUnit
 class Algorithm:
     """An RL algorithm is a rollout procedure, an advantage rule and a loss.
 
-    The module calls, per iteration: ``rollout`` (under ``no_grad``) -> rewards -> ``advantages`` ->
-    for each minibatch of ``minibatches(...)``: ``loss`` per unit, backward, one optimiser step.
+    The module calls, per iteration: ``rollout`` (under ``no_grad``) -> rewards of ``rollout.images`` for
+    ``scored_prompts(...)`` -> ``advantages`` -> for each minibatch of ``minibatches(...)``: ``loss`` per
+    unit, backward, one optimiser step.
     """
 
     advantage: GroupNormalization
@@ -24,11 +25,22 @@ class Algorithm:
         """Whether ``loss`` queries the frozen reference model (the policy then keeps one)."""
         return False
 
-    def rollout(self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator):
+    def rollout(self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0):
+        """Sample for ``batch``; ``iteration`` lets a schedule move with training (MixGRPO's window)."""
         raise NotImplementedError
 
-    def advantages(self, rewards: RewardOutput, batch: PromptBatch) -> Advantages:
-        return compute_advantages(rewards, batch.group_ids, self.advantage)
+    def scored_prompts(self, rollout, batch: PromptBatch) -> PromptBatch:
+        """The prompt of each image in ``rollout.images``: the batch itself, one image per sample, unless an
+        algorithm scores several images per sample (G2RPO's continuations)."""
+        return batch
+
+    def advantages(self, rewards: RewardOutput, scored: PromptBatch, rollout=None) -> Advantages:
+        """Advantages per trained sample from the rewards of ``scored_prompts``."""
+        return compute_advantages(rewards, scored.group_ids, self.advantage)
+
+    def rollout_metrics(self, rollout, rewards: RewardOutput) -> dict[str, float]:
+        """Algorithm-specific diagnostics of an iteration, logged with the others."""
+        return {}
 
     def minibatches(
         self, rollout, advantages: Advantages, generator: torch.Generator

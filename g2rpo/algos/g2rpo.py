@@ -1,0 +1,335 @@
+"""G2RPO: Granular GRPO (Zhou et al. 2025, arXiv 2510.01982; official ``bcmi/Granular-GRPO``).
+
+Brief: ``shared/research/g2rpo_dgpo.md`` part 1. Flow-GRPO and DanceGRPO inject noise at every step and
+credit the final reward to all of them; G2RPO makes the credit of each step exact and judges it at
+several denoising granularities.
+
+1. **Singular Stochastic Sampling** (sec. 1.2). Each group shares one initial noise and one deterministic
+   *anchor* trajectory (Euler ODE, ``eta = 0``) through the shifted grid ``sigma_0 = 1 > ... > sigma_T = 0``.
+   For every stochastic step ``k`` in ``M`` (default: the high-noise half, ``k = 0 .. T/2 - 1``; paper
+   ``M = {16..9}`` for ``T = 16``), each member takes **one** SDE step ``sigma_k -> sigma_{k+1}`` from the
+   shared anchor latent with its own noise (Flow-SDE, ``eta = 0.7``), recording
+   ``log pi_old(x^i_{k+1} | x_k)``, and continues deterministically. Members share everything up to
+   ``sigma_k``, so the within-group reward spread at ``k`` is caused by step ``k``'s noise alone.
+   The anchor's velocity at ``x_k`` is the one the SDE step needs, so branching costs no extra forward.
+2. **Multi-Granularity Advantage Integration** (sec. 1.3). Each branch ``x^i_{k+1}`` is completed by the
+   ODE with every stride ``lambda`` in ``granularities`` (paper ``{1, 2, 3}``, official scripts
+   ``{1, 2}``, our default): grid points ``k+1, k+2, k+2+lambda, k+2+2 lambda, ... <= T``
+   (:func:`continuation_grid`). The image is ``x0_hat = x - sigma v`` at the last *evaluated* point
+   (``final_image: last_x0_pred``, the official code's rule; it is a normal final Euler step when the
+   strided grid ends at ``sigma = 0``), or the grid gets ``sigma = 0`` appended (``append_zero``).
+   Advantages are normalised per ``(k, lambda, reward)`` over the group,
+   ``A^{i,lambda,m}_k = (R - mean) / (std_unbiased + 1e-8)``, summed over ``lambda`` and rewards (with
+   ``reward.aggregate: advantage``; ``reward`` normalises the weighted reward sum instead), then clamped
+   to +-5.
+3. **Objective** (sec. 1.4): ``(1/G) sum_i (1/|M|) sum_k min(r A, clip(r, 1 +- eps) A)`` at step ``k``
+   only, ``eps = 1e-4``, no KL and no reference model. ``update_per: stochastic_step`` takes one
+   optimiser step per ``k`` (``train_g2rpo_hps.py``); ``iteration`` averages over ``k`` and steps once
+   (another version of ``train_g2rpo_hps_clip.py``).
+4. **Batch-1 training forward** (``broadcast_forward``): all members of a group have the same input at
+   step ``k`` (its anchor latent and prompt), so the velocity is computed once per group and broadcast;
+   members differ only in the recorded ``x^i_{k+1}``. Valid for a deterministic forward: it refuses a
+   policy with active dropout.
+
+Costs are logged as ``nfe/rollout`` and ``nfe/train`` (CFG forwards count twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
+from g2rpo.algos.base import Algorithm
+from g2rpo.losses import clipped_surrogate
+from g2rpo.policies.base import FlowPolicy
+from g2rpo.sampling import euler_step, sde_step
+from g2rpo.types import Conditioning, LossOutput, PromptBatch, RewardOutput, TrainingUnit
+
+FINAL_IMAGE_RULES = ("last_x0_pred", "append_zero")
+UPDATE_PER = ("stochastic_step", "iteration")
+
+
+def g2rpo_advantages() -> GroupNormalization:
+    return GroupNormalization(std="group", eps=1e-8, unbiased=True, clip=5.0, drop_zero_std=False)
+
+
+def continuation_grid(k: int, stride: int, num_steps: int, final_image: str = "last_x0_pred") -> list[int]:
+    """Grid indices a branch created by the SDE step ``k -> k+1`` passes through with stride ``stride``.
+
+    ``[k+1, k+2, k+2+stride, ...]`` up to ``T``; the ODE evaluates the velocity at every point but the last
+    (``len - 1`` forwards). With ``append_zero`` a grid that misses ``T`` gets it appended.
+    """
+    points = [k + 1, *range(k + 2, num_steps + 1, stride)]
+    if final_image == "append_zero" and points[-1] != num_steps:
+        points.append(num_steps)
+    return points
+
+
+@torch.no_grad()
+def ode_continue(
+    policy: FlowPolicy,
+    x: Tensor,
+    points: list[int],
+    sigmas: Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+) -> Tensor:
+    """Euler ODE through ``sigmas[points]``; returns ``x0_hat = x - sigma v`` at the last evaluated point."""
+    for j, (here, there) in enumerate(zip(points, points[1:])):
+        v = policy.velocity(x, sigmas[here], cond, guidance_scale)
+        if j == len(points) - 2:
+            return x - sigmas[here] * v
+        x = euler_step(x, v, sigmas[here], sigmas[there])
+    raise ValueError(f"a continuation needs at least two grid points, got {points}")
+
+
+@dataclass
+class SingularRollout:
+    """Anchors per group, one SDE branch per (stochastic step, member), and the continuations' images.
+
+    Members are the samples of the prompt batch (``group_ids`` gives each one's group, so groups may
+    differ in size); images are ordered ``(k, lambda, member)``.
+    """
+
+    images: Tensor  # [K * L * B, 3, H, W] continuation images
+    scored: PromptBatch  # the prompt of each image; group_ids index (k, lambda, group)
+    anchors: Tensor  # [P, T + 1, C, h, w] deterministic trajectory of each group
+    branches: Tensor  # [K, B, C, h, w] x^i_{k+1}: the SDE step from anchors[group, k]
+    log_probs: Tensor  # [K, B] log pi_old(branch | anchor)
+    sigmas: Tensor  # [T + 1]
+    stochastic_steps: Tensor  # [K] grid indices k
+    group_ids: Tensor  # [B] the group (anchor) of each member
+    cond: Conditioning  # one row per group
+
+    def __len__(self) -> int:
+        return self.branches.shape[1]
+
+
+@dataclass
+class G2RPO(Algorithm):
+    """Defaults: the official FLUX launch scripts (``finetune_g2rpo_hps.sh``), paper values in comments."""
+
+    num_steps: int = 16  # T
+    guidance_scale: float = 4.5  # CFG (official FLUX: distilled guidance 3.5, no true CFG)
+    noise_level: float = 0.7  # eta of the single SDE step (Flow-SDE)
+    stochastic_steps: list[int] | None = None  # M as grid indices from sigma = 1; None: the first T/2
+    granularities: list[int] = field(default_factory=lambda: [1, 2])  # paper [1, 2, 3]
+    final_image: str = "last_x0_pred"  # | append_zero
+    clip_range: float = 1e-4  # ratio clip epsilon
+    update_per: str = "stochastic_step"  # | iteration
+    broadcast_forward: bool = True  # one training forward per group at step k, broadcast to members
+    train_cfg: bool = True  # recompute the guided velocity in training, as sampled
+    rollout_batch_size: int = 8  # images per sampling forward; groups per training forward
+    advantage: GroupNormalization = field(default_factory=g2rpo_advantages)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.advantage, Mapping):
+            self.advantage = GroupNormalization(**self.advantage)
+        if self.num_steps < 2:
+            raise ValueError(f"algo.num_steps must be >= 2, got {self.num_steps}")
+        if self.stochastic_steps is None:
+            self.stochastic_steps = list(range(self.num_steps // 2))
+        self.stochastic_steps = list(self.stochastic_steps)
+        if not self.stochastic_steps or not all(0 <= k <= self.num_steps - 2 for k in self.stochastic_steps):
+            raise ValueError(
+                f"algo.stochastic_steps={self.stochastic_steps} must be grid indices in [0, num_steps - 2 = "
+                f"{self.num_steps - 2}] (a branch needs at least one ODE step after its SDE step)"
+            )
+        if len(set(self.stochastic_steps)) != len(self.stochastic_steps):
+            raise ValueError(f"algo.stochastic_steps={self.stochastic_steps} repeats a step")
+        self.granularities = list(self.granularities)
+        if (
+            not self.granularities
+            or min(self.granularities) < 1
+            or len(set(self.granularities)) != len(self.granularities)
+        ):
+            raise ValueError(f"algo.granularities={self.granularities} must be distinct strides >= 1")
+        for name, valid in (("final_image", FINAL_IMAGE_RULES), ("update_per", UPDATE_PER)):
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"algo.{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}"
+                )
+        if self.noise_level <= 0 or self.clip_range <= 0 or self.rollout_batch_size < 1:
+            raise ValueError("algo.noise_level, algo.clip_range and algo.rollout_batch_size must be > 0")
+
+    # -- 1. Singular Stochastic Sampling --------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(
+        self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
+    ) -> SingularRollout:
+        _, group_ids = torch.unique(batch.group_ids, return_inverse=True)
+        num_groups = int(group_ids.max()) + 1
+        first = torch.full((num_groups,), len(batch)).scatter_reduce(
+            0, group_ids, torch.arange(len(batch)), reduce="amin"
+        )
+        group_prompts = [batch.prompts[i] for i in first.tolist()]
+        if any(batch.prompts[i] != group_prompts[g] for i, g in enumerate(group_ids.tolist())):
+            raise ValueError("G2RPO needs one prompt per group: its members share the anchor trajectory")
+        cond = policy.encode(group_prompts, negative=self.guidance_scale > 1)
+        sigmas = policy.sigmas(self.num_steps).to(policy.device)
+        steps = torch.tensor(self.stochastic_steps)
+        device_groups = group_ids.to(policy.device)
+
+        # The anchor: one ODE trajectory per group from its shared initial noise; keep the velocities at M.
+        x = policy.initial_noise(num_groups, generator)
+        anchors, anchor_velocities = [x], {}
+        for i in range(self.num_steps):
+            v = torch.cat(
+                [
+                    policy.velocity(x[c], sigmas[i], cond.select(c), self.guidance_scale)
+                    for c in torch.arange(num_groups).split(self.rollout_batch_size)
+                ]
+            )
+            if i in self.stochastic_steps:
+                anchor_velocities[i] = v
+            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+            anchors.append(x)
+        anchors = torch.stack(anchors, dim=1)
+
+        member_cond = cond.select(group_ids)
+        branches, log_probs, images, scored_groups = [], [], [], []
+        for index, k in enumerate(self.stochastic_steps):
+            x_k = anchors[device_groups, k]
+            noise = torch.randn(x_k.shape, generator=generator).to(x_k.device)
+            step = sde_step(
+                x_k,
+                anchor_velocities[k][device_groups],
+                sigmas[k],
+                sigmas[k + 1],
+                self.noise_level,
+                noise=noise,
+            )
+            branches.append(step.prev_sample)
+            log_probs.append(step.log_prob)
+            for level, stride in enumerate(self.granularities):
+                points = continuation_grid(k, stride, self.num_steps, self.final_image)
+                x0 = torch.cat(
+                    [
+                        ode_continue(
+                            policy,
+                            step.prev_sample[c],
+                            points,
+                            sigmas,
+                            member_cond.select(c),
+                            self.guidance_scale,
+                        )  # fmt: skip
+                        for c in torch.arange(len(batch)).split(self.rollout_batch_size)
+                    ]
+                )
+                images.append(policy.decode(x0))
+                scored_groups.append((index * len(self.granularities) + level) * num_groups + group_ids)
+
+        repeats = len(self.stochastic_steps) * len(self.granularities)
+        scored = PromptBatch(
+            prompts=batch.prompts * repeats,
+            metadata=batch.metadata * repeats,
+            group_ids=torch.cat(scored_groups),
+            prompt_ids=batch.prompt_ids.repeat(repeats),
+        )
+        return SingularRollout(
+            images=torch.cat(images),
+            scored=scored,
+            anchors=anchors,
+            branches=torch.stack(branches),
+            log_probs=torch.stack(log_probs),
+            sigmas=sigmas,
+            stochastic_steps=steps,
+            group_ids=device_groups,
+            cond=cond,
+        )
+
+    def scored_prompts(self, rollout: SingularRollout, batch: PromptBatch) -> PromptBatch:
+        return rollout.scored
+
+    # -- 2. Multi-Granularity Advantage Integration ---------------------------------------------------
+
+    def advantages(self, rewards: RewardOutput, scored: PromptBatch, rollout: SingularRollout) -> Advantages:
+        """Normalise per (k, lambda, group) and reward, sum over lambda and rewards, clamp: ``[K * B]``."""
+        shape = (len(self.stochastic_steps), len(self.granularities), len(rollout))
+        unclamped = dataclasses.replace(self.advantage, clip=math.inf, drop_zero_std=False)
+        per_image = compute_advantages(rewards, scored.group_ids, unclamped)
+        valid = per_image.valid.view(shape).all(dim=1)
+        zero_std = per_image.zero_std.view(shape).all(dim=1)
+        values = per_image.values.view(shape).sum(dim=1).clamp(-self.advantage.clip, self.advantage.clip)
+        values = torch.where(valid, values, torch.zeros_like(values))
+        train_mask = valid & ~zero_std if self.advantage.drop_zero_std else valid
+        groups = rollout.group_ids.cpu()
+        varied = torch.zeros(shape[0], int(groups.max()) + 1).index_add_(1, groups, (~zero_std).float().cpu())
+        return Advantages(
+            values=values.flatten(),
+            valid=valid.flatten(),
+            zero_std=zero_std.flatten(),
+            train_mask=train_mask.flatten(),
+            num_groups=varied.numel(),
+            num_zero_std_groups=int((varied == 0).sum()),
+        )
+
+    def rollout_metrics(self, rollout: SingularRollout, rewards: RewardOutput) -> dict[str, float]:
+        """Mean total reward per granularity (coarser continuations usually score lower)."""
+        shape = (len(self.stochastic_steps), len(self.granularities), len(rollout))
+        totals = rewards.total.view(shape)
+        return {
+            f"reward/stride_{stride}/mean": totals[:, level].nanmean().item()
+            for level, stride in enumerate(self.granularities)
+        }
+
+    # -- 3. Objective ---------------------------------------------------------------------------------
+
+    def minibatches(
+        self, rollout: SingularRollout, advantages: Advantages, generator: torch.Generator
+    ) -> list[list[TrainingUnit]]:
+        """Per stochastic step, micro-batches of ``rollout_batch_size`` members (whole groups)."""
+        per_step = []
+        for index in range(len(self.stochastic_steps)):
+            mask = advantages.train_mask.view(len(self.stochastic_steps), -1)[index].cpu()
+            members = mask.nonzero().flatten()
+            if members.numel():
+                units = members.split(self.rollout_batch_size)
+                per_step.append([TrainingUnit(m, index) for m in units])
+        if self.update_per == "iteration":
+            return [[u for units in per_step for u in units]] if per_step else []
+        return per_step
+
+    def loss(
+        self, policy: FlowPolicy, rollout: SingularRollout, advantages: Advantages, unit: TrainingUnit
+    ) -> LossOutput:
+        members = unit.samples.to(rollout.branches.device)
+        k = int(rollout.stochastic_steps[unit.column])
+        sigma, sigma_next = rollout.sigmas[k], rollout.sigmas[k + 1]
+        groups = rollout.group_ids[members]
+        guidance = self.guidance_scale if self.train_cfg else 1.0
+        if self.broadcast_forward:
+            active = [
+                m for m in policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training
+            ]
+            if active:
+                raise ValueError(
+                    "algo.broadcast_forward=true needs a deterministic training forward, but the policy has "
+                    f"{len(active)} active dropout layer(s): set their p to 0 or algo.broadcast_forward=false"
+                )
+            unique, inverse = torch.unique(groups, return_inverse=True)
+            v = policy.velocity(rollout.anchors[unique, k], sigma, rollout.cond.select(unique), guidance)[
+                inverse
+            ]
+        else:
+            v = policy.velocity(rollout.anchors[groups, k], sigma, rollout.cond.select(groups), guidance)
+        transition = sde_step(
+            rollout.anchors[groups, k], v, sigma, sigma_next, self.noise_level,
+            prev_sample=rollout.branches[unit.column, members],
+        )  # fmt: skip
+        flat = unit.column * len(rollout) + members
+        policy_loss, metrics = clipped_surrogate(
+            transition.log_prob,
+            rollout.log_probs[unit.column, members],
+            advantages.values[flat.to(advantages.values.device)],
+            self.clip_range,
+        )
+        metrics["policy_loss"] = policy_loss.detach()
+        return LossOutput(loss=policy_loss, metrics=metrics)

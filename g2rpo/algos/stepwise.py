@@ -1,0 +1,120 @@
+"""What the per-step GRPO family shares: a PPO-clip surrogate on every trained SDE step of a trajectory.
+
+Flow-GRPO, DanceGRPO and MixGRPO differ in how they sample (which SDE, which steps are stochastic, whether
+a group shares its initial noise) and in which steps they train; once a rollout is an ``SDERollout``
+with ``train_steps`` per sample, the loss below (Flow-GRPO eq. 5 / DanceGRPO's clipped objective) and the
+minibatching are the same. Each subclass is one file that reads like its paper.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from g2rpo.advantages import Advantages, GroupNormalization
+from g2rpo.algos.base import Algorithm, split_evenly, training_samples
+from g2rpo.losses import clipped_surrogate
+from g2rpo.policies.base import FlowPolicy
+from g2rpo.sampling import SDE_TYPES, sde_step, transition_kl
+from g2rpo.types import LossOutput, PromptBatch, SDERollout, TrainingUnit
+
+
+@dataclass
+class StepwiseGRPO(Algorithm):
+    """Fields every per-step GRPO variant has; defaults are Flow-GRPO's (subclasses restate their own)."""
+
+    num_steps: int = 10  # T in rollouts
+    guidance_scale: float = 4.5  # CFG in rollouts (and in training when train_cfg)
+    noise_level: float = 0.7  # a of the Flow-SDE, eta of DanceGRPO's SDE, eta of CPS
+    sde_type: str = "sde"  # sde (Flow-SDE) | dance (constant eta) | cps (Flow-CPS)
+    clip_range: float = 1e-4  # PPO ratio clip
+    beta: float = 0.04  # KL coefficient to the LoRA-disabled reference
+    train_cfg: bool = True  # recompute the guided velocity in training (2x batch), as sampled
+    detach_uncond: bool = False  # stop the gradient through the unconditional CFG branch (2025-07 code)
+    rollout_batch_size: int = 8  # images per sampling forward; also the training micro-batch
+    num_inner_epochs: int = 1  # passes over each rollout
+    num_minibatches: int = 2  # optimiser steps per pass
+    advantage: GroupNormalization = field(default_factory=GroupNormalization)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.advantage, Mapping):
+            self.advantage = GroupNormalization(**self.advantage)
+        if self.sde_type not in SDE_TYPES:
+            raise ValueError(
+                f"algo.sde_type={self.sde_type!r} is not valid; choose one of {', '.join(SDE_TYPES)}"
+            )
+        for name in ("noise_level", "beta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"algo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"algo.{name} must be > 0, got {getattr(self, name)}")
+        if self.noise_level == 0:
+            raise ValueError("algo.noise_level=0 makes rollouts deterministic: there is no policy to improve")
+        if self.guidance_scale > 1 and not self.train_cfg:
+            warnings.warn(
+                "algo.train_cfg=false with guidance_scale > 1 trains the unguided velocity on guided samples: "
+                "the ratio is not 1 on-policy (the official no-CFG configs set guidance_scale=1)",
+                stacklevel=2,
+            )
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.beta > 0
+
+    def group_initial_noise(
+        self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator
+    ) -> Tensor:
+        """One ``x_1`` per group, repeated for its members (DanceGRPO's ``init_same_noise``)."""
+        num_groups = int(batch.group_ids.max()) + 1
+        return policy.initial_noise(num_groups, generator)[batch.group_ids.to(policy.device)]
+
+    def minibatches(
+        self, rollout: SDERollout, advantages: Advantages, generator: torch.Generator
+    ) -> list[list[TrainingUnit]]:
+        """Shuffle samples, cut rollout-sized micro-batches, train each on every trained step in order."""
+        samples = training_samples(advantages.train_mask, self.rollout_batch_size, generator)
+        if samples.numel() == 0:
+            return []
+        columns = rollout.train_steps.shape[1]
+        steps = []
+        for _ in range(self.num_inner_epochs):
+            order = samples[torch.randperm(samples.numel(), generator=generator)]
+            micro_batches = list(order.split(self.rollout_batch_size))
+            for chunk in split_evenly(micro_batches, self.num_minibatches):
+                steps.append([TrainingUnit(m, j) for m in chunk for j in range(columns)])
+        return steps
+
+    def loss(
+        self, policy: FlowPolicy, rollout: SDERollout, advantages: Advantages, unit: TrainingUnit
+    ) -> LossOutput:
+        samples = unit.samples.to(rollout.latents.device)
+        step = rollout.train_steps[samples, unit.column]
+        x, x_next = rollout.latents[samples, step], rollout.latents[samples, step + 1]
+        sigma, sigma_next = rollout.sigmas[step], rollout.sigmas[step + 1]
+        cond = rollout.cond.select(rollout.cond_index[samples])
+        guidance = self.guidance_scale if self.train_cfg else 1.0
+
+        v = policy.velocity(x, sigma, cond, guidance, self.detach_uncond)
+        transition = sde_step(
+            x, v, sigma, sigma_next, self.noise_level, prev_sample=x_next, sde_type=self.sde_type
+        )
+        policy_loss, metrics = clipped_surrogate(
+            transition.log_prob, rollout.log_probs[samples, step], advantages.values[samples], self.clip_range
+        )
+        loss = policy_loss
+        metrics["policy_loss"] = policy_loss.detach()
+        if self.beta > 0:
+            with torch.no_grad(), policy.reference():
+                v_ref = policy.velocity(x, sigma, cond, guidance)
+            ref_mean = sde_step(
+                x, v_ref, sigma, sigma_next, self.noise_level, prev_sample=x_next, sde_type=self.sde_type
+            ).mean
+            kl = transition_kl(transition.mean, ref_mean, transition.std_dev_t, self.sde_type).mean()
+            loss = loss + self.beta * kl
+            metrics["kl"] = kl.detach()
+        return LossOutput(loss=loss, metrics=metrics)
