@@ -74,3 +74,33 @@ def test_suites_in_the_repository_load_and_name_existing_experiments():
 def test_unknown_reducer_is_rejected():
     with pytest.raises(ValueError, match="first, first_mean"):
         Column(key="x", label="x", reduce="median")
+
+
+def test_a_start_row_reports_the_first_evaluation_and_a_suite_can_share_runs(tmp_path, monkeypatch):
+    run = tmp_path / "outputs/reproduce/other/experiment=a,seed=0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra/hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"experiment": "a"}}}})
+    )
+    (run / ".hydra/config.yaml").write_text(yaml.safe_dump({"seed": 0}))
+    records = [
+        {"step": 0, "eval/score": 0.2},
+        {"step": 0, "time/iteration_s": 2.0},
+        {"step": 1, "time/iteration_s": 2.0, "eval/score": 0.5},
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    suite = Suite(
+        name="ablation",
+        title="Ablation",
+        rows=[{"experiment": "a", "label": "base", "at": "start"}, {"experiment": "a", "label": "A"}],
+        seeds=[0],
+        columns=[
+            Column(key="eval/score", label="score"),
+            Column(key="time/iteration_s", label="s", reduce="sum", format=".0f"),
+        ],
+        runs="other",
+    )
+    assert suite.output_dir == tmp_path / "outputs/reproduce/other"
+    lines = reproduce.table(suite, reproduce.collect(suite)).splitlines()
+    assert lines[2:] == ["| base | 0.200 | — | 1 |", "| A | 0.500 | 4 | 1 |"]
