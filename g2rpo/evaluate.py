@@ -13,9 +13,10 @@ overall score is the mean over tasks, as GenEval's.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,24 +148,45 @@ class Evaluate(L.Callback):
     """
 
     def __init__(
-        self, evaluator: Evaluator, every_n_iterations: int = 10, filename: str = "eval.json"
+        self,
+        evaluator: Evaluator,
+        every_n_iterations: int = 10,
+        filename: str = "eval.json",
+        final_num_steps: Sequence[int] = (),
     ) -> None:
         self.evaluator = evaluator
         self.every_n_iterations = every_n_iterations
         self.filename = filename
+        self.final_num_steps = list(final_num_steps)  # also evaluate the final policy with these ODE steps
         self.history: dict[int, dict] = {}  # iterations trained -> Evaluation.to_json()
+        self.final_by_steps: dict[int, dict] = {}  # ODE steps -> Evaluation.to_json() of the final policy
+
+    def _evaluate(self, pl_module, evaluator: Evaluator) -> Evaluation:
+        was_training = pl_module.policy.training
+        pl_module.policy.eval()
+        evaluation = evaluator(pl_module.policy)
+        pl_module.policy.train(was_training)
+        return evaluation
 
     def _run(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
         if iterations in self.history:
             return
-        was_training = pl_module.policy.training
-        pl_module.policy.eval()
-        evaluation = self.evaluator(pl_module.policy)
-        pl_module.policy.train(was_training)
+        evaluation = self._evaluate(pl_module, self.evaluator)
         self.history[iterations] = evaluation.to_json()
         for logger in trainer.loggers:
             logger.log_metrics(evaluation.metrics(), step=iterations)
         log.info("\n%s", evaluation.table(f"evaluation after {iterations} iterations"))
+
+    def _run_step_counts(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
+        """The final policy sampled with other step counts (robustness to the inference schedule)."""
+        for num_steps in self.final_num_steps:
+            evaluator = copy.copy(self.evaluator)
+            evaluator.num_steps = num_steps
+            evaluation = self._evaluate(pl_module, evaluator)
+            self.final_by_steps[num_steps] = evaluation.to_json()
+            for logger in trainer.loggers:
+                logger.log_metrics(evaluation.metrics(prefix=f"eval_steps{num_steps}"), step=iterations)
+            log.info("\n%s", evaluation.table(f"after {iterations} iterations, {num_steps} ODE steps"))
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self._run(trainer, pl_module, trainer.current_epoch)
@@ -176,6 +198,7 @@ class Evaluate(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self._run(trainer, pl_module, trainer.current_epoch)
+        self._run_step_counts(trainer, pl_module, trainer.current_epoch)
         self._report(Path(trainer.default_root_dir))
 
     @rank_zero_only
@@ -195,9 +218,10 @@ class Evaluate(L.Callback):
                 f"({after.scores[column]['overall'] - before.scores[column]['overall']:+.3f})"
             )
         log.info("\n%s", "\n".join(lines))
-        (run_dir / self.filename).write_text(
-            json.dumps({str(k): v for k, v in self.history.items()}, indent=2)
-        )
+        report = {str(k): v for k, v in self.history.items()}
+        if self.final_by_steps:
+            report["final_by_num_steps"] = {str(k): v for k, v in self.final_by_steps.items()}
+        (run_dir / self.filename).write_text(json.dumps(report, indent=2))
 
     def state_dict(self) -> dict:
         return {"history": self.history}

@@ -54,7 +54,7 @@ def test_balanced_prompts_cycle_each_task():
 def test_two_iterations_on_the_shapes_world(compose_config):
     """The default world: shipped base model, GenEval-shapes reward, held-out evaluation before and after."""
     assert (BASE_MODEL_DIR / "model_index.json").is_file(), "the base model ships with the repository"
-    cfg = compose_config(*SHAPES_RUN)
+    cfg = compose_config(*SHAPES_RUN, "callbacks.evaluate.final_num_steps=[2]")
     train(cfg)
     run = Path(cfg.run_dir)
     records = read_metrics(run / "metrics.jsonl")
@@ -63,7 +63,9 @@ def test_two_iterations_on_the_shapes_world(compose_config):
     assert {"eval/geneval_shapes/accuracy/overall", "eval/geneval_shapes/partial/counting"} <= records[
         0
     ].keys()
+    assert "eval_steps2/geneval_shapes/accuracy/overall" in records[-1]  # the final policy at 2 ODE steps
     history = json.loads((run / "eval.json").read_text())
+    assert history.pop("final_by_num_steps")["2"]["settings"]["num_steps"] == 2
     assert sorted(history, key=int) == ["0", "1", "2"]
     assert history["0"]["num_images"] == 24
 
