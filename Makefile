@@ -38,7 +38,7 @@ bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.
 reproduce: $(STAMP) ## Run the experiment suites and regenerate the result tables and curves
 	$(PY) -m experiments.reproduce $(ARGS)
 
-BASE_STEPS := 3000
+BASE_STEPS := 12000
 base-model: $(STAMP) ## Regenerate the shapes base model in g2rpo/shapes/weights/base (deterministic; see its README)
 	$(PY) -m g2rpo.shapes.pretrain --steps $(BASE_STEPS) --threads 2 --out g2rpo/shapes/weights/base
 
