@@ -30,7 +30,6 @@ import torch
 from g2rpo.advantages import GroupNormalization
 from g2rpo.algos.stepwise import StepwiseGRPO
 from g2rpo.policies.base import FlowPolicy
-from g2rpo.rollout import sde_rollout
 from g2rpo.types import PromptBatch, SDERollout
 
 
@@ -69,15 +68,7 @@ class DanceGRPO(StepwiseGRPO):
     ) -> SDERollout:
         initial = self.group_initial_noise(policy, batch, generator) if self.init_same_noise else None
         order = torch.rand(len(batch), self.num_steps - 1, generator=generator).argsort(dim=1)
-        return sde_rollout(
-            policy,
-            batch,
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            noise_levels=torch.full((self.num_steps,), self.noise_level),
-            sde_type=self.sde_type,
-            batch_size=self.rollout_batch_size,
-            train_steps=order[:, : self.num_train_steps],
-            generator=generator,
-            initial_noise=initial,
-        )
+        return self.sample(
+            policy, batch, generator, noise_levels=torch.full((self.num_steps,), self.noise_level),
+            train_steps=order[:, : self.num_train_steps], initial_noise=initial,
+        )  # fmt: skip

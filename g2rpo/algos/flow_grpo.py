@@ -25,7 +25,6 @@ import torch
 
 from g2rpo.algos.stepwise import StepwiseGRPO
 from g2rpo.policies.base import FlowPolicy
-from g2rpo.rollout import sde_rollout
 from g2rpo.types import PromptBatch, SDERollout
 
 
@@ -52,14 +51,7 @@ class FlowGRPO(StepwiseGRPO):
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> SDERollout:
         train_steps = torch.arange(self.num_train_steps).expand(len(batch), -1)
-        return sde_rollout(
-            policy,
-            batch,
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            noise_levels=torch.full((self.num_steps,), self.noise_level),
-            sde_type=self.sde_type,
-            batch_size=self.rollout_batch_size,
+        return self.sample(
+            policy, batch, generator, noise_levels=torch.full((self.num_steps,), self.noise_level),
             train_steps=train_steps,
-            generator=generator,
-        )
+        )  # fmt: skip

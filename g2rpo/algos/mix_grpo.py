@@ -31,7 +31,6 @@ from g2rpo.advantages import GroupNormalization
 from g2rpo.algos.dance_grpo import dance_advantages
 from g2rpo.algos.stepwise import StepwiseGRPO
 from g2rpo.policies.base import FlowPolicy
-from g2rpo.rollout import sde_rollout
 from g2rpo.types import PromptBatch, RewardOutput, SDERollout
 
 WINDOW_STRATEGIES = ("progressive", "random")
@@ -90,15 +89,7 @@ class MixGRPO(StepwiseGRPO):
         noise_levels = torch.zeros(self.num_steps)
         noise_levels[window] = self.noise_level
         initial = self.group_initial_noise(policy, batch, generator) if self.init_same_noise else None
-        return sde_rollout(
-            policy,
-            batch,
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            noise_levels=noise_levels,
-            sde_type=self.sde_type,
-            batch_size=self.rollout_batch_size,
-            train_steps=window.expand(len(batch), -1),
-            generator=generator,
+        return self.sample(
+            policy, batch, generator, noise_levels=noise_levels, train_steps=window.expand(len(batch), -1),
             initial_noise=initial,
-        )
+        )  # fmt: skip

@@ -19,6 +19,7 @@ from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import Algorithm, split_evenly, training_samples
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.rollout import sde_rollout
 from g2rpo.sampling import SDE_TYPES, sde_step, transition_kl
 from g2rpo.types import LossOutput, PromptBatch, SDERollout, TrainingUnit
 
@@ -65,6 +66,30 @@ class StepwiseGRPO(Algorithm):
     @property
     def uses_reference(self) -> bool:
         return self.beta > 0
+
+    def sample(
+        self,
+        policy: FlowPolicy,
+        batch: PromptBatch,
+        generator: torch.Generator,
+        *,
+        noise_levels: Tensor,
+        train_steps: Tensor,
+        initial_noise: Tensor | None = None,
+    ) -> SDERollout:
+        """:func:`g2rpo.rollout.sde_rollout` with this algorithm's steps, CFG, SDE and batch size."""
+        return sde_rollout(
+            policy,
+            batch,
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            noise_levels=noise_levels,
+            sde_type=self.sde_type,
+            batch_size=self.rollout_batch_size,
+            train_steps=train_steps,
+            generator=generator,
+            initial_noise=initial_noise,
+        )
 
     def group_initial_noise(
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator
