@@ -315,15 +315,15 @@ class G2RPO(Algorithm):
                     f"{len(active)} active dropout layer(s): set their p to 0 or algo.broadcast_forward=false"
                 )
             unique, inverse = torch.unique(groups, return_inverse=True)
-            v = policy.velocity(rollout.anchors[unique, k], sigma, rollout.cond.select(unique), guidance)[
-                inverse
-            ]
+            x = rollout.anchors[unique, k]
+            v = policy.velocity(x, sigma, rollout.cond.select(unique), guidance)[inverse]
+            x = x[inverse]
         else:
-            v = policy.velocity(rollout.anchors[groups, k], sigma, rollout.cond.select(groups), guidance)
+            x = rollout.anchors[groups, k]
+            v = policy.velocity(x, sigma, rollout.cond.select(groups), guidance)
         transition = sde_step(
-            rollout.anchors[groups, k], v, sigma, sigma_next, self.noise_level,
-            prev_sample=rollout.branches[unit.column, members],
-        )  # fmt: skip
+            x, v, sigma, sigma_next, self.noise_level, prev_sample=rollout.branches[unit.column, members]
+        )
         flat = unit.column * len(rollout) + members
         policy_loss, metrics = clipped_surrogate(
             transition.log_prob,
