@@ -1,6 +1,6 @@
 """Run experiment suites and turn their ``metrics.jsonl`` into markdown tables and PNG curves.
 
-    python -m experiments.reproduce [SUITE ...] [--collect-only] [--launcher-args hydra/launcher=joblib]
+    python -m experiments.reproduce [SUITE ...] [--seeds 0 1] [--collect-only] [--launcher-args hydra/launcher=joblib]
 
 A suite (``experiments/suites/<name>.yaml``) names experiment configs (``conf/experiment/*.yaml``, one
 table row each), seeds, the columns to summarise and the curve to plot. Runs go through Hydra's
@@ -192,6 +192,11 @@ def plot(suite: Suite, runs: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def seeds_found(suite: Suite, runs: dict) -> list[int]:
+    """The suite's seeds that have a run: a partial pass (``--seeds 0``) reports what it measured."""
+    return [s for s in suite.seeds if any((row["experiment"], s) in runs for row in suite.rows)]
+
+
 def report(suite: Suite, runs: dict) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(suite, runs, RESULTS / f"{suite.name}.png")
@@ -205,7 +210,7 @@ def report(suite: Suite, runs: dict) -> str:
             "",
             table(suite, runs),
             "",
-            f"Mean ± std over seeds {suite.seeds}. Command: `{command}`"
+            f"Mean ± std over seeds {seeds_found(suite, runs)}. Command: `{command}`"
             + (f" (runs with `{overrides}`)" if overrides else "")
             + ".",
             "",
@@ -235,12 +240,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("suites", nargs="*", help="suite names (default: every experiments/suites/*.yaml)")
     parser.add_argument("--collect-only", action="store_true", help="only rebuild tables from existing runs")
     parser.add_argument(
+        "--seeds", nargs="+", type=int, help="run and report only these seeds (default: the suite's own)"
+    )
+    parser.add_argument(
         "--launcher-args", nargs="*", default=[], help="extra Hydra overrides, e.g. a launcher"
     )
     args = parser.parse_args(argv)
     names = args.suites or sorted(p.stem for p in SUITES.glob("*.yaml"))
     for name in names:
         suite = Suite.load(SUITES / f"{name}.yaml")
+        if args.seeds:
+            suite = dataclasses.replace(suite, seeds=args.seeds)
         if not args.collect_only:
             run(suite, args.launcher_args)
         body = report(suite, collect(suite))

@@ -1,5 +1,6 @@
 """The reproduction harness: collect metrics.jsonl from run dirs, write tables, curves and README blocks."""
 
+import dataclasses
 import json
 
 import pytest
@@ -62,6 +63,14 @@ def test_report_writes_markdown_png_and_readme_block(suite, tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| A |" in text and text.startswith("intro") and text.endswith("outro\n")
     assert not reproduce.update_readme("other", body, readme)
+    assert "over seeds [0, 1]" in body
+
+
+def test_a_partial_pass_reports_only_the_seeds_it_ran(suite):
+    runs = reproduce.collect(suite)
+    assert reproduce.seeds_found(dataclasses.replace(suite, seeds=[1, 2]), runs) == [1]
+    lines = reproduce.table(dataclasses.replace(suite, seeds=[1]), runs).splitlines()
+    assert lines[2:] == ["| A | 0.000 | 0.950 | 4.5 | 1 |", "| B | n/a | n/a | n/a | 0 |"]
 
 
 def test_suites_in_the_repository_load_and_name_existing_experiments():
