@@ -48,4 +48,5 @@ class ExportPolicy(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        pl_module.policy.save_pretrained(Path(trainer.default_root_dir) / self.directory)
+        with pl_module.evaluation_weights():  # the evaluated weights: the EMA when the run keeps one
+            pl_module.policy.save_pretrained(Path(trainer.default_root_dir) / self.directory)

@@ -23,6 +23,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -164,7 +165,8 @@ class Evaluate(L.Callback):
     def _evaluate(self, pl_module, evaluator: Evaluator) -> Evaluation:
         was_training = pl_module.policy.training
         pl_module.policy.eval()
-        evaluation = evaluator(pl_module.policy)
+        with pl_module.evaluation_weights():
+            evaluation = evaluator(pl_module.policy)
         pl_module.policy.train(was_training)
         return evaluation
 
@@ -231,13 +233,22 @@ class Evaluate(L.Callback):
 
 
 def load_checkpoint(policy: FlowPolicy, path: Path) -> None:
-    """Load a training checkpoint's trainable weights (it holds only those) into a rebuilt policy."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    """Load a training checkpoint's trainable weights (it holds only those) into a rebuilt policy: their
+    evaluation EMA when the run kept one, as the run's own evaluations used."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
     weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     missing = set(weights) - set(policy.state_dict())
     if missing:
         raise ValueError(f"checkpoint {path} does not fit this model: unexpected keys {sorted(missing)[:5]}")
     policy.load_state_dict(weights, strict=False)
+    if "ema" in checkpoint:
+        parameters = policy.trainable_parameters()
+        ema = EMAModel(parameters)
+        ema.load_state_dict(checkpoint["ema"])
+        if [p.shape for p in ema.shadow_params] != [p.shape for p in parameters]:
+            raise ValueError(f"checkpoint {path}: its EMA weights do not fit this model's trainable weights")
+        ema.copy_to(parameters)
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:

@@ -7,8 +7,8 @@ The curriculum draws prompts inside ``training_step`` because it learns from the
 rewards; the dataloader only paces iterations. Every random draw of an iteration comes from generators
 seeded by ``(seed, iteration, rank)``, so a run resumed from a checkpoint repeats exactly what the
 uninterrupted run would have done. Checkpoints hold only the trainable weights (the LoRA adapter or the
-fine-tuned transformer), the optimiser and the curriculum state; frozen weights are rebuilt from the
-model config.
+fine-tuned transformer), their evaluation EMA, the optimiser and the curriculum state; frozen weights are
+rebuilt from the model config.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -30,6 +32,7 @@ from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.curriculum import Curriculum
 from g2rpo.data import PromptDataset
+from g2rpo.ema import swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.rewards.base import RewardEnsemble
 
@@ -65,6 +68,8 @@ class RLModule(L.LightningModule):
         logprob_tolerance: float = 1e-3,
         max_skipped_steps: int = 3,
         num_logged_images: int = 16,
+        ema_decay: float | None = 0.9,
+        ema_update_every: int = 8,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -84,6 +89,37 @@ class RLModule(L.LightningModule):
         self.last_samples: Samples | None = None
         if algorithm.uses_reference:
             policy.enable_reference()
+        if ema_decay is not None and not (0.0 <= ema_decay < 1.0 and ema_update_every >= 1):
+            raise ValueError(
+                f"module.ema_decay={ema_decay} must be in [0, 1) (or null: no EMA) and "
+                f"module.ema_update_every={ema_update_every} >= 1"
+            )
+        # Flow-GRPO's and DGPO's evaluation EMA of the trainable weights: decay min(n / (9 + n), 0.9) at
+        # optimiser step n, updated every 8 steps. Evaluation and the exported policy use it.
+        self.ema = EMAModel(policy.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
+        self.ema_update_every = ema_update_every
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    @contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """Swap the EMA weights in (for evaluation and export), and the trained ones back afterwards."""
+        if self.ema is None:
+            yield
+            return
+        with swapped_in(self.ema, self.policy.trainable_parameters()):
+            yield
+
+    def _update_ema(self) -> None:
+        """After optimiser step ``n = global_step``: every ``ema_update_every`` steps, decay
+        ``min(n / (9 + n), ema_decay)`` (Flow-GRPO's ``EMAModuleWrapper``; diffusers counts the step)."""
+        steps = self.global_step
+        if self.ema is None or steps % self.ema_update_every:
+            return
+        self.ema.optimization_step = steps - 1
+        self.ema.step(self.policy.trainable_parameters())
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.trainable_parameters())
@@ -169,6 +205,8 @@ class RLModule(L.LightningModule):
             grad_norm = self._clip_gradients(optimizer)
             if math.isfinite(grad_norm):
                 optimizer.step()
+                self._update_ema()
+                self.algorithm.on_optimizer_step(self.policy)
                 steps += 1
                 grad_norms.append(grad_norm)
             else:
@@ -220,6 +258,9 @@ class RLModule(L.LightningModule):
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["curriculum"] = self.curriculum.state_dict()
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["algorithm"] = self.algorithm.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = sorted(self._trainable_keys() - checkpoint["state_dict"].keys())
@@ -230,3 +271,7 @@ class RLModule(L.LightningModule):
                 "or ckpt_path=null to start fresh."
             )
         self.curriculum.load_state_dict(checkpoint.get("curriculum", {}))
+        self.algorithm.load_state_dict(checkpoint.get("algorithm", {}))
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.to(self.device)

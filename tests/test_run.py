@@ -131,3 +131,46 @@ def test_non_finite_losses_skip_the_step_then_stop_the_run(tmp_path, monkeypatch
         _fit(module, tmp_path, epochs=10)
     after = module.policy.trainable_parameters()
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # no NaN ever reached the weights
+
+
+def test_evaluation_ema_follows_flow_grpos_schedule_and_is_checkpointed(tmp_path, monkeypatch):
+    module = _module(JpegCompressibility(), ema_decay=0.9, ema_update_every=2)
+    initial = [p.detach().clone() for p in module.policy.trainable_parameters()]
+    after_step = []  # (optimiser step n, the weights after it)
+    update = RLModule._update_ema
+
+    def record(self):
+        after_step.append((self.global_step, [p.detach().clone() for p in self.policy.trainable_parameters()]))
+        update(self)
+
+    monkeypatch.setattr(RLModule, "_update_ema", record)
+    _fit(module, tmp_path, epochs=2)  # 8 samples in micro-batches of 4: 2 optimiser steps per iteration
+    assert [n for n, _ in after_step] == [1, 2, 3, 4]
+
+    expected = initial
+    for n, weights in after_step:
+        if n % 2 == 0:
+            decay = min(n / (9 + n), 0.9)
+            expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+    trained = [p.detach().clone() for p in module.policy.trainable_parameters()]
+    for shadow, value in zip(module.ema.shadow_params, expected):
+        torch.testing.assert_close(shadow, value)
+    assert not all(torch.equal(s, t) for s, t in zip(module.ema.shadow_params, trained))
+
+    with module.evaluation_weights():
+        for p, value in zip(module.policy.trainable_parameters(), expected):
+            torch.testing.assert_close(p.detach(), value)
+    assert all(torch.equal(p, t) for p, t in zip(module.policy.trainable_parameters(), trained))
+
+    checkpoint = {"state_dict": {}}
+    module.on_save_checkpoint(checkpoint)
+    resumed = _module(JpegCompressibility(), ema_decay=0.9, ema_update_every=2)
+    resumed.on_load_checkpoint({**checkpoint, "state_dict": dict(module.state_dict())})
+    for a, b in zip(resumed.ema.shadow_params, module.ema.shadow_params):
+        torch.testing.assert_close(a, b)
+    assert resumed.ema.optimization_step == module.ema.optimization_step
+
+
+def test_an_invalid_ema_decay_is_rejected():
+    with pytest.raises(ValueError, match="module.ema_decay=1.5"):
+        _module(JpegCompressibility(), ema_decay=1.5)

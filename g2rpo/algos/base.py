@@ -51,6 +51,16 @@ class Algorithm:
     def loss(self, policy: FlowPolicy, rollout, advantages: Advantages, unit: TrainingUnit) -> LossOutput:
         raise NotImplementedError
 
+    def on_optimizer_step(self, policy: FlowPolicy) -> None:
+        """Called after every optimiser step, e.g. to move an EMA copy of the weights (DGPO's theta^-)."""
+
+    def state_dict(self) -> dict:
+        """Training state the algorithm keeps beyond the weights; saved in checkpoints for resuming."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
 
 def training_samples(train_mask: Tensor, multiple: int, generator: torch.Generator) -> Tensor:
     """Indices of the samples to train on, padded to a multiple of the micro-batch size.
