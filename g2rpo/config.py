@@ -14,11 +14,11 @@ import re
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from g2rpo.algos import G2RPO, DanceGRPO, FlowGRPO, MixGRPO
+from g2rpo.algos import DGPO, G2RPO, DanceGRPO, FlowGRPO, MixGRPO
 from g2rpo.curriculum import UniformCurriculum
 
 SCHEMAS = {
-    "algo": {"flow_grpo": FlowGRPO, "dance_grpo": DanceGRPO, "mix_grpo": MixGRPO, "g2rpo": G2RPO},
+    "algo": {"flow_grpo": FlowGRPO, "dance_grpo": DanceGRPO, "mix_grpo": MixGRPO, "g2rpo": G2RPO, "dgpo": DGPO},
     "curriculum": {"uniform": UniformCurriculum},
 }
 

@@ -125,6 +125,21 @@ class SDERollout:
 
 
 @dataclass
+class ODERollout:
+    """Deterministic samples: only the clean end points are kept (DGPO trains on ``x_0`` alone)."""
+
+    images: Tensor  # [B, 3, H, W] in [0, 1]
+    samples: Tensor  # [B, C, h, w] fp32 final latents x_0
+    timesteps: Tensor  # [T] the sampler's noise levels sigma in [0, 1], from 1 down (no terminal 0)
+    cond: Conditioning  # one row per distinct prompt
+    cond_index: Tensor  # [B] row of ``cond`` for each sample
+    group_ids: Tensor  # [B] the sample's group (prompt of this iteration)
+
+    def __len__(self) -> int:
+        return self.samples.shape[0]
+
+
+@dataclass
 class TrainingUnit:
     """One forward/backward of the loss: a micro-batch of samples at one column of ``train_steps``."""
 

@@ -1,4 +1,4 @@
-"""DanceGRPO, MixGRPO and G2RPO end to end through the CLI config: ``algo=<name>`` trains and logs."""
+"""DanceGRPO, MixGRPO, G2RPO and DGPO end to end through the CLI config: ``algo=<name>`` trains and logs."""
 
 from pathlib import Path
 
@@ -30,3 +30,18 @@ def test_algorithm_trains_from_the_command_line(compose_config, algo, optimizer_
         assert {"reward/stride_1/mean", "reward/stride_2/mean"} <= record.keys()
     if algo == "mix_grpo":
         assert record["window/start"] == 0
+
+
+def test_dgpo_trains_from_the_command_line(compose_config):
+    cfg = compose_config(
+        *FAST_RUN, "algo=dgpo", "trainer.max_epochs=2", "algo.max_timestep_index=3", "algo.kl_beta=0.02"
+    )
+    train(cfg)
+    first, second = read_metrics(Path(cfg.run_dir) / "metrics.jsonl")
+    assert first["train/optimizer_steps"] == 1  # the official code: one step per rollout
+    # 8 images x 4 DPM-Solver steps x CFG; training: K = 4 levels x 8 samples x (theta, reference, theta^-)
+    assert first["nfe/rollout"] == 8 * 4 * 2
+    assert first["nfe/train"] == 4 * 8 * 3
+    assert first["train/gate"] == pytest.approx(0.5, abs=1e-4)  # theta = reference before any update
+    assert second["train/gate"] != first["train/gate"]
+    assert 0 < second["train/sigma"] <= 1 and second["train/denoising_loss"] > 0

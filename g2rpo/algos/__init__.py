@@ -2,9 +2,10 @@
 
 from g2rpo.algos.base import Algorithm
 from g2rpo.algos.dance_grpo import DanceGRPO
+from g2rpo.algos.dgpo import DGPO
 from g2rpo.algos.flow_grpo import FlowGRPO
 from g2rpo.algos.g2rpo import G2RPO
 from g2rpo.algos.mix_grpo import MixGRPO
 from g2rpo.algos.stepwise import StepwiseGRPO
 
-__all__ = ["Algorithm", "DanceGRPO", "FlowGRPO", "G2RPO", "MixGRPO", "StepwiseGRPO"]
+__all__ = ["Algorithm", "DGPO", "DanceGRPO", "FlowGRPO", "G2RPO", "MixGRPO", "StepwiseGRPO"]

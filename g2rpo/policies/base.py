@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +39,11 @@ class FlowPolicy(nn.Module):
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        raise NotImplementedError
+
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        """The config of the model's own flow-matching scheduler (its ``shift``, for other samplers)."""
         raise NotImplementedError
 
     def sigmas(self, num_steps: int) -> Tensor:

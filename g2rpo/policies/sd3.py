@@ -9,8 +9,10 @@ The same class drives the tiny test model, the embedded world and SD3.5-Large: n
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -182,8 +184,12 @@ class SD3Policy(FlowPolicy):
             images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return self.pipeline.image_processor.postprocess(images.float(), output_type="pt")
 
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        return self.pipeline.scheduler.config
+
     def sigmas(self, num_steps: int) -> Tensor:
-        return sigma_schedule(self.pipeline.scheduler.config, num_steps)
+        return sigma_schedule(self.scheduler_config, num_steps)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
         size = self.resolution // self.vae_scale
