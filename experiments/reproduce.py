@@ -3,7 +3,7 @@
     python -m experiments.reproduce [SUITE ...] [--seeds 0 1] [--collect-only] [--launcher-args hydra/launcher=joblib]
 
 A suite (``experiments/suites/<name>.yaml``) names experiment configs (``conf/experiment/*.yaml``, one
-table row each), seeds, the columns to summarise and the curve to plot. Runs go through Hydra's
+table row each), seeds, the columns to summarise, the curves to plot and optionally a speed-up table. Runs go through Hydra's
 ``--multirun`` (so any Hydra launcher can run them: local, joblib, submitit/SLURM) into
 ``outputs/reproduce/<suite>/<overrides>``; run directories are deterministic, so re-running a suite
 resumes unfinished runs and skips finished ones. Results: ``experiments/results/<suite>.md`` and
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import statistics
 import subprocess
@@ -67,9 +68,45 @@ class Column:
 @dataclass
 class Curve:
     key: str = "reward/total/mean"
-    x: str = "step"  # "step", or a metrics key accumulated over steps (e.g. time/iteration_s, nfe/rollout)
+    # "step", or metrics keys summed per step and accumulated: time/iteration_s, [nfe/rollout, nfe/train]
+    x: str | list[str] = "step"
     label: str = ""
     x_label: str = ""
+
+    def series(self, records: list[dict]) -> tuple[list[float], list[float]]:
+        """``(x, y)`` at the steps that log ``key`` (every step for training metrics, evaluations only for
+        ``eval`` keys), with ``x`` the cost spent when it was measured: through step ``n`` for a training
+        metric of step ``n``, before it for an evaluation logged at ``n`` ("after n iterations")."""
+        spent = progress(records, self.x, before=self.key.startswith("eval"))
+        points = [
+            (c, r[self.key]) for c, r in zip(spent, records) if math.isfinite(r.get(self.key, math.nan))
+        ]
+        return [c for c, _ in points], [v for _, v in points]
+
+
+def progress(records: list[dict], x: str | list[str], before: bool = False) -> list[float]:
+    """The step number, or the running total of the metrics ``x`` (one key or several summed) through each
+    record, or up to it (``before``)."""
+    if x == "step":
+        return [float(r["step"]) for r in records]
+    keys = [x] if isinstance(x, str) else list(x)
+    own = [math.fsum(r.get(k, 0.0) for k in keys) for r in records]
+    total = list(itertools.accumulate(own))
+    return [t - o for t, o in zip(total, own)] if before else total
+
+
+@dataclass
+class Speedup:
+    """Cost to reach the baseline's final score, per row: DGPO's "N x faster" measured side by side."""
+
+    key: str  # the score, e.g. eval/geneval_shapes/accuracy/overall
+    baseline: str  # the experiment whose last ``key`` is the target (per seed)
+    costs: list[Curve]  # cost axes: ``x`` and ``x_label`` of each (``key`` is ignored)
+
+    def reached_at(self, records: list[dict], target: float, cost: Curve) -> float:
+        """The cost at the first evaluation scoring ``>= target`` (NaN if none does)."""
+        x, y = dataclasses.replace(cost, key=self.key).series(records)
+        return next((c for c, v in zip(x, y) if v >= target - 1e-9), math.nan)
 
 
 @dataclass
@@ -79,16 +116,21 @@ class Suite:
     rows: list[dict]  # {experiment: <conf/experiment name>, label: <row label>[, at: start]}
     seeds: list[int]
     columns: list[Column]
-    curve: Curve = field(default_factory=Curve)
+    curves: list[Curve] = field(default_factory=lambda: [Curve()])
     description: str = ""
     overrides: list[str] = field(default_factory=list)
     runs: str = ""  # another suite's run directory to share (same overrides), e.g. an ablation of its rows
+    speedup: Speedup | None = None
 
     @classmethod
     def load(cls, path: Path) -> Suite:
         spec = yaml.safe_load(path.read_text())
         spec["columns"] = [Column(**c) for c in spec["columns"]]
-        spec["curve"] = Curve(**spec.get("curve", {}))
+        curves = spec.pop("curves", None) or [spec.pop("curve", {})]
+        spec["curves"] = [Curve(**c) for c in curves]
+        if "speedup" in spec:
+            speedup = spec["speedup"]
+            spec["speedup"] = Speedup(**{**speedup, "costs": [Curve(**c) for c in speedup["costs"]]})
         return cls(name=path.stem, **spec)
 
     @property
@@ -155,41 +197,79 @@ def table(suite: Suite, runs: dict) -> str:
 
 
 def plot(suite: Suite, runs: dict, path: Path) -> None:
+    """One panel per curve: the mean over seeds (truncated to the shortest seed) with a +-1 std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for row in suite.rows:
-        curves = []
-        for seed in suite.seeds:
-            records = runs.get((row["experiment"], seed))
-            if records:
-                y = [r.get(suite.curve.key, math.nan) for r in records]
-                x = (
-                    [r["step"] for r in records]
-                    if suite.curve.x == "step"
-                    else np.cumsum([r.get(suite.curve.x, 0.0) for r in records]).tolist()
-                )
-                curves.append((x, y))
-        if not curves:
-            continue
-        length = min(len(x) for x, _ in curves)
-        x = np.mean([c[0][:length] for c in curves], axis=0)
-        y = np.array([c[1][:length] for c in curves])
-        mean, std = np.nanmean(y, axis=0), np.nanstd(y, axis=0)
-        axis.plot(x, mean, label=f"{row['label']} (n={len(curves)})")
-        axis.fill_between(x, mean - std, mean + std, alpha=0.2)
-    axis.set_xlabel(suite.curve.x_label or suite.curve.x)
-    axis.set_ylabel(suite.curve.label or suite.curve.key)
-    axis.set_title(suite.title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    figure, axes = plt.subplots(1, len(suite.curves), figsize=(6.4 * len(suite.curves), 4.0), dpi=120)
+    for axis, curve in zip(np.atleast_1d(axes), suite.curves):
+        for row in suite.rows:
+            if row.get("at") == "start":
+                continue
+            series = [
+                curve.series(runs[(row["experiment"], s)])
+                for s in suite.seeds
+                if (row["experiment"], s) in runs
+            ]
+            series = [(x, y) for x, y in series if y]
+            if not series:
+                continue
+            length = min(len(y) for _, y in series)
+            x = np.mean([x[:length] for x, _ in series], axis=0)
+            y = np.array([y[:length] for _, y in series])
+            mean, std = y.mean(axis=0), y.std(axis=0)
+            axis.plot(x, mean, marker="o" if length < 30 else None, label=f"{row['label']} (n={len(series)})")
+            axis.fill_between(x, mean - std, mean + std, alpha=0.2)
+        x_label = curve.x if isinstance(curve.x, str) else " + ".join(curve.x)
+        axis.set_xlabel(curve.x_label or x_label)
+        axis.set_ylabel(curve.label or curve.key)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(suite.title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def speedup_table(suite: Suite, runs: dict) -> str:
+    """Per row: the cost at which it first reaches the baseline's final score (same seed), and the
+    baseline's own cost to reach it divided by the row's ("N x faster")."""
+    speedup = suite.speedup
+    header = ["method", *[f"{c.x_label} to reach it" for c in speedup.costs],
+              *[f"speed-up ({c.x_label})" for c in speedup.costs], "seeds reaching it"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    targets = {s: Column(key=speedup.key, label="").summarise(runs[(speedup.baseline, s)])
+               for s in suite.seeds if (speedup.baseline, s) in runs}  # fmt: skip
+    baseline_costs = [
+        statistics.fmean(speedup.reached_at(runs[(speedup.baseline, s)], t, c) for s, t in targets.items())
+        if targets
+        else math.nan
+        for c in speedup.costs
+    ]
+    for row in suite.rows:
+        if row.get("at") == "start":
+            continue
+        seeds = [s for s in targets if (row["experiment"], s) in runs]
+        reached = [[speedup.reached_at(runs[(row["experiment"], s)], targets[s], c) for s in seeds]
+                   for c in speedup.costs]  # fmt: skip
+        costs = [statistics.fmean(r) if r and all(math.isfinite(v) for v in r) else math.nan for r in reached]
+        hits = sum(math.isfinite(v) for v in reached[0]) if reached else 0
+        cells = [f"{c:.3g}" if math.isfinite(c) else "not reached" for c in costs]
+        ratios = [
+            f"{b / c:.2f}x" if math.isfinite(c) and c > 0 else "—" for b, c in zip(baseline_costs, costs)
+        ]
+        lines.append("| " + " | ".join([row["label"], *cells, *ratios, f"{hits}/{len(seeds)}"]) + " |")
+    target = statistics.fmean(targets.values()) if targets else math.nan
+    baseline = next(
+        r["label"] for r in suite.rows if r["experiment"] == speedup.baseline and r.get("at") != "start"
+    )
+    return (
+        f"Target: {baseline}'s final `{speedup.key}` in the same seed (mean {target:.3f}).\n\n"
+        + "\n".join(lines)
+    )
 
 
 def seeds_found(suite: Suite, runs: dict) -> list[int]:
@@ -210,6 +290,7 @@ def report(suite: Suite, runs: dict) -> str:
             "",
             table(suite, runs),
             "",
+            *([speedup_table(suite, runs), ""] if suite.speedup else []),
             f"Mean ± std over seeds {seeds_found(suite, runs)}. Command: `{command}`"
             + (f" (runs with `{overrides}`)" if overrides else "")
             + ".",

@@ -113,3 +113,66 @@ def test_a_start_row_reports_the_first_evaluation_and_a_suite_can_share_runs(tmp
     assert suite.output_dir == tmp_path / "outputs/reproduce/other"
     lines = reproduce.table(suite, reproduce.collect(suite)).splitlines()
     assert lines[2:] == ["| base | 0.200 | — | 1 |", "| A | 0.500 | 4 | 1 |"]
+
+
+def _write_run(root, experiment, seed, records):
+    run = root / f"experiment={experiment},seed={seed}"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra/hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"experiment": experiment}}}})
+    )
+    (run / ".hydra/config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+
+def test_evaluation_curves_cost_what_was_spent_before_them_and_speedup_compares_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(Suite, "output_dir", property(lambda self: tmp_path / "runs"))
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    baseline = [  # evaluation "after n iterations" is logged at step n, before iteration n trains
+        {"step": 0, "eval/score": 0.5, "time/iteration_s": 10.0, "nfe": 100},
+        {"step": 1, "time/iteration_s": 10.0, "nfe": 100},
+        {"step": 2, "eval/score": 0.6, "time/iteration_s": 10.0, "nfe": 100},
+        {"step": 3, "time/iteration_s": 10.0, "nfe": 100},
+        {"step": 4, "eval/score": 0.7},
+    ]
+    fast = [
+        {"step": 0, "eval/score": 0.5, "time/iteration_s": 5.0, "nfe": 100},
+        {"step": 1, "time/iteration_s": 5.0, "nfe": 100},
+        {"step": 2, "eval/score": 0.75, "time/iteration_s": 5.0, "nfe": 100},
+    ]
+    slow = [
+        {"step": 0, "eval/score": 0.5, "time/iteration_s": 5.0, "nfe": 1},
+        {"step": 1, "eval/score": 0.55},
+    ]
+    for name, records in [("flow", baseline), ("dgpo", fast), ("other", slow)]:
+        _write_run(tmp_path / "runs", name, 0, records)
+    spec = {
+        "title": "Speed",
+        "rows": [
+            {"experiment": "flow", "label": "Flow"},
+            {"experiment": "dgpo", "label": "DGPO"},
+            {"experiment": "other", "label": "Other"},
+        ],
+        "seeds": [0],
+        "columns": [{"key": "eval/score", "label": "score"}],
+        "curves": [{"key": "eval/score", "x": "time/iteration_s"}, {"key": "eval/score", "x": ["nfe"]}],
+        "speedup": {
+            "key": "eval/score",
+            "baseline": "flow",
+            "costs": [{"x": "time/iteration_s", "x_label": "s"}, {"x": ["nfe"], "x_label": "NFE"}],
+        },
+    }
+    path = tmp_path / "speed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    suite = Suite.load(path)
+    runs = reproduce.collect(suite)
+    assert suite.curves[0].series(runs[("flow", 0)]) == ([0.0, 20.0, 40.0], [0.5, 0.6, 0.7])
+    lines = reproduce.speedup_table(suite, runs).splitlines()
+    assert lines[0].startswith("Target: Flow's final `eval/score` in the same seed (mean 0.700)")
+    assert lines[4:] == [
+        "| Flow | 40 | 400 | 1.00x | 1.00x | 1/1 |",
+        "| DGPO | 10 | 200 | 4.00x | 2.00x | 1/1 |",
+        "| Other | not reached | not reached | — | — | 0/1 |",
+    ]
+    body = reproduce.report(suite, runs)
+    assert "speed-up (s)" in body and (tmp_path / "results/speed.png").stat().st_size > 1000
