@@ -18,7 +18,13 @@ from g2rpo.algos import DGPO, G2RPO, DanceGRPO, FlowGRPO, MixGRPO
 from g2rpo.curriculum import UniformCurriculum
 
 SCHEMAS = {
-    "algo": {"flow_grpo": FlowGRPO, "dance_grpo": DanceGRPO, "mix_grpo": MixGRPO, "g2rpo": G2RPO, "dgpo": DGPO},
+    "algo": {
+        "flow_grpo": FlowGRPO,
+        "dance_grpo": DanceGRPO,
+        "mix_grpo": MixGRPO,
+        "g2rpo": G2RPO,
+        "dgpo": DGPO,
+    },
     "curriculum": {"uniform": UniformCurriculum},
 }
 

@@ -64,10 +64,12 @@ def test_surrogate_gradient_is_the_bradley_terry_gradient_over_beta_b_over_g(pol
     algo, batch = _algo(clip_dsm=False, kl_beta=0.0, text_dropout=0.0, groups_per_forward=2), _batch()
     rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
     advantages = torch.tensor([1.2, -0.4, 0.5, -1.3, 0.9, 0.1, -0.6, -0.4])
-    (unit, *_), = algo.minibatches(rollout, _advantages(advantages), torch.Generator().manual_seed(1))
+    ((unit, *_),) = algo.minibatches(rollout, _advantages(advantages), torch.Generator().manual_seed(1))
     assert len(unit.samples) == 8  # both groups of 4 in one forward
     parameters = policy.trainable_parameters()
-    surrogate = torch.autograd.grad(algo.loss(policy, rollout, _advantages(advantages), unit).loss, parameters)
+    surrogate = torch.autograd.grad(
+        algo.loss(policy, rollout, _advantages(advantages), unit).loss, parameters
+    )
 
     samples = unit.samples
     x0, t = rollout.samples[samples], unit.sigma
@@ -80,7 +82,9 @@ def test_surrogate_gradient_is_the_bradley_terry_gradient_over_beta_b_over_g(pol
     s = torch.stack([algo.beta / 4 * (a * (loss_theta - loss_ref))[groups == g].sum() for g in (0, 1)])
     bradley_terry = torch.autograd.grad(-torch.nn.functional.logsigmoid(-s).sum(), parameters)
     for exact, approx in zip(bradley_terry, surrogate):
-        torch.testing.assert_close(exact, algo.beta * 8 / 4 * approx, rtol=1e-3, atol=1e-6 * exact.abs().max().item())
+        torch.testing.assert_close(
+            exact, algo.beta * 8 / 4 * approx, rtol=1e-3, atol=1e-6 * exact.abs().max().item()
+        )
 
 
 def test_dsm_clip_fires_only_on_the_side_of_the_advantage():
@@ -95,7 +99,7 @@ def test_a_clipped_sample_gets_no_gradient(policy):
     rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
     algo.theta_minus(policy)  # theta^-: a copy of the weights now
     perturb_lora(policy)  # theta moves away from it
-    (unit, *_), = algo.minibatches(rollout, _advantages(torch.ones(4)), torch.Generator().manual_seed(1))
+    ((unit, *_),) = algo.minibatches(rollout, _advantages(torch.ones(4)), torch.Generator().manual_seed(1))
     x0, t = rollout.samples[unit.samples], unit.sigma
     x_t, target = (1 - t) * x0 + t * unit.noise, unit.noise - x0
     cond = rollout.cond.select(rollout.cond_index[unit.samples])
@@ -163,7 +167,12 @@ def test_euler_rollouts_are_the_evaluation_sampler(policy):
         policy, batch, num_steps=4, guidance_scale=1.0, batch_size=4, generator=iteration_generator(0, 0)
     )
     images = ode_sample(
-        policy, batch.prompts, num_steps=4, guidance_scale=1.0, batch_size=4, generator=iteration_generator(0, 0)
+        policy,
+        batch.prompts,
+        num_steps=4,
+        guidance_scale=1.0,
+        batch_size=4,
+        generator=iteration_generator(0, 0),
     )
     torch.testing.assert_close(rollout.images, images)
     assert not torch.equal(rollout.samples[0], rollout.samples[1])  # members have their own noise
@@ -175,7 +184,9 @@ def test_theta_minus_decay_ramps_and_samples_after_the_switch(policy):
     algo.theta_minus(policy)
     perturb_lora(policy)
     algo.on_optimizer_step(policy)  # decay min(0.3, 0.001 * 1)
-    for shadow, old, new in zip(algo.theta_minus(policy).shadow_params, before, policy.trainable_parameters()):
+    for shadow, old, new in zip(
+        algo.theta_minus(policy).shadow_params, before, policy.trainable_parameters()
+    ):
         torch.testing.assert_close(shadow, 0.001 * old + 0.999 * new.detach())
     own = algo.rollout(policy, batch, iteration_generator(0, 0)).samples  # 1 update: not yet switched
     algo.on_optimizer_step(policy)
@@ -212,7 +223,9 @@ def test_text_dropout_replaces_the_prompt_with_the_empty_one(policy):
     algo, batch = _algo(text_dropout=0.5), _batch()
     rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
     assert rollout.cond.negative_prompt_embeds is not None  # encoded although the rollout has no CFG
-    units = [u for step in algo.minibatches(rollout, _advantages(torch.randn(8)), torch.Generator()) for u in step]
+    units = [
+        u for step in algo.minibatches(rollout, _advantages(torch.randn(8)), torch.Generator()) for u in step
+    ]
     dropped = torch.cat([u.text_dropped for u in units])
     assert 0 < dropped.float().mean() < 1
 

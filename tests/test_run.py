@@ -140,7 +140,9 @@ def test_evaluation_ema_follows_flow_grpos_schedule_and_is_checkpointed(tmp_path
     update = RLModule._update_ema
 
     def record(self):
-        after_step.append((self.global_step, [p.detach().clone() for p in self.policy.trainable_parameters()]))
+        after_step.append(
+            (self.global_step, [p.detach().clone() for p in self.policy.trainable_parameters()])
+        )
         update(self)
 
     monkeypatch.setattr(RLModule, "_update_ema", record)

@@ -131,7 +131,9 @@ class DGPO(Algorithm):
         if isinstance(self.advantage, Mapping):
             self.advantage = GroupNormalization(**self.advantage)
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"algo.sampler={self.sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}")
+            raise ValueError(
+                f"algo.sampler={self.sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}"
+            )
         positive = ("num_steps", "beta", "num_train_timesteps", "clip_range", "rollout_batch_size",
                     "groups_per_forward", "num_minibatches")  # fmt: skip
         for name in positive:
@@ -202,7 +204,9 @@ class DGPO(Algorithm):
             )
         scheduler = None
         if self.sampler == "dpm_solver":
-            shift = self.flow_shift if self.flow_shift is not None else policy.scheduler_config.get("shift", 1.0)
+            shift = (
+                self.flow_shift if self.flow_shift is not None else policy.scheduler_config.get("shift", 1.0)
+            )
             scheduler = flow_dpm_solver(shift)
         return ode_rollout(
             policy, batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
@@ -251,7 +255,9 @@ class DGPO(Algorithm):
 
     # ---- loss ---------------------------------------------------------------------------------------
 
-    def loss(self, policy: FlowPolicy, rollout: ODERollout, advantages: Advantages, unit: DGPOUnit) -> LossOutput:
+    def loss(
+        self, policy: FlowPolicy, rollout: ODERollout, advantages: Advantages, unit: DGPOUnit
+    ) -> LossOutput:
         samples = unit.samples.to(rollout.samples.device)
         x0, eps, t = rollout.samples[samples], unit.noise.to(rollout.samples.device), unit.sigma
         x_t = (1 - t) * x0 + t * eps
