@@ -212,6 +212,7 @@ def test_theta_minus_decay_ramps_and_samples_after_the_switch(policy):
         ("max_timestep_index", 4, "must index the 4-step"),
         ("num_train_timesteps", 5, "distinct indices"),
         ("t_min", 1.0, "algo.t_min"),
+        ("reference", "ema", "base, theta_minus"),
     ],
 )
 def test_invalid_settings_are_rejected(field, value, message):
@@ -234,3 +235,21 @@ def test_dgpo_uses_the_base_model_as_reference():
     assert DGPO().uses_reference
     policy = make_policy()
     assert policy.scheduler_config["shift"] == 3.0  # the DPM-Solver's default flow shift follows the model
+
+
+def test_theta_minus_can_be_the_reference(policy):
+    algo, batch = _algo(reference="theta_minus", clip_dsm=False, text_dropout=0.0), _batch(groups=1)
+    assert not algo.uses_reference  # no frozen copy is needed
+    rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
+    algo.theta_minus(policy)
+    perturb_lora(policy)
+    advantages = _advantages(torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    ((unit, *_),) = algo.minibatches(rollout, advantages, torch.Generator().manual_seed(1))
+    x0, t = rollout.samples[unit.samples], unit.sigma
+    x_t, target = (1 - t) * x0 + t * unit.noise, unit.noise - x0
+    cond = rollout.cond.select(rollout.cond_index[unit.samples])
+    with torch.no_grad(), algo_theta_minus(algo, policy):
+        expected = mean_over_dims((policy.velocity(x_t, t, cond) - target) ** 2).mean()
+    out = algo.loss(policy, rollout, advantages, unit)
+    torch.testing.assert_close(out.metrics["denoising_loss_ref"], expected)
+    assert out.metrics["denoising_loss"] != out.metrics["denoising_loss_ref"]

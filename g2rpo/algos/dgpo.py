@@ -31,8 +31,9 @@ Added by the official code after the paper (defaults follow the code's GenEval c
 research brief's config sketch): a PPO-style clip on the denoising-loss ratio
 ``exp(L_old - L_theta)`` against theta^- (``clip_dsm``), a velocity KL to the reference (``kl_beta``) and a
 guided reference for CFG-free training (``reference_guidance_scale``). Text dropout (5%) is the paper's
-and absent from the released code. The reference is the model with LoRA disabled. Groups are never split
-across training forwards, so ``s_g`` always sums a whole group.
+and absent from the released code. The reference is the model with LoRA disabled, or theta^- (the code's
+``use_ema_ref``, credited to TDM-R1, which needs beta 2000-5000). Groups are never split across training
+forwards (nor across ranks: every rank rolls out whole groups), so ``s_g`` always sums a whole group.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from g2rpo.sampling import mean_over_dims
 from g2rpo.types import Conditioning, LossOutput, ODERollout, PromptBatch, TrainingUnit
 
 SAMPLERS = ("dpm_solver", "euler", "sde")
+REFERENCES = ("base", "theta_minus")
 
 
 def dgpo_advantages() -> GroupNormalization:
@@ -117,6 +119,9 @@ class DGPO(Algorithm):
     clip_dsm: bool = True  # PPO-style clip of the denoising-loss ratio against theta^- (code)
     clip_range: float = 1e-2  # its c
     kl_beta: float = 0.02  # velocity MSE to the reference (code; not in the paper)
+    reference: str = (
+        "base"  # base (LoRA disabled) | theta_minus (the code's use_ema_ref; needs beta 2000-5000)
+    )
     reference_guidance_scale: float = 1.0  # CFG of the reference (4.5 for the README's CFG-free mode 2a)
     text_dropout: float = 0.05  # paper; the released code has none (0)
     switch_step: int = 200  # rollouts use theta^- after this many updates (code: 500 for GenEval)
@@ -130,6 +135,10 @@ class DGPO(Algorithm):
     def __post_init__(self) -> None:
         if isinstance(self.advantage, Mapping):
             self.advantage = GroupNormalization(**self.advantage)
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"algo.reference={self.reference!r} is not valid; choose one of {', '.join(REFERENCES)}"
+            )
         if self.sampler not in SAMPLERS:
             raise ValueError(
                 f"algo.sampler={self.sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}"
@@ -159,7 +168,7 @@ class DGPO(Algorithm):
 
     @property
     def uses_reference(self) -> bool:
-        return True
+        return self.reference == "base"
 
     # ---- rollout ------------------------------------------------------------------------------------
 
@@ -174,12 +183,15 @@ class DGPO(Algorithm):
                 self._theta_minus.to(policy.device)
         return self._theta_minus
 
+    def _theta_minus_weights(self, policy: FlowPolicy):
+        return swapped_in(self.theta_minus(policy), policy.trainable_parameters())
+
     def rollout(
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> ODERollout:
         if self.updates <= self.switch_step:
             return self._sample(policy, batch, generator)
-        with swapped_in(self.theta_minus(policy), policy.trainable_parameters()):
+        with self._theta_minus_weights(policy):
             return self._sample(policy, batch, generator)
 
     def _sample(self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator) -> ODERollout:
@@ -269,9 +281,10 @@ class DGPO(Algorithm):
         # theta^- and the reference first: swapping weights must not happen under a live graph.
         with torch.no_grad():
             if self.clip_dsm:
-                with swapped_in(self.theta_minus(policy), policy.trainable_parameters()):
+                with self._theta_minus_weights(policy):
                     loss_old = mean_over_dims((policy.velocity(x_t, t, cond) - target) ** 2)
-            with policy.reference():
+            theta_minus = self.reference == "theta_minus"
+            with self._theta_minus_weights(policy) if theta_minus else policy.reference():
                 v_ref = policy.velocity(x_t, t, cond, self.reference_guidance_scale)
             loss_ref = mean_over_dims((v_ref - target) ** 2)
 
