@@ -10,16 +10,20 @@ from experiments import reproduce
 from experiments.reproduce import Column, Suite
 
 
-def _fake_run(root, experiment, seed, rewards):
+def _write_run(root, experiment, seed, records):
     run = root / f"experiment={experiment},seed={seed}"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra/hydra.yaml").write_text(
         yaml.safe_dump({"hydra": {"runtime": {"choices": {"experiment": experiment}}}})
     )
     (run / ".hydra/config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+
+def _fake_run(root, experiment, seed, rewards):
     lines = [{"step": i, "reward/total/mean": r, "time/iteration_s": 1.5} for i, r in enumerate(rewards)]
     lines.append({"step": 0, "reward/total/mean": rewards[0], "time/iteration_s": 1.5})  # a resumed duplicate
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    _write_run(root, experiment, seed, lines)
 
 
 @pytest.fixture
@@ -113,16 +117,6 @@ def test_a_start_row_reports_the_first_evaluation_and_a_suite_can_share_runs(tmp
     assert suite.output_dir == tmp_path / "outputs/reproduce/other"
     lines = reproduce.table(suite, reproduce.collect(suite)).splitlines()
     assert lines[2:] == ["| base | 0.200 | — | 1 |", "| A | 0.500 | 4 | 1 |"]
-
-
-def _write_run(root, experiment, seed, records):
-    run = root / f"experiment={experiment},seed={seed}"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra/hydra.yaml").write_text(
-        yaml.safe_dump({"hydra": {"runtime": {"choices": {"experiment": experiment}}}})
-    )
-    (run / ".hydra/config.yaml").write_text(yaml.safe_dump({"seed": seed}))
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
 
 
 def test_evaluation_curves_cost_what_was_spent_before_them_and_speedup_compares_rows(tmp_path, monkeypatch):
