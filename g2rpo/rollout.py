@@ -64,7 +64,6 @@ def sde_rollout(
     )
 
 
-@torch.no_grad()
 def ode_sample(
     policy: FlowPolicy,
     prompts: list[str],
@@ -75,21 +74,12 @@ def ode_sample(
     generator: torch.Generator,
 ) -> Tensor:
     """Deterministic Euler (probability-flow ODE) samples, as evaluation uses: images ``[B, 3, H, W]``."""
-    order: dict[str, int] = {}
-    index = torch.tensor([order.setdefault(p, len(order)) for p in prompts])  # each prompt encoded once
-    unique = list(order)
-    cond = policy.encode(unique, negative=guidance_scale > 1)
-    sigmas = policy.sigmas(num_steps).to(policy.device)
-    images = []
-    for chunk in torch.arange(len(prompts)).split(batch_size):
-        chunk_cond = cond.select(index[chunk])
-        x = policy.initial_noise(len(chunk), generator)
-        for i in range(num_steps):
-            x = euler_step(
-                x, policy.velocity(x, sigmas[i], chunk_cond, guidance_scale), sigmas[i], sigmas[i + 1]
-            )
-        images.append(policy.decode(x))
-    return torch.cat(images)
+    index = torch.arange(len(prompts))
+    batch = PromptBatch(list(prompts), [{}] * len(prompts), group_ids=index, prompt_ids=index)
+    return ode_rollout(
+        policy, batch, num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+        generator=generator,
+    ).images  # fmt: skip
 
 
 def flow_dpm_solver(shift: float) -> DPMSolverMultistepScheduler:
