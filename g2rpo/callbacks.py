@@ -1,4 +1,5 @@
-"""Callbacks: sample images (PNG grid in the run dir and W&B images with prompts) and policy export."""
+"""Callbacks: sample images (PNG grid in the run dir and W&B images with prompts), policy export, and the
+curriculum's state as W&B histograms."""
 
 from __future__ import annotations
 
@@ -50,3 +51,35 @@ class ExportPolicy(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         with pl_module.evaluation_weights():  # the evaluated weights: the EMA when the run keeps one
             pl_module.policy.save_pretrained(Path(trainer.default_root_dir) / self.directory)
+
+
+class CurriculumHistograms(L.Callback):
+    """Every ``every_n_iterations``: the curriculum's per-prompt state in W&B (CurES: a histogram of the
+    subset's posterior means ``p``, and the sampled batch's group sizes against ``p``). The quantiles and
+    the allocation by ``p`` also go to every logger as scalars (``curriculum/*``)."""
+
+    def __init__(self, every_n_iterations: int = 10) -> None:
+        self.every_n_iterations = every_n_iterations
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        iteration = trainer.current_epoch
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers or iteration % self.every_n_iterations:
+            return
+        diagnostics = pl_module.curriculum.diagnostics()
+        if not diagnostics:
+            return
+        import wandb
+
+        payload = {
+            f"curriculum/{name}": wandb.Histogram(values.numpy()) for name, values in diagnostics.items()
+        }
+        if {"sampled_p", "group_size"} <= diagnostics.keys():
+            points = zip(diagnostics["sampled_p"].tolist(), diagnostics["group_size"].tolist())
+            table = wandb.Table(columns=["p", "group_size"], data=[list(point) for point in points])
+            payload["curriculum/group_size_vs_p"] = wandb.plot.scatter(
+                table, "p", "group_size", title="CurES allocation: group size vs posterior p"
+            )
+        for logger in loggers:
+            logger.log_metrics(payload, step=iteration)

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from g2rpo.algos import DGPO, G2RPO, DanceGRPO, FlowGRPO, MixGRPO
-from g2rpo.curriculum import UniformCurriculum
+from g2rpo.curriculum import CurESCurriculum, UniformCurriculum
 
 SCHEMAS = {
     "algo": {
@@ -25,7 +25,7 @@ SCHEMAS = {
         "g2rpo": G2RPO,
         "dgpo": DGPO,
     },
-    "curriculum": {"uniform": UniformCurriculum},
+    "curriculum": {"uniform": UniformCurriculum, "cures": CurESCurriculum},
 }
 
 

@@ -1,7 +1,7 @@
 """The Lightning module: one ``training_step`` is one RL iteration, and one Lightning epoch.
 
-    prompts (curriculum) -> rollout (no_grad) -> rewards -> advantages -> minibatches of loss units
-    -> manual_backward / clip / step -> log
+    prompts (curriculum; CurES first probes the policy) -> rollout (no_grad) -> rewards -> advantages
+    -> minibatches of loss units -> manual_backward / clip / step -> log
 
 The curriculum draws prompts inside ``training_step`` because it learns from the previous iteration's
 rewards; the dataloader only paces iterations. Every random draw of an iteration comes from generators
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
-from g2rpo.curriculum import Curriculum
+from g2rpo.curriculum import Curriculum, PolicyProbe
 from g2rpo.data import PromptDataset
 from g2rpo.ema import swapped_in
 from g2rpo.policies.base import FlowPolicy
@@ -133,7 +133,9 @@ class RLModule(L.LightningModule):
         local = iteration_generator(self.seed, iteration, self.global_rank + 1)  # per rank: which noise
 
         started = time.perf_counter()
-        prompts = self.curriculum.sample(self.dataset, shared)
+        self.policy.nfe = 0
+        prompts = self.curriculum.sample(self.dataset, shared, PolicyProbe(self.policy, self.reward, shared))
+        nfe_curriculum, curriculum_seconds = self.policy.nfe, time.perf_counter() - started
         clock = time.perf_counter()
         self.policy.nfe = 0
         with torch.no_grad():
@@ -166,8 +168,10 @@ class RLModule(L.LightningModule):
         metrics.update(self._optimize(rollout, advantages, local, iteration))
         metrics.update(
             {
+                "nfe/curriculum": nfe_curriculum,
                 "nfe/rollout": nfe_rollout,
                 "nfe/train": self.policy.nfe,
+                "time/curriculum_s": curriculum_seconds,
                 "time/rollout_s": rollout_seconds,
                 "time/reward_s": reward_seconds,
                 "time/train_s": time.perf_counter() - clock,

@@ -1,5 +1,8 @@
 """Curricula decide which prompts an iteration draws and how many samples each gets."""
 
-from g2rpo.curriculum.uniform import Curriculum, UniformCurriculum
+from g2rpo.curriculum.base import Curriculum, Probe, Probed
+from g2rpo.curriculum.cures import CurESCurriculum
+from g2rpo.curriculum.probe import PolicyProbe
+from g2rpo.curriculum.uniform import UniformCurriculum
 
-__all__ = ["Curriculum", "UniformCurriculum"]
+__all__ = ["CurESCurriculum", "Curriculum", "PolicyProbe", "Probe", "Probed", "UniformCurriculum"]

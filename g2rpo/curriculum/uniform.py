@@ -6,29 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from g2rpo.curriculum.base import Curriculum, Probe
 from g2rpo.data import PromptDataset
-from g2rpo.types import PromptBatch, RewardOutput
-
-
-class Curriculum:
-    """Draws the prompts of an iteration and learns from their rewards.
-
-    ``sample`` must give every rank the same batch for the same generator state; ``update`` sees the
-    rewards of what ``sample`` returned. The state goes into checkpoints so a resumed run continues the
-    same curriculum.
-    """
-
-    def sample(self, dataset: PromptDataset, generator: torch.Generator) -> PromptBatch:
-        raise NotImplementedError
-
-    def update(self, batch: PromptBatch, rewards: RewardOutput) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+from g2rpo.types import PromptBatch
 
 
 @dataclass
@@ -49,7 +29,9 @@ class UniformCurriculum(Curriculum):
                 f"(a group of one has no baseline); got {self.prompts_per_iteration}, {self.group_size}"
             )
 
-    def sample(self, dataset: PromptDataset, generator: torch.Generator) -> PromptBatch:
+    def sample(
+        self, dataset: PromptDataset, generator: torch.Generator, probe: Probe | None = None
+    ) -> PromptBatch:
         if self.prompts_per_iteration > len(dataset):
             raise ValueError(
                 f"curriculum.prompts_per_iteration={self.prompts_per_iteration} exceeds the "

@@ -1,0 +1,80 @@
+"""What a curriculum is: it draws an iteration's prompts, sizes their groups, and learns from the rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from g2rpo.data import PromptDataset
+from g2rpo.types import PromptBatch, RewardOutput
+
+
+@dataclass
+class Probed:
+    """What sampling the current policy on some prompts showed: one entry per sample."""
+
+    rewards: Tensor  # [B] total reward (NaN = unscorable)
+    grad_norms: Tensor | None = None  # [B] ||grad_theta log pi(y | x)|| on the trainable parameters
+
+
+class Probe(Protocol):
+    """Samples the current policy for ``batch`` and scores it (CurES's pre-rollouts).
+
+    ``grad_norms`` also asks for each sample's score-function gradient norm, which needs a stochastic
+    (SDE, noise ``noise_level``) sample with a log-likelihood rather than an ODE sample.
+    """
+
+    def __call__(
+        self,
+        batch: PromptBatch,
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        batch_size: int,
+        noise_level: float = 0.7,
+        grad_norms: bool = False,
+    ) -> Probed: ...
+
+
+class Curriculum:
+    """Draws the prompts of an iteration and learns from their rewards.
+
+    ``sample`` must give every rank the same batch for the same generator state; ``update`` sees the
+    rewards of what ``sample`` returned (for algorithms that score several images per sample, such as
+    G2RPO's continuations, every scored image with its prompt). The state goes into checkpoints so a
+    resumed run continues the same curriculum.
+    """
+
+    def sample(
+        self, dataset: PromptDataset, generator: torch.Generator, probe: Probe | None = None
+    ) -> PromptBatch:
+        raise NotImplementedError
+
+    def update(self, batch: PromptBatch, rewards: RewardOutput) -> dict[str, float]:
+        """Learn from the iteration's rewards; returns metrics to log."""
+        return {"curriculum/all_equal_frac": all_equal_fraction(batch.group_ids, rewards.total)}
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """Per-prompt state worth plotting (W&B histograms), keyed by name; empty if there is none."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def all_equal_fraction(group_ids: Tensor, rewards: Tensor) -> float:
+    """The fraction of groups whose finite rewards are all equal: groups that carry no learning signal
+    (GRPO gives them zero advantage), i.e. rollouts wasted on prompts that are too easy or too hard."""
+    _, groups = torch.unique(group_ids.cpu(), return_inverse=True)
+    rewards = rewards.detach().float().cpu()
+    finite = torch.isfinite(rewards)
+    num_groups = int(groups.max()) + 1
+    high = torch.full((num_groups,), -torch.inf).scatter_reduce(0, groups[finite], rewards[finite], "amax")
+    low = torch.full((num_groups,), torch.inf).scatter_reduce(0, groups[finite], rewards[finite], "amin")
+    return float((high <= low).float().mean())
