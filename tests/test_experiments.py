@@ -170,3 +170,23 @@ def test_evaluation_curves_cost_what_was_spent_before_them_and_speedup_compares_
     ]
     body = reproduce.report(suite, runs)
     assert "speed-up (s)" in body and (tmp_path / "results/speed.png").stat().st_size > 1000
+
+
+def test_speedup_can_target_the_baselines_best_score(tmp_path, monkeypatch):
+    """CurES's "steps to reach the baseline's peak": the target is the baseline's best evaluation."""
+    monkeypatch.setattr(Suite, "output_dir", property(lambda self: tmp_path / "runs"))
+    peaked = [{"step": i, "eval/score": s} for i, s in enumerate([0.5, 0.8, 0.7, 0.7])]
+    curriculum = [{"step": i, "eval/score": s} for i, s in enumerate([0.5, 0.75, 0.81])]
+    for name, records in [("uniform", peaked), ("cures", curriculum)]:
+        _write_run(tmp_path / "runs", name, 0, records)
+    rows = [{"experiment": "uniform", "label": "Uniform"}, {"experiment": "cures", "label": "CurES"}]
+    costs = [reproduce.Curve(x="step", x_label="iterations")]
+    for target, expected in (("max", ["| Uniform | 1 | 1.00x | 1/1 |", "| CurES | 2 | 0.50x | 1/1 |"]),
+                             ("last", ["| Uniform | 1 | 1.00x | 1/1 |", "| CurES | 1 | 1.00x | 1/1 |"])):  # fmt: skip
+        speedup = reproduce.Speedup(key="eval/score", baseline="uniform", costs=costs, target=target)
+        suite = Suite(name="c", title="C", rows=rows, seeds=[0], columns=[], speedup=speedup)
+        lines = reproduce.speedup_table(suite, reproduce.collect(suite)).splitlines()
+        assert lines[0].startswith(f"Target: Uniform's {'best' if target == 'max' else 'final'} `eval/score`")
+        assert lines[4:] == expected
+    with pytest.raises(ValueError, match="speedup.target"):
+        reproduce.Speedup(key="k", baseline="b", costs=[], target="mean")
