@@ -7,7 +7,7 @@ statistic here is a segment reduction (``index_add`` / ``scatter_reduce``).
     A_i = clip((R_i - mean_group(R)) / (std + eps), -clip, +clip)
 
 with ``std`` the group's std (GRPO, DanceGRPO), the std of the whole batch (Flow-GRPO's ``global_std``,
-its published default) or none. Unscorable samples (NaN reward) are left out of every statistic and get
+its published default; all-reduced over data-parallel ranks, whose groups are whole) or none. Unscorable samples (NaN reward) are left out of every statistic and get
 advantage 0; groups whose rewards are all equal carry no signal, get advantage exactly 0, and are
 reported (and dropped from training when ``drop_zero_std``).
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from g2rpo.distributed import all_sum
 from g2rpo.types import RewardOutput
 
 STD_MODES = ("group", "global", "none")
@@ -100,11 +101,12 @@ def normalize_in_groups(
         squares = weights.new_zeros(num_groups).index_add_(0, group_ids, deviation**2 * weights)
         dof = (counts - 1).clamp_min(1) if norm.unbiased else counts.clamp_min(1)
         scale = (squares / dof).sqrt()[group_ids] + norm.eps
-    else:
+    else:  # the std of the whole batch, over every rank's samples (two passes: mean, then squares)
         batch = filled[valid]
-        batch_std = (
-            batch.std(correction=1 if norm.unbiased else 0) if batch.numel() > 1 else batch.new_zeros(())
-        )
+        count, total = all_sum(torch.stack([batch.new_tensor(batch.numel()), batch.sum()]))
+        squares = all_sum(((batch - total / count.clamp_min(1)) ** 2).sum().reshape(1))[0]
+        dof = count - 1 if norm.unbiased else count
+        batch_std = (squares / dof).sqrt() if count > 1 else batch.new_zeros(())
         scale = (batch_std + norm.eps).expand_as(filled)
 
     advantages = torch.where(zero_std | ~valid, torch.zeros_like(deviation), deviation / scale)

@@ -5,9 +5,10 @@
 
 The curriculum draws prompts inside ``training_step`` because it learns from the previous iteration's
 rewards; the dataloader only paces iterations. Every random draw of an iteration comes from generators
-seeded by ``(seed, iteration, rank)``, so a run resumed from a checkpoint repeats exactly what the
-uninterrupted run would have done. Checkpoints hold only the trainable weights (the LoRA adapter or the
-fine-tuned transformer), their evaluation EMA, the optimiser and the curriculum state; frozen weights are
+seeded by ``(seed, iteration)``, and each sample's and group's noise from a stream keyed by its index in
+the batch (``g2rpo.randomness``), so a run resumed from a checkpoint repeats exactly what the uninterrupted
+run would have done, whatever the rollout batch size. Checkpoints hold only the trainable weights (the LoRA
+adapter or the fine-tuned transformer), their evaluation EMA, the optimiser and the curriculum state; frozen weights are
 rebuilt from the model config.
 """
 
@@ -18,7 +19,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import lightning as L
@@ -32,6 +33,7 @@ from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.curriculum import Curriculum, PolicyProbe
 from g2rpo.data import PromptDataset
+from g2rpo.distributed import all_max, all_sum, gather_objects, gather_scored, rank_slice, world
 from g2rpo.ema import swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.rewards.base import RewardEnsemble
@@ -46,6 +48,16 @@ class Samples:
     images: Tensor
     prompts: list[str]
     rewards: Tensor
+
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the ranks that logged it (every rank logs the same keys, except algorithm
+    metrics of a rank that had nothing to train)."""
+    gathered = gather_objects(metrics)
+    if len(gathered) == 1:
+        return metrics
+    keys = dict.fromkeys(key for part in gathered for key in part)
+    return {key: float(np.mean([part[key] for part in gathered if key in part])) for key in keys}
 
 
 def iteration_generator(*key: int) -> torch.Generator:
@@ -129,17 +141,22 @@ class RLModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         iteration = self.current_epoch
-        shared = iteration_generator(self.seed, iteration)  # identical on every rank: which prompts
-        local = iteration_generator(self.seed, iteration, self.global_rank + 1)  # per rank: which noise
+        # Identical on every rank: the prompts, and the seeds of each sample's and group's own noise stream
+        # (g2rpo/randomness.py), so a sample's rollout does not depend on the rank or chunk that draws it.
+        sampling = iteration_generator(self.seed, iteration)
+        training = iteration_generator(self.seed, iteration, 0)  # timesteps, training noise, minibatch order
 
         started = time.perf_counter()
         self.policy.nfe = 0
-        prompts = self.curriculum.sample(self.dataset, shared, PolicyProbe(self.policy, self.reward, shared))
+        everyone = self.curriculum.sample(
+            self.dataset, sampling, PolicyProbe(self.policy, self.reward, sampling)
+        )
+        prompts = rank_slice(everyone)  # this rank's whole groups
         nfe_curriculum, curriculum_seconds = self.policy.nfe, time.perf_counter() - started
         clock = time.perf_counter()
         self.policy.nfe = 0
         with torch.no_grad():
-            rollout = self.algorithm.rollout(self.policy, prompts, local, iteration)
+            rollout = self.algorithm.rollout(self.policy, prompts, sampling, iteration)
         nfe_rollout, rollout_seconds = self.policy.nfe, time.perf_counter() - clock
         scored = self.algorithm.scored_prompts(rollout, prompts)
 
@@ -148,11 +165,10 @@ class RLModule(L.LightningModule):
             rewards = self.reward(rollout.images, scored.prompts, scored.metadata)
         reward_seconds = time.perf_counter() - clock
         advantages = self.algorithm.advantages(rewards, scored, rollout)
+        all_scored, all_rewards = gather_scored(scored, rewards)  # every rank's, for statistics
         metrics = {
-            **rewards.metrics(),
             **advantages.metrics(),
             **self.algorithm.rollout_metrics(rollout, rewards),
-            **self.curriculum.update(scored, rewards),
         }
         if not advantages.valid.all():
             log.warning(
@@ -165,7 +181,7 @@ class RLModule(L.LightningModule):
 
         clock = time.perf_counter()
         self.policy.nfe = 0
-        metrics.update(self._optimize(rollout, advantages, local, iteration))
+        metrics.update(self._optimize(rollout, advantages, training, iteration))
         metrics.update(
             {
                 "nfe/curriculum": nfe_curriculum,
@@ -178,6 +194,9 @@ class RLModule(L.LightningModule):
                 "time/iteration_s": time.perf_counter() - started,
             }
         )
+        metrics = mean_over_ranks(metrics)
+        metrics.update(all_rewards.metrics())
+        metrics.update(self.curriculum.update(all_scored, all_rewards))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(scored))
         self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
         shown = slice(0, self.num_logged_images)
@@ -196,10 +215,23 @@ class RLModule(L.LightningModule):
         counts: dict[str, int] = defaultdict(int)
         grad_norms: list[float] = []
         steps = skipped = 0
-        for index, units in enumerate(self.algorithm.minibatches(rollout, advantages, generator)):
-            for unit in units:
+        minibatches = self.algorithm.minibatches(rollout, advantages, generator)
+        # Every rank takes the same optimiser steps (a rank with fewer minibatches joins with empty ones).
+        minibatches += [[]] * (all_max(len(minibatches)) - len(minibatches))
+        for index, units in enumerate(minibatches):
+            # The step's gradient is the mean over every rank's units; DDP averages over ranks, so each
+            # loss is scaled by world_size / (units on all ranks). Only a step's last backward syncs.
+            _, world_size = world()
+            scale = world_size / max(int(all_sum(torch.tensor([len(units)]))), 1)
+            if not units:
+                self.manual_backward(sum(p.sum() for p in self.policy.trainable_parameters()) * 0.0)
+            for position, unit in enumerate(units):
                 out = self.algorithm.loss(self.policy, rollout, advantages, unit)
-                self.manual_backward(out.loss / len(units))
+                last = position == len(units) - 1
+                with (
+                    nullcontext() if last or world_size == 1 else self.trainer.strategy.block_backward_sync()
+                ):
+                    self.manual_backward(out.loss * scale)
                 metrics = dict(out.metrics)
                 if index == 0 and "logprob_gap" in metrics:
                     metrics["logprob_gap_before_update"] = metrics["logprob_gap"]

@@ -8,6 +8,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.randomness import keyed
 from g2rpo.sampling import euler_step, sde_step
 from g2rpo.types import ODERollout, PromptBatch, SDERollout
 
@@ -31,19 +32,27 @@ def sde_rollout(
     ``noise_levels[i]`` is the SDE noise of step ``i`` (0 makes it a deterministic ODE step with a NaN
     log-prob), so full-SDE (Flow-GRPO), constant-eta (DanceGRPO) and windowed (MixGRPO) rollouts share
     this loop. Each prompt is encoded once and shared by its group. ``initial_noise`` (``[B, ...]``)
-    replaces the independent ``x_1`` draws, e.g. with one draw shared by each group (DanceGRPO).
+    replaces the independent ``x_1`` draws, e.g. with one draw shared by each group (DanceGRPO). Sample
+    ``i``'s noise comes from its own stream keyed by ``batch.sample_ids[i]`` (``g2rpo.randomness``), so it
+    does not depend on ``batch_size`` or on the rank that samples it.
     """
     prompts, cond_index = batch.unique()
     cond = policy.encode(prompts, negative=guidance_scale > 1)
     sigmas = policy.sigmas(num_steps).to(policy.device)
+    generators = keyed(generator, batch.sample_ids)
     latents, log_probs, images = [], [], []
     for chunk in torch.arange(len(batch)).split(batch_size):
         chunk_cond = cond.select(cond_index[chunk])
-        x = policy.initial_noise(len(chunk), generator) if initial_noise is None else initial_noise[chunk]
+        chunk_generators = [generators[i] for i in chunk.tolist()]
+        x = (
+            policy.initial_noise(len(chunk), chunk_generators)
+            if initial_noise is None
+            else initial_noise[chunk]
+        )
         trajectory, chunk_log_probs = [x], []
         for i in range(num_steps):
             v = policy.velocity(x, sigmas[i], chunk_cond, guidance_scale)
-            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            noise = randn_tensor(x.shape, generator=chunk_generators, device=x.device, dtype=torch.float32)
             step = sde_step(
                 x, v, sigmas[i], sigmas[i + 1], float(noise_levels[i]), noise=noise, sde_type=sde_type
             )
@@ -73,12 +82,15 @@ def ode_sample(
     batch_size: int,
     generator: torch.Generator,
 ) -> Tensor:
-    """Deterministic Euler (probability-flow ODE) samples, as evaluation uses: images ``[B, 3, H, W]``."""
+    """Deterministic Euler (probability-flow ODE) samples, as evaluation uses: images ``[B, 3, H, W]``.
+
+    The initial noise is one draw of the whole batch from ``generator`` (not per-sample streams), so every
+    evaluation recorded in this repository keeps its noise."""
     index = torch.arange(len(prompts))
     batch = PromptBatch(list(prompts), [{}] * len(prompts), group_ids=index, prompt_ids=index)
     return ode_rollout(
         policy, batch, num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size,
-        generator=generator,
+        generator=generator, initial_noise=policy.initial_noise(len(prompts), generator),
     ).images  # fmt: skip
 
 
@@ -109,11 +121,13 @@ def ode_rollout(
     generator: torch.Generator,
     scheduler: DPMSolverMultistepScheduler | None = None,
     negative: bool = False,
+    initial_noise: Tensor | None = None,
 ) -> ODERollout:
     """Deterministic samples for ``batch``: Euler on the model's own grid, or ``scheduler`` (DPM-Solver++).
 
     Only the end points are kept. ``negative`` also encodes the empty prompt when the rollout itself does
-    not need it (CFG-free rollouts whose training uses text dropout or a guided reference).
+    not need it (CFG-free rollouts whose training uses text dropout or a guided reference). Initial noise
+    is keyed by ``batch.sample_ids`` as in :func:`sde_rollout`, unless ``initial_noise`` (``[B, ...]``) is given.
     """
     prompts, cond_index = batch.unique()
     cond = policy.encode(prompts, negative=negative or guidance_scale > 1)
@@ -123,10 +137,14 @@ def ode_rollout(
     else:
         scheduler.set_timesteps(num_steps, device=policy.device)
         timesteps = scheduler.timesteps.float() / scheduler.config.num_train_timesteps
+    generators = keyed(generator, batch.sample_ids)
     samples, images = [], []
     for chunk in torch.arange(len(batch)).split(batch_size):
         chunk_cond = cond.select(cond_index[chunk])
-        x = policy.initial_noise(len(chunk), generator)
+        if initial_noise is None:
+            x = policy.initial_noise(len(chunk), [generators[i] for i in chunk.tolist()])
+        else:
+            x = initial_noise[chunk.to(initial_noise.device)].float()
         if scheduler is not None:
             scheduler.set_timesteps(num_steps, device=policy.device)  # a fresh multistep history
         for i in range(num_steps):
@@ -144,4 +162,5 @@ def ode_rollout(
         cond=cond,
         cond_index=cond_index.to(policy.device),
         group_ids=batch.group_ids.to(policy.device),
+        sample_ids=batch.sample_ids,
     )

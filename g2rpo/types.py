@@ -24,6 +24,13 @@ class PromptBatch:
     metadata: list[dict]
     group_ids: Tensor  # [B] long, 0 .. G-1
     prompt_ids: Tensor  # [B] long, index of the prompt in its dataset
+    # [B] long: the sample's index in the iteration's whole batch, which keys its noise (g2rpo/randomness.py)
+    # so that it does not depend on which rank or forward chunk samples it. Default: 0 .. B-1.
+    sample_ids: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_ids is None:
+            self.sample_ids = torch.arange(len(self.prompts))
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -38,6 +45,17 @@ class PromptBatch:
             metadata=[metadata[i] for i in ids.tolist()],
             group_ids=group_ids,
             prompt_ids=ids,
+        )
+
+    def select(self, rows: Tensor) -> PromptBatch:
+        """The samples ``rows`` (e.g. one rank's groups), keeping their ids."""
+        index = rows.tolist()
+        return PromptBatch(
+            prompts=[self.prompts[i] for i in index],
+            metadata=[self.metadata[i] for i in index],
+            group_ids=self.group_ids[rows],
+            prompt_ids=self.prompt_ids[rows],
+            sample_ids=self.sample_ids[rows],
         )
 
     def unique(self) -> tuple[list[str], Tensor]:
@@ -134,6 +152,7 @@ class ODERollout:
     cond: Conditioning  # one row per distinct prompt
     cond_index: Tensor  # [B] row of ``cond`` for each sample
     group_ids: Tensor  # [B] the sample's group (prompt of this iteration)
+    sample_ids: Tensor  # [B] the sample's index in the iteration's batch (keys its training randomness)
 
     def __len__(self) -> int:
         return self.samples.shape[0]

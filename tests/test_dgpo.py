@@ -9,6 +9,7 @@ from g2rpo.algos import DGPO
 from g2rpo.algos.dgpo import dsm_clip_mask, group_preference_logit
 from g2rpo.ema import swapped_in
 from g2rpo.module import iteration_generator
+from g2rpo.randomness import keyed
 from g2rpo.rollout import flow_dpm_solver, ode_rollout
 from g2rpo.sampling import euler_step, mean_over_dims
 from g2rpo.types import PromptBatch, RewardOutput
@@ -165,9 +166,11 @@ def test_euler_rollouts_are_a_plain_ode_solve(policy):
     rollout = ode_rollout(
         policy, batch, num_steps=4, guidance_scale=1.0, batch_size=4, generator=iteration_generator(0, 0)
     )
-    generator, sigmas = iteration_generator(0, 0), policy.sigmas(4)
+    generators, sigmas = keyed(iteration_generator(0, 0), batch.sample_ids), policy.sigmas(4)
     for chunk in torch.arange(len(batch)).split(4):
-        x = policy.initial_noise(len(chunk), generator)
+        x = policy.initial_noise(
+            len(chunk), [generators[i] for i in chunk.tolist()]
+        )  # each sample's own stream
         cond = policy.encode([batch.prompts[i] for i in chunk.tolist()], negative=False)
         for i in range(4):
             x = euler_step(x, policy.velocity(x, sigmas[i], cond), sigmas[i], sigmas[i + 1])

@@ -7,6 +7,7 @@ from conftest import make_policy, perturb_lora
 from g2rpo.algos import G2RPO
 from g2rpo.algos.g2rpo import continuation_grid, ode_continue
 from g2rpo.module import iteration_generator
+from g2rpo.randomness import GROUP, keyed
 from g2rpo.sampling import euler_step, sde_step
 from g2rpo.types import PromptBatch, RewardOutput, TrainingUnit
 
@@ -32,7 +33,7 @@ def shared():
 def test_anchor_is_a_plain_ode_solve_from_one_noise_per_group(shared):
     policy, algo, batch, rollout = shared
     assert rollout.anchors.shape == (2, 7, 3, 32, 32)  # one trajectory per group, not per member
-    x = policy.initial_noise(2, iteration_generator(0, 0))
+    x = policy.initial_noise(2, keyed(iteration_generator(0, 0), [0, 1], GROUP))  # each group's own stream
     cond, sigmas = policy.encode(["a cat", "a dog"], negative=False), policy.sigmas(6)
     for i in range(6):
         torch.testing.assert_close(rollout.anchors[:, i], x, rtol=0, atol=1e-6)

@@ -30,6 +30,7 @@ import torch
 from g2rpo.advantages import GroupNormalization
 from g2rpo.algos.stepwise import StepwiseGRPO
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.randomness import CHOICE, keyed, rand_per_key
 from g2rpo.types import PromptBatch, SDERollout
 
 
@@ -67,7 +68,7 @@ class DanceGRPO(StepwiseGRPO):
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> SDERollout:
         initial = self.group_initial_noise(policy, batch, generator) if self.init_same_noise else None
-        order = torch.rand(len(batch), self.num_steps - 1, generator=generator).argsort(dim=1)
+        order = rand_per_key(keyed(generator, batch.sample_ids, CHOICE), self.num_steps - 1).argsort(dim=1)
         return self.sample(
             policy, batch, generator, noise_levels=torch.full((self.num_steps,), self.noise_level),
             train_steps=order[:, : self.num_train_steps], initial_noise=initial,

@@ -49,6 +49,7 @@ from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import Algorithm, split_evenly
 from g2rpo.ema import RampedEMA, swapped_in
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.randomness import CHOICE, GROUP, keyed, rand_per_key
 from g2rpo.rollout import flow_dpm_solver, ode_rollout, sde_rollout
 from g2rpo.sampling import mean_over_dims
 from g2rpo.types import Conditioning, LossOutput, ODERollout, PromptBatch, TrainingUnit
@@ -213,6 +214,7 @@ class DGPO(Algorithm):
                 cond=cond,
                 cond_index=trajectories.cond_index,
                 group_ids=batch.group_ids.to(policy.device),
+                sample_ids=batch.sample_ids,
             )
         scheduler = None
         if self.sampler == "dpm_solver":
@@ -245,11 +247,17 @@ class DGPO(Algorithm):
         if trained_groups.numel() == 0:
             return []
         sigmas = self.train_timesteps(rollout.timesteps, generator)
+        # eps per (level, group) and text dropout per (level, sample) come from streams keyed by the group
+        # and the sample, so a group trains on the same noise whichever rank holds it
         num_groups = int(group_ids.max()) + 1
-        noise = randn_tensor(
-            (len(sigmas), num_groups, *rollout.samples.shape[1:]), generator=generator, dtype=torch.float32
+        noise = torch.zeros(len(sigmas), num_groups, *rollout.samples.shape[1:])
+        for group, group_generator in zip(trained_groups.tolist(), keyed(generator, trained_groups, GROUP)):
+            noise[:, group] = randn_tensor(
+                (len(sigmas), *rollout.samples.shape[1:]), generator=group_generator
+            )
+        dropped = (
+            self.text_dropout > rand_per_key(keyed(generator, rollout.sample_ids, CHOICE), len(sigmas)).T
         )
-        dropped = torch.rand(len(sigmas), len(rollout), generator=generator) < self.text_dropout
         order = trained_groups[torch.randperm(trained_groups.numel(), generator=generator)]
         members = [(train_mask & (group_ids == g)).nonzero().flatten() for g in order.tolist()]
         steps = []

@@ -42,12 +42,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.randomness import GROUP, keyed
 from g2rpo.sampling import euler_step, sde_step
 from g2rpo.types import Conditioning, LossOutput, PromptBatch, RewardOutput, TrainingUnit
 
@@ -164,7 +166,7 @@ class G2RPO(Algorithm):
     def rollout(
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> SingularRollout:
-        _, group_ids = torch.unique(batch.group_ids, return_inverse=True)
+        groups, group_ids = torch.unique(batch.group_ids, return_inverse=True)
         num_groups = int(group_ids.max()) + 1
         first = torch.full((num_groups,), len(batch)).scatter_reduce(
             0, group_ids, torch.arange(len(batch)), reduce="amin"
@@ -178,7 +180,7 @@ class G2RPO(Algorithm):
         device_groups = group_ids.to(policy.device)
 
         # The anchor: one ODE trajectory per group from its shared initial noise; keep the velocities at M.
-        x = policy.initial_noise(num_groups, generator)
+        x = policy.initial_noise(num_groups, keyed(generator, groups, GROUP))
         anchors, anchor_velocities = [x], {}
         for i in range(self.num_steps):
             v = torch.cat(
@@ -194,10 +196,13 @@ class G2RPO(Algorithm):
         anchors = torch.stack(anchors, dim=1)
 
         member_cond = cond.select(group_ids)
+        member_generators = keyed(generator, batch.sample_ids)
         branches, log_probs, images, scored_groups = [], [], [], []
         for index, k in enumerate(self.stochastic_steps):
             x_k = anchors[device_groups, k]
-            noise = torch.randn(x_k.shape, generator=generator).to(x_k.device)
+            noise = randn_tensor(
+                x_k.shape, generator=member_generators, device=x_k.device, dtype=torch.float32
+            )
             step = sde_step(
                 x_k,
                 anchor_velocities[k][device_groups],

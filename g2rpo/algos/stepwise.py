@@ -19,6 +19,7 @@ from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import Algorithm, split_evenly, training_samples
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.randomness import GROUP, keyed
 from g2rpo.rollout import sde_rollout
 from g2rpo.sampling import SDE_TYPES, sde_step, transition_kl
 from g2rpo.types import LossOutput, PromptBatch, SDERollout, TrainingUnit
@@ -94,9 +95,10 @@ class StepwiseGRPO(Algorithm):
     def group_initial_noise(
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator
     ) -> Tensor:
-        """One ``x_1`` per group, repeated for its members (DanceGRPO's ``init_same_noise``)."""
-        num_groups = int(batch.group_ids.max()) + 1
-        return policy.initial_noise(num_groups, generator)[batch.group_ids.to(policy.device)]
+        """One ``x_1`` per group, repeated for its members (DanceGRPO's ``init_same_noise``); each group's
+        draw is keyed by its id, so it does not depend on the rank that samples it."""
+        groups, members = torch.unique(batch.group_ids, return_inverse=True)
+        return policy.initial_noise(len(groups), keyed(generator, groups, GROUP))[members.to(policy.device)]
 
     def minibatches(
         self, rollout: SDERollout, advantages: Advantages, generator: torch.Generator

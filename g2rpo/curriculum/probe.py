@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from g2rpo.curriculum.base import Probed
+from g2rpo.distributed import gather_objects, world
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.rewards.base import RewardEnsemble
 from g2rpo.rollout import ode_rollout, sde_rollout
@@ -21,6 +22,9 @@ class PolicyProbe:
     algorithm-independent ODE. Gradient norms need a log-likelihood: those probes sample the Flow-SDE
     (noise ``a = noise_level``) and differentiate the trajectory's summed per-step log-probabilities, the
     diffusion analogue of a response's summed token log-likelihood in CurES's code.
+
+    Across data-parallel ranks, each rank probes a slice and the results are gathered: every rank sees
+    what one rank would have seen.
     """
 
     def __init__(self, policy: FlowPolicy, reward: RewardEnsemble, generator: torch.Generator) -> None:
@@ -38,6 +42,19 @@ class PolicyProbe:
         noise_level: float = 0.7,
         grad_norms: bool = False,
     ) -> Probed:
+        rank, size = world()
+        mine = batch.select(torch.arange(len(batch)).chunk(size)[rank]) if size > 1 else batch
+        probed = self._probe(mine, num_steps, guidance_scale, batch_size, noise_level, grad_norms)
+        if size == 1:
+            return probed
+        parts = gather_objects(probed)  # every rank probes a slice; noise is keyed by sample, not by rank
+        norms = [part.grad_norms for part in parts]
+        return Probed(
+            rewards=torch.cat([part.rewards for part in parts]),
+            grad_norms=torch.cat(norms) if grad_norms else None,
+        )
+
+    def _probe(self, batch, num_steps, guidance_scale, batch_size, noise_level, grad_norms) -> Probed:
         settings = dict(num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size)
         if not grad_norms:
             rollout = ode_rollout(self.policy, batch, generator=self.generator, **settings)

@@ -50,8 +50,10 @@ class FlowPolicy(nn.Module):
         """The model's sampling grid: ``num_steps + 1`` sigmas from 1 to 0 (fp32)."""
         raise NotImplementedError
 
-    def initial_noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
-        """``x_{sigma=1} ~ N(0, I)`` in the model's latent shape (fp32)."""
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> Tensor:
+        """``x_{sigma=1} ~ N(0, I)`` in the model's latent shape (fp32); a list gives one generator per sample."""
         raise NotImplementedError
 
     def reference(self) -> AbstractContextManager:

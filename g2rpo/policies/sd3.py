@@ -191,7 +191,9 @@ class SD3Policy(FlowPolicy):
     def sigmas(self, num_steps: int) -> Tensor:
         return sigma_schedule(self.scheduler_config, num_steps)
 
-    def initial_noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> Tensor:
         size = self.resolution // self.vae_scale
         shape = (batch_size, self.transformer.config.in_channels, size, size)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)

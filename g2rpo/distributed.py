@@ -1,0 +1,96 @@
+"""The few collectives the RL loop needs across data-parallel ranks, each a no-op on one process.
+
+Lightning's strategies (DDP, FSDP2) own the process group and the gradient all-reduce; what they cannot
+know is that an RL iteration's batch is drawn *once* for all ranks and split by whole groups, that
+advantage statistics over the whole batch need the other ranks' rewards, and that every rank must take
+the same number of optimiser steps and backward syncs. Every function here must be called on every rank
+the same number of times.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from g2rpo.types import PromptBatch, RewardOutput
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``: ``(0, 1)`` outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(values: Tensor) -> Tensor:
+    """``values`` summed over ranks (a copy; float64 on the CPU for the gloo backend)."""
+    _, size = world()
+    if size == 1:
+        return values
+    total = values.detach().to(torch.float64).cpu().clone()
+    dist.all_reduce(total)
+    return total.to(values.device, values.dtype)
+
+
+def all_max(value: int) -> int:
+    _, size = world()
+    if size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total)
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (pickled), in rank order."""
+    _, size = world()
+    if size == 1:
+        return [value]
+    values: list[Any] = [None] * size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def rank_slice(batch: PromptBatch) -> PromptBatch:
+    """This rank's share of the iteration's batch: a contiguous block of whole groups (groups never span
+    ranks, so group statistics stay local), keeping each sample's ``sample_ids`` so that its noise is
+    what it would be on one rank."""
+    rank, size = world()
+    if size == 1:
+        return batch
+    groups = torch.unique(batch.group_ids)
+    if len(groups) % size:
+        raise ValueError(
+            f"the iteration draws {len(groups)} groups, which do not split over {size} ranks: make "
+            "curriculum.prompts_per_iteration a multiple of the number of ranks (each rank rolls out whole groups)"
+        )
+    mine = groups.chunk(size)[rank]
+    return batch.select(torch.isin(batch.group_ids, mine).nonzero().flatten())
+
+
+def gather_scored(batch: PromptBatch, rewards: RewardOutput) -> tuple[PromptBatch, RewardOutput]:
+    """The whole iteration's scored prompts and rewards on every rank, in rank order (for the curriculum's
+    update and the logged reward statistics). Group ids are offset per rank, so that groups numbered
+    locally (G2RPO's per-(k, lambda) groups) stay distinct."""
+    _, size = world()
+    if size == 1:
+        return batch, rewards
+    local = (batch, {name: score.detach().cpu() for name, score in rewards.scores.items()})
+    parts = gather_objects(local)
+    offset, batches = 0, []
+    for part, _ in parts:
+        batches.append(PromptBatch(part.prompts, part.metadata, part.group_ids.cpu() + offset,
+                                   part.prompt_ids.cpu(), part.sample_ids.cpu()))  # fmt: skip
+        offset += int(part.group_ids.max()) + 1 if len(part) else 0
+    merged = PromptBatch(
+        prompts=[p for b in batches for p in b.prompts],
+        metadata=[m for b in batches for m in b.metadata],
+        group_ids=torch.cat([b.group_ids for b in batches]),
+        prompt_ids=torch.cat([b.prompt_ids for b in batches]),
+        sample_ids=torch.cat([b.sample_ids for b in batches]),
+    )
+    scores = {name: torch.cat([scores[name] for _, scores in parts]) for name in rewards.scores}
+    return merged, RewardOutput(scores=scores, weights=rewards.weights, aggregate=rewards.aggregate)

@@ -1,0 +1,89 @@
+"""Data parallelism on CPU: two processes with gloo under torchrun train with `trainer=ddp`, and splitting
+the batch over ranks changes nothing: the 2-rank run rolls out the same global batch, takes the same first
+step and ends with the same weights as the 1-rank run with the same seed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from g2rpo import distributed
+from g2rpo.loggers import read_metrics
+from g2rpo.types import PromptBatch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = [
+    "model=tiny_sd3",
+    "reward=shapes_score",  # continuous: JPEG sizes would move by whole bytes on fp noise
+    "data=animals",
+    "callbacks.evaluate=null",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "curriculum.prompts_per_iteration=2",
+    "curriculum.group_size=4",
+    "algo.num_steps=4",
+    "algo.rollout_batch_size=4",
+    "trainer.max_epochs=2",
+]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
+
+
+def train(run_dir: Path, *overrides: str, ranks: int = 1) -> list[dict]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command = [*(launcher if ranks > 1 else [sys.executable]), "-m", "g2rpo.run", *COMMON, *overrides,
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+
+
+@pytest.mark.parametrize(
+    ("algo", "loss_key"),
+    [
+        (["algo=dgpo", "algo.max_timestep_index=3"], "train/policy_loss"),
+        (["algo=flow_grpo", "algo.num_minibatches=1", "algo.beta=0.04"], "train/kl"),
+    ],
+)
+def test_two_ranks_take_the_same_steps_as_one(tmp_path, algo, loss_key):
+    one = train(tmp_path / "one", *algo)
+    two = train(tmp_path / "two", *algo, *DDP, ranks=2)
+    assert len(one) == len(two) == 2
+    # the same prompts, group sizes and per-sample noise: the same images, hence the same rewards
+    for single, double in zip(one, two):
+        assert double["reward/total/mean"] == pytest.approx(single["reward/total/mean"], rel=1e-5)
+        assert double["reward/total/std"] == pytest.approx(single["reward/total/std"], rel=1e-4)
+        assert double["train/optimizer_steps"] == single["train/optimizer_steps"] >= 1
+    # the pre-clip gradient norm: each rank's loss scale matters here (Adam would hide a wrong one)
+    assert two[0]["train/grad_norm"] == pytest.approx(one[0]["train/grad_norm"], rel=1e-4)
+    assert two[0][loss_key] == pytest.approx(one[0][loss_key], rel=1e-4, abs=1e-12)
+    # After an update, fp noise in a near-zero gradient entry can flip the sign of Adam's first step
+    # (lr * g / |g|): the second iteration and the weights agree to within a few such entries.
+    assert two[1][loss_key] == pytest.approx(one[1][loss_key], rel=5e-2, abs=1e-12)
+    assert abs(two[1][loss_key]) > 0
+    single, double = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert single.keys() == double.keys()
+    for key in single:
+        assert (double[key] - single[key]).norm() <= 1e-2 * single[key].norm() + 1e-6, key
+
+
+def test_ranks_split_the_batch_by_whole_groups(monkeypatch):
+    batch = PromptBatch.from_groups(
+        ["a", "b", "c", "d"], [{}] * 4, torch.arange(4), torch.tensor([2, 3, 2, 5])
+    )
+    parts = []
+    for rank in range(2):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 2))
+        parts.append(distributed.rank_slice(batch))
+    assert [sorted(set(p.group_ids.tolist())) for p in parts] == [[0, 1], [2, 3]]
+    assert torch.equal(torch.cat([p.sample_ids for p in parts]), batch.sample_ids)
+    monkeypatch.setattr(distributed, "world", lambda: (0, 3))
+    with pytest.raises(ValueError, match="multiple of the number of ranks"):
+        distributed.rank_slice(batch)
