@@ -7,9 +7,9 @@ The curriculum draws prompts inside ``training_step`` because it learns from the
 rewards; the dataloader only paces iterations. Every random draw of an iteration comes from generators
 seeded by ``(seed, iteration)``, and each sample's and group's noise from a stream keyed by its index in
 the batch (``g2rpo.randomness``), so a run resumed from a checkpoint repeats exactly what the uninterrupted
-run would have done, whatever the rollout batch size. Checkpoints hold only the trainable weights (the LoRA
-adapter or the fine-tuned transformer), their evaluation EMA, the optimiser and the curriculum state; frozen weights are
-rebuilt from the model config.
+run would have done, whatever the rollout batch size or the number of ranks. Checkpoints hold only the
+trainable weights (the LoRA adapter or the fine-tuned transformer), their evaluation EMA, the optimiser and
+the curriculum state; frozen weights are rebuilt from the model config.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def iteration_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a well-mixed hash of ``key`` (e.g. seed, iteration, rank)."""
+    """A CPU generator seeded by a well-mixed hash of ``key`` (e.g. seed, iteration[, stream])."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator().manual_seed(seed)
 
@@ -75,6 +75,7 @@ class RLModule(L.LightningModule):
         dataset: PromptDataset,
         curriculum: Curriculum,
         optimizer: Callable,
+        scheduler: Callable | None = None,
         seed: int = 0,
         max_grad_norm: float | None = 1.0,
         logprob_tolerance: float = 1e-3,
@@ -92,6 +93,7 @@ class RLModule(L.LightningModule):
         self.dataset = dataset
         self.curriculum = curriculum
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.seed = seed
         self.max_grad_norm = max_grad_norm
         self.logprob_tolerance = logprob_tolerance
@@ -134,7 +136,11 @@ class RLModule(L.LightningModule):
         self.ema.step(self.policy.trainable_parameters())
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.policy.trainable_parameters())
+        optimizer = self.optimizer_factory(self.policy.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        # stepped once per RL iteration at the end of training_step (manual optimisation steps nothing)
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
@@ -198,6 +204,8 @@ class RLModule(L.LightningModule):
         metrics.update(all_rewards.metrics())
         metrics.update(self.curriculum.update(all_scored, all_rewards))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(scored))
+        if self.scheduler_factory is not None:
+            self.lr_schedulers().step()
         self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
         shown = slice(0, self.num_logged_images)
         self.last_samples = Samples(

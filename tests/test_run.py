@@ -176,3 +176,14 @@ def test_evaluation_ema_follows_flow_grpos_schedule_and_is_checkpointed(tmp_path
 def test_an_invalid_ema_decay_is_rejected():
     with pytest.raises(ValueError, match="module.ema_decay=1.5"):
         _module(JpegCompressibility(), ema_decay=1.5)
+
+
+def test_a_learning_rate_schedule_steps_once_per_iteration(compose_config):
+    schedule = (
+        "{_target_: torch.optim.lr_scheduler.LinearLR, _partial_: true, start_factor: 1.0, end_factor: 0.0,"
+        " total_iters: 4}"
+    )
+    cfg = compose_config(*FAST_RUN, "trainer.max_epochs=3", f"scheduler={schedule}")
+    train(cfg)
+    rates = [record["train/lr"] for record in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]
+    assert rates == pytest.approx([3e-4, 2.25e-4, 1.5e-4])  # 3e-4 x (1 - n / 4) at iteration n
