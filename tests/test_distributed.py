@@ -9,25 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_RUN
 
 from g2rpo import distributed
 from g2rpo.loggers import read_metrics
 from g2rpo.types import PromptBatch
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = [
-    "model=tiny_sd3",
-    "reward=shapes_score",  # continuous: JPEG sizes would move by whole bytes on fp noise
-    "data=animals",
-    "callbacks.evaluate=null",
-    "logger=none",
-    "trainer.enable_progress_bar=false",
-    "curriculum.prompts_per_iteration=2",
-    "curriculum.group_size=4",
-    "algo.num_steps=4",
-    "algo.rollout_batch_size=4",
-    "trainer.max_epochs=2",
-]
+# The tiny plumbing run, with a continuous reward: JPEG sizes would move by whole bytes on fp noise.
+COMMON = [*(o for o in FAST_RUN if not o.startswith("reward=")), "reward=shapes_score"]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
 
 
