@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -20,23 +20,10 @@ class Probed:
     grad_norms: Tensor | None = None  # [B] ||grad_theta log pi(y | x)|| on the trainable parameters
 
 
-class Probe(Protocol):
-    """Samples the current policy for ``batch`` and scores it (CurES's pre-rollouts).
-
-    ``grad_norms`` also asks for each sample's score-function gradient norm, which needs a stochastic
-    (SDE, noise ``noise_level``) sample with a log-likelihood rather than an ODE sample.
-    """
-
-    def __call__(
-        self,
-        batch: PromptBatch,
-        *,
-        num_steps: int,
-        guidance_scale: float,
-        batch_size: int,
-        noise_level: float = 0.7,
-        grad_norms: bool = False,
-    ) -> Probed: ...
+# Samples the current policy for a batch and scores it (CurES's pre-rollouts): called as
+# ``probe(batch, num_steps=..., guidance_scale=..., batch_size=..., noise_level=..., grad_norms=...)``;
+# the implementation, and what each argument does, is g2rpo.curriculum.probe.PolicyProbe.
+Probe = Callable[..., Probed]
 
 
 class Curriculum:

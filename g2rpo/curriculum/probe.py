@@ -24,7 +24,8 @@ class PolicyProbe:
     diffusion analogue of a response's summed token log-likelihood in CurES's code.
 
     Across data-parallel ranks, each rank probes a slice and the results are gathered: every rank sees
-    what one rank would have seen.
+    what one rank would have seen. ``grad_norms`` also returns each sample's score-function gradient norm
+    (Flow-SDE samples with noise ``noise_level``).
     """
 
     def __init__(self, policy: FlowPolicy, reward: RewardEnsemble, generator: torch.Generator) -> None:
