@@ -47,8 +47,8 @@ class ExportPolicy(L.Callback):
     def __init__(self, directory: str = "policy") -> None:
         self.directory = directory
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # on every rank: FSDP's shards are gathered, and rank 0 writes
         with pl_module.evaluation_weights():  # the evaluated weights: the EMA when the run keeps one
             pl_module.policy.save_pretrained(Path(trainer.default_root_dir) / self.directory)
 

@@ -9,11 +9,13 @@ the same number of times.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from g2rpo.types import PromptBatch, RewardOutput
 
@@ -42,6 +44,29 @@ def all_max(value: int) -> int:
     total = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(total, op=dist.ReduceOp.MAX)
     return int(total)
+
+
+def full_tensors(state: Any) -> Any:
+    """``state`` (nested dicts, lists, tuples) with every FSDP-sharded ``DTensor`` gathered into a whole CPU
+    tensor: what a single checkpoint file or an export must hold. Collective when there are DTensors."""
+    if isinstance(state, DTensor):
+        return state.full_tensor().cpu()
+    if isinstance(state, dict):
+        return {key: full_tensors(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full_tensors(value) for value in state)
+    return state
+
+
+def sharded_like(tensors: Sequence[Tensor], parameters: Sequence[Tensor]) -> list[Tensor]:
+    """Whole tensors (an EMA's weights read from a checkpoint) sharded as the FSDP ``parameters`` they
+    shadow; tensors whose parameter is not sharded are returned as they are."""
+    return [
+        distribute_tensor(tensor.to(parameter.device), parameter.device_mesh, parameter.placements)
+        if isinstance(parameter, DTensor) and not isinstance(tensor, DTensor)
+        else tensor
+        for tensor, parameter in zip(tensors, parameters, strict=True)
+    ]
 
 
 def gather_objects(value: Any) -> list[Any]:

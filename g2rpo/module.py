@@ -10,6 +10,11 @@ the batch (``g2rpo.randomness``), so a run resumed from a checkpoint repeats exa
 run would have done, whatever the rollout batch size or the number of ranks. Checkpoints hold only the
 trainable weights (the LoRA adapter or the fine-tuned transformer), their evaluation EMA, the optimiser and
 the curriculum state; frozen weights are rebuilt from the model config.
+
+Under ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``) ``configure_model`` shards the policy with
+FSDP2. Every forward of a sharded module is a collective, so every rank must run the same forwards: the
+batch must split into equal shares (equal group sizes), and a rank with fewer loss units in a minibatch
+repeats one of its own at zero weight.
 """
 
 from __future__ import annotations
@@ -19,21 +24,33 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.curriculum import Curriculum, PolicyProbe
 from g2rpo.data import PromptDataset
-from g2rpo.distributed import all_max, all_sum, gather_objects, gather_scored, rank_slice, world
+from g2rpo.distributed import (
+    all_max,
+    all_sum,
+    full_tensors,
+    gather_objects,
+    gather_scored,
+    rank_slice,
+    sharded_like,
+    world,
+)
 from g2rpo.ema import swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.rewards.base import RewardEnsemble
@@ -52,12 +69,18 @@ class Samples:
 
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Each metric averaged over the ranks that logged it (every rank logs the same keys, except algorithm
-    metrics of a rank that had nothing to train)."""
+    metrics of a rank that had nothing to train); ``.../max`` and ``.../min`` are the extremes over ranks."""
     gathered = gather_objects(metrics)
     if len(gathered) == 1:
         return metrics
     keys = dict.fromkeys(key for part in gathered for key in part)
-    return {key: float(np.mean([part[key] for part in gathered if key in part])) for key in keys}
+    reduce = {"max": np.max, "min": np.min}
+    return {
+        key: float(
+            reduce.get(key.rsplit("/", 1)[-1], np.mean)([part[key] for part in gathered if key in part])
+        )
+        for key in keys
+    }
 
 
 def iteration_generator(*key: int) -> torch.Generator:
@@ -112,6 +135,18 @@ class RLModule(L.LightningModule):
         # optimiser step n, updated every 8 steps. Evaluation and the exported policy use it.
         self.ema = EMAModel(policy.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
         self.ema_update_every = ema_update_every
+        self.sharded = False
+
+    def configure_model(self) -> None:
+        """FSDP: shard the policy on the mesh of Lightning's ``ModelParallelStrategy`` (no mesh under the
+        other strategies: nothing to do). The EMA is re-made over the sharded weights (still the initial ones)."""
+        if self.device_mesh is None or self.sharded:
+            return
+        self.policy.shard(self.device_mesh)
+        self.sharded = True
+        log.info("FSDP: the policy is sharded over the device mesh %s", self.device_mesh)
+        if self.ema is not None:
+            self.ema = EMAModel(self.policy.trainable_parameters(), decay=self.ema.decay)
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -158,6 +193,8 @@ class RLModule(L.LightningModule):
             self.dataset, sampling, PolicyProbe(self.policy, self.reward, sampling)
         )
         prompts = rank_slice(everyone)  # this rank's whole groups
+        if self.sharded:
+            self._check_equal_shares(len(prompts))
         nfe_curriculum, curriculum_seconds = self.policy.nfe, time.perf_counter() - started
         clock = time.perf_counter()
         self.policy.nfe = 0
@@ -212,6 +249,36 @@ class RLModule(L.LightningModule):
             rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
         )
 
+    @staticmethod
+    def _check_equal_shares(samples: int) -> None:
+        shares = gather_objects(samples)
+        if len(set(shares)) > 1:  # raised on every rank alike: none is left waiting in a collective
+            raise ValueError(
+                f"trainer=fsdp: the ranks drew {shares} samples this iteration; sharded forwards are collective, "
+                "so every rank must roll out as many samples. Use equal group sizes (CurES's allocation varies "
+                "them: use trainer=ddp with it)."
+            )
+
+    def _gradient_sync(self, enabled: bool) -> AbstractContextManager:
+        """Accumulate without the gradient all-reduce (DDP) or reduce-scatter (FSDP) until a step's last
+        backward."""
+        if enabled or world()[1] == 1:
+            return nullcontext()
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            return self.trainer.strategy.block_backward_sync()
+        return self._fsdp_gradient_sync_off()
+
+    @contextmanager
+    def _fsdp_gradient_sync_off(self) -> Iterator[None]:
+        sharded = [m for m in self.policy.modules() if isinstance(m, FSDPModule)]
+        for module in sharded:
+            module.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for module in sharded:
+                module.set_requires_gradient_sync(True, recurse=False)
+
     def _optimize(self, rollout, advantages: Advantages, generator: torch.Generator, iteration: int) -> dict:
         """One optimiser step per minibatch; a step whose gradient is not finite is skipped.
 
@@ -226,20 +293,29 @@ class RLModule(L.LightningModule):
         minibatches = self.algorithm.minibatches(rollout, advantages, generator)
         # Every rank takes the same optimiser steps (a rank with fewer minibatches joins with empty ones).
         minibatches += [[]] * (all_max(len(minibatches)) - len(minibatches))
+        # FSDP: every rank runs as many forwards per step, padding with one of its units at zero weight
+        padding = next((units[0] for units in minibatches if units), None)
         for index, units in enumerate(minibatches):
-            # The step's gradient is the mean over every rank's units; DDP averages over ranks, so each
-            # loss is scaled by world_size / (units on all ranks). Only a step's last backward syncs.
+            # The step's gradient is the mean over every rank's units; DDP and FSDP average over ranks, so
+            # each loss is scaled by world_size / (units on all ranks). Only a step's last backward syncs.
             _, world_size = world()
             scale = world_size / max(int(all_sum(torch.tensor([len(units)]))), 1)
-            if not units:
+            weights = [scale] * len(units)
+            if self.sharded and (missing := all_max(len(units)) - len(units)):
+                if padding is None:
+                    raise RuntimeError(
+                        f"trainer=fsdp: rank {world()[0]} has no loss unit to train this iteration while other "
+                        "ranks do (every sample's reward was NaN?); sharded forwards need every rank"
+                    )
+                units, weights = [*units, *[padding] * missing], [*weights, *[0.0] * missing]
+            elif not units:
                 self.manual_backward(sum(p.sum() for p in self.policy.trainable_parameters()) * 0.0)
-            for position, unit in enumerate(units):
+            for position, (unit, weight) in enumerate(zip(units, weights)):
                 out = self.algorithm.loss(self.policy, rollout, advantages, unit)
-                last = position == len(units) - 1
-                with (
-                    nullcontext() if last or world_size == 1 else self.trainer.strategy.block_backward_sync()
-                ):
-                    self.manual_backward(out.loss * scale)
+                with self._gradient_sync(position == len(units) - 1):
+                    self.manual_backward(out.loss * weight)
+                if not weight:
+                    continue
                 metrics = dict(out.metrics)
                 if index == 0 and "logprob_gap" in metrics:
                     metrics["logprob_gap_before_update"] = metrics["logprob_gap"]
@@ -293,7 +369,7 @@ class RLModule(L.LightningModule):
         self.trainer.precision_plugin.unscale_gradients(optimizer.optimizer)
         max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), max_norm)
-        return float(norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def _trainable_keys(self) -> set[str]:
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
@@ -302,12 +378,14 @@ class RLModule(L.LightningModule):
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["curriculum"] = self.curriculum.state_dict()
+        # whole tensors: under FSDP each rank holds a shard, and rank 0 alone writes the file
         if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
-        checkpoint["algorithm"] = self.algorithm.state_dict()
+            checkpoint["ema"] = full_tensors(self.ema.state_dict())
+        checkpoint["algorithm"] = full_tensors(self.algorithm.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self._trainable_keys() - checkpoint["state_dict"].keys())
+        weights = checkpoint.get("state_dict")  # absent under FSDP: its strategy has loaded them already
+        missing = sorted(self._trainable_keys() - weights.keys()) if weights is not None else []
         if missing:
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[:3]}): "
@@ -318,4 +396,5 @@ class RLModule(L.LightningModule):
         self.algorithm.load_state_dict(checkpoint.get("algorithm", {}))
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.shadow_params = sharded_like(self.ema.shadow_params, self.policy.trainable_parameters())
             self.ema.to(self.device)

@@ -1,6 +1,7 @@
-"""Data parallelism on CPU: two processes with gloo under torchrun train with `trainer=ddp`, and splitting
-the batch over ranks changes nothing: the 2-rank run rolls out the same global batch, takes the same first
-step and ends with the same weights as the 1-rank run with the same seed."""
+"""Data parallelism on CPU: two processes with gloo under torchrun train with `trainer=ddp` and with
+`trainer=fsdp` (FSDP2), and splitting the batch over ranks, or sharding the weights, changes nothing: the
+2-rank run rolls out the same global batch, takes the same first step and ends with the same weights as
+the 1-rank run with the same seed."""
 
 import os
 import subprocess
@@ -18,7 +19,14 @@ from g2rpo.types import PromptBatch
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny plumbing run, with a continuous reward: JPEG sizes would move by whole bytes on fp noise.
 COMMON = [*(o for o in FAST_RUN if not o.startswith("reward=")), "reward=shapes_score"]
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
+CPU_RANKS = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
+ALGOS = {
+    "dgpo": (["algo=dgpo", "algo.max_timestep_index=3"], "train/policy_loss"),
+    "flow_grpo_kl": (["algo=flow_grpo", "algo.num_minibatches=1", "algo.beta=0.04"], "train/kl"),
+    # full fine-tuning: FSDP shards the trained transformer and its frozen reference copy
+    "flow_grpo_kl_full": (["algo=flow_grpo", "algo.num_minibatches=1", "algo.beta=0.04", "model.lora=null"],
+                          "train/kl"),
+}  # fmt: skip
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1) -> list[dict]:
@@ -35,21 +43,35 @@ def weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """The 1-rank run of each algorithm, trained once for both strategies."""
+    runs = {}
+
+    def run(algo: str) -> Path:
+        if algo not in runs:
+            runs[algo] = tmp_path_factory.mktemp(f"one_{algo}")
+            train(runs[algo], *ALGOS[algo][0])
+        return runs[algo]
+
+    return run
+
+
 @pytest.mark.parametrize(
-    ("algo", "loss_key"),
-    [
-        (["algo=dgpo", "algo.max_timestep_index=3"], "train/policy_loss"),
-        (["algo=flow_grpo", "algo.num_minibatches=1", "algo.beta=0.04"], "train/kl"),
-    ],
+    ("strategy", "algo"),
+    [("ddp", "dgpo"), ("ddp", "flow_grpo_kl"), ("fsdp", "dgpo"), ("fsdp", "flow_grpo_kl_full")],
 )
-def test_two_ranks_take_the_same_steps_as_one(tmp_path, algo, loss_key):
-    one = train(tmp_path / "one", *algo)
-    two = train(tmp_path / "two", *algo, *DDP, ranks=2)
+def test_two_ranks_take_the_same_steps_as_one(tmp_path, one_rank, strategy, algo):
+    overrides, loss_key = ALGOS[algo]
+    one_dir = one_rank(algo)
+    one = read_metrics(one_dir / "metrics.jsonl")
+    two = train(tmp_path / "two", *overrides, f"trainer={strategy}", *CPU_RANKS, ranks=2)
     assert len(one) == len(two) == 2
     # the same prompts, group sizes and per-sample noise: the same images, hence the same rewards
     for single, double in zip(one, two):
         assert double["reward/total/mean"] == pytest.approx(single["reward/total/mean"], rel=1e-5)
         assert double["reward/total/std"] == pytest.approx(single["reward/total/std"], rel=1e-4)
+        assert double["advantage/max"] == pytest.approx(single["advantage/max"], rel=1e-4)
         assert double["train/optimizer_steps"] == single["train/optimizer_steps"] >= 1
     # the pre-clip gradient norm: each rank's loss scale matters here (Adam would hide a wrong one)
     assert two[0]["train/grad_norm"] == pytest.approx(one[0]["train/grad_norm"], rel=1e-4)
@@ -58,10 +80,30 @@ def test_two_ranks_take_the_same_steps_as_one(tmp_path, algo, loss_key):
     # (lr * g / |g|): the second iteration and the weights agree to within a few such entries.
     assert two[1][loss_key] == pytest.approx(one[1][loss_key], rel=5e-2, abs=1e-12)
     assert abs(two[1][loss_key]) > 0
-    single, double = weights(tmp_path / "one"), weights(tmp_path / "two")
+    if strategy == "fsdp":  # both ranks held shards, not replicas
+        assert (tmp_path / "two/run.log").read_text().count("sharded over the device mesh") == 2
+    # FSDP's checkpoint holds the whole trainable weights and EMA, gathered from the shards on rank 0
+    single, double = weights(one_dir), weights(tmp_path / "two")
     assert single.keys() == double.keys()
     for key in single:
+        assert double[key].shape == single[key].shape, key
         assert (double[key] - single[key]).norm() <= 1e-2 * single[key].norm() + 1e-6, key
+    exported = sorted(p.relative_to(one_dir / "policy") for p in (one_dir / "policy").rglob("*.*"))
+    assert exported == sorted(
+        p.relative_to(tmp_path / "two/policy") for p in (tmp_path / "two/policy").rglob("*.*")
+    )
+
+
+def test_fsdp_resumes_its_own_checkpoint_exactly(tmp_path):
+    """Killed after 2 iterations, resumed to 3: the same third iteration as an uninterrupted 2-rank run
+    (the sharded weights, optimiser state and DGPO's EMA come back from the single-file checkpoint)."""
+    overrides = [*ALGOS["dgpo"][0], "trainer=fsdp", *CPU_RANKS]
+    train(tmp_path / "resumed", *overrides, ranks=2)
+    resumed = train(tmp_path / "resumed", *overrides, "trainer.max_epochs=3", ranks=2)
+    straight = train(tmp_path / "straight", *overrides, "trainer.max_epochs=3", ranks=2)
+    assert len(resumed) == len(straight) == 3
+    for key in ("reward/total/mean", "train/policy_loss", "train/grad_norm"):
+        assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-6), key
 
 
 def test_ranks_split_the_batch_by_whole_groups(monkeypatch):

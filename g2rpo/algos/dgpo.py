@@ -47,6 +47,7 @@ from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import Algorithm, split_evenly
+from g2rpo.distributed import sharded_like
 from g2rpo.ema import RampedEMA, swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import CHOICE, GROUP, keyed, rand_per_key
@@ -181,6 +182,9 @@ class DGPO(Algorithm):
             )
             if self._theta_minus_state is not None:
                 self._theta_minus.load_state_dict(self._theta_minus_state)
+                self._theta_minus.shadow_params = sharded_like(  # checkpoints hold whole tensors (FSDP)
+                    self._theta_minus.shadow_params, policy.trainable_parameters()
+                )
                 self._theta_minus.to(policy.device)
         return self._theta_minus
 

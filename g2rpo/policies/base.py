@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from g2rpo.types import Conditioning
 
@@ -66,6 +67,10 @@ class FlowPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def shard(self, mesh: DeviceMesh) -> None:
+        """Shard the denoiser's weights over ``mesh`` with FSDP2 (``trainer=fsdp``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be sharded: use trainer=ddp")
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Export the trained weights in the model library's own format."""
+        """Export the trained weights in the model library's own format (called on every rank; rank 0 writes)."""
         raise NotImplementedError

@@ -22,7 +22,10 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 
+from g2rpo.distributed import full_tensors, world
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.sampling import sigma_schedule
 from g2rpo.types import Conditioning
@@ -224,15 +227,37 @@ class SD3Policy(FlowPolicy):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def shard(self, mesh: DeviceMesh) -> None:
+        """FSDP2, as torchtitan shards a transformer: each joint block is a unit, the root holds the rest
+        (embeddings, final norm and projection); a full-fine-tuning reference copy is sharded the same way.
+        The text encoders and the VAE run once per prompt or image outside the trained loop and stay
+        replicated. A 2-D mesh (nodes x devices) shards within a node and replicates across nodes (HSDP)."""
+        for transformer in (self.transformer, self.reference_transformer):
+            if transformer is not None:
+                for block in transformer.transformer_blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(transformer, mesh=mesh)
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; else the transformer."""
+        """LoRA: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; else the transformer.
+
+        Called on every rank: sharded weights are gathered (a collective), then rank 0 writes."""
         directory = Path(directory)
         if self.is_lora:
-            StableDiffusion3Pipeline.save_lora_weights(
-                directory,
-                transformer_lora_layers=get_peft_model_state_dict(self.transformer),
-                # rank and alpha: without them a loader would assume alpha = rank (scale 1)
-                transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
-            )
-        else:
-            self.transformer.save_pretrained(directory / "transformer")
+            layers = full_tensors(get_peft_model_state_dict(self.transformer))
+            if world()[0] == 0:
+                StableDiffusion3Pipeline.save_lora_weights(
+                    directory,
+                    transformer_lora_layers=layers,
+                    # rank and alpha: without them a loader would assume alpha = rank (scale 1)
+                    transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+                )
+            return
+        weights = full_tensors(self.transformer.state_dict())
+        if world()[0] != 0:
+            return
+        # an unsharded copy built on the meta device, holding the gathered weights, writes the diffusers layout
+        with torch.device("meta"):
+            plain = type(self.transformer).from_config(self.transformer.config)
+        plain.load_state_dict(weights, assign=True)
+        plain.save_pretrained(directory / "transformer")
