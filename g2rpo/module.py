@@ -106,6 +106,7 @@ class RLModule(L.LightningModule):
         num_logged_images: int = 16,
         ema_decay: float | None = 0.9,
         ema_update_every: int = 8,
+        fsdp_cpu_offload: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -135,6 +136,7 @@ class RLModule(L.LightningModule):
         # optimiser step n, updated every 8 steps. Evaluation and the exported policy use it.
         self.ema = EMAModel(policy.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
         self.ema_update_every = ema_update_every
+        self.fsdp_cpu_offload = fsdp_cpu_offload
         self.sharded = False
 
     def configure_model(self) -> None:
@@ -142,7 +144,7 @@ class RLModule(L.LightningModule):
         other strategies: nothing to do). The EMA is re-made over the sharded weights (still the initial ones)."""
         if self.device_mesh is None or self.sharded:
             return
-        self.policy.shard(self.device_mesh)
+        self.policy.shard(self.device_mesh, cpu_offload=self.fsdp_cpu_offload)
         self.sharded = True
         log.info("FSDP: the policy is sharded over the device mesh %s", self.device_mesh)
         if self.ema is not None:

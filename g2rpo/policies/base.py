@@ -67,8 +67,9 @@ class FlowPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def shard(self, mesh: DeviceMesh) -> None:
-        """Shard the denoiser's weights over ``mesh`` with FSDP2 (``trainer=fsdp``)."""
+    def shard(self, mesh: DeviceMesh, cpu_offload: bool = False) -> None:
+        """Shard the denoiser's weights over ``mesh`` with FSDP2 (``trainer=fsdp``); ``cpu_offload`` keeps the
+        shards, their gradients and the optimiser state in host memory between uses."""
         raise NotImplementedError(f"{type(self).__name__} cannot be sharded: use trainer=ddp")
 
     def save_pretrained(self, directory: str | Path) -> None:

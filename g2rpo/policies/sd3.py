@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from g2rpo.distributed import full_tensors, world
 from g2rpo.policies.base import FlowPolicy
@@ -227,16 +227,22 @@ class SD3Policy(FlowPolicy):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
-    def shard(self, mesh: DeviceMesh) -> None:
+    def shard(self, mesh: DeviceMesh, cpu_offload: bool = False) -> None:
         """FSDP2, as torchtitan shards a transformer: each joint block is a unit, the root holds the rest
         (embeddings, final norm and projection); a full-fine-tuning reference copy is sharded the same way.
         The text encoders and the VAE run once per prompt or image outside the trained loop and stay
-        replicated. A 2-D mesh (nodes x devices) shards within a node and replicates across nodes (HSDP)."""
+        replicated. A 2-D mesh (nodes x devices) shards within a node and replicates across nodes (HSDP).
+        Activation checkpointing is the model's own (``model.gradient_checkpointing``)."""
+        if cpu_offload and mesh.device_type == "cpu":
+            raise ValueError(
+                "module.fsdp_cpu_offload=true moves shards off an accelerator: the run is on the CPU"
+            )
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         for transformer in (self.transformer, self.reference_transformer):
             if transformer is not None:
                 for block in transformer.transformer_blocks:
-                    fully_shard(block, mesh=mesh)
-                fully_shard(transformer, mesh=mesh)
+                    fully_shard(block, mesh=mesh, offload_policy=offload)
+                fully_shard(transformer, mesh=mesh, offload_policy=offload)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """LoRA: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; else the transformer.
