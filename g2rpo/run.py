@@ -33,7 +33,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build the run described by ``cfg`` and train it; returns the last logged metrics."""
+    """Build the run described by ``cfg`` and train it; returns the last value of every logged metric."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -71,7 +71,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         _finish_wandb()
     _summarise(run_dir)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    last: dict[str, float] = {}
+    for record in read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []:
+        last.update(record)
+    return last
 
 
 def _summarise(run_dir: Path, window: int = 5) -> None:
@@ -103,8 +106,14 @@ def _finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """The value of ``optimized_metric`` is what a sweeper (Optuna) optimises."""
     metrics = train(cfg)
-    return metrics.get("reward")
+    if cfg.optimized_metric not in metrics:
+        raise KeyError(
+            f"optimized_metric={cfg.optimized_metric!r} was never logged; logged keys include "
+            f"{sorted(metrics)[:12]} (metrics.jsonl)"
+        )
+    return metrics[cfg.optimized_metric]
 
 
 if __name__ == "__main__":
