@@ -15,7 +15,7 @@ rollout/training log-prob consistency check would show it first.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +27,20 @@ SDE_TYPES = ("sde", "dance", "cps")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def sigma_schedule(scheduler_config: Mapping[str, Any], num_steps: int, mu: float | None = None) -> Tensor:
+def sigma_schedule(
+    scheduler_config: Mapping[str, Any],
+    num_steps: int,
+    mu: float | None = None,
+    sigmas: Sequence[float] | None = None,
+) -> Tensor:
     """The model's shifted sigma grid ``[sigma_0 = 1, ..., sigma_{T-1}, 0]`` (``T + 1`` entries, fp32).
 
     Delegates to diffusers so that the grid is exactly what the model's own pipeline samples with (shift,
-    dynamic shifting through ``mu`` for FLUX, terminal zero). For SD3.5-M (shift 3) and ``T = 10`` this is
-    ``1.0, 0.9601, 0.9133, ..., 0.2780, 0.0089, 0``.
+    dynamic shifting through ``mu`` and the pipeline's unshifted ``sigmas`` for FLUX, terminal zero). For
+    SD3.5-M (shift 3) and ``T = 10`` this is ``1.0, 0.9601, 0.9133, ..., 0.2780, 0.0089, 0``.
     """
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
-    scheduler.set_timesteps(num_steps, mu=mu)
+    scheduler.set_timesteps(None if sigmas is not None else num_steps, sigmas=sigmas, mu=mu)
     return scheduler.sigmas.to(torch.float32).clone()
 
 

@@ -14,8 +14,12 @@ from omegaconf import OmegaConf
 from g2rpo.config import run_name
 
 GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
-NEEDS_DOWNLOADED_WEIGHTS = {"sd3", "sd35_medium"}
-NEEDS_A_GPU = {"gpu", "ddp", "fsdp"}  # ddp and fsdp default to GPUs; tests run it on CPU (test_distributed.py)
+NEEDS_DOWNLOADED_WEIGHTS = {"sd3", "sd35_medium", "flux_dev"}
+NEEDS_A_GPU = {
+    "gpu",
+    "ddp",
+    "fsdp",
+}  # ddp and fsdp default to GPUs; tests run it on CPU (test_distributed.py)
 
 
 def options(group):

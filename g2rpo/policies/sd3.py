@@ -8,25 +8,12 @@ The same class drives the tiny test model, the embedded world and SD3.5-Large: n
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
-
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.training_utils import cast_training_params
 from diffusers.utils.torch_utils import randn_tensor
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict
-from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch import Tensor
 
-from g2rpo.distributed import full_tensors, world
-from g2rpo.policies.base import FlowPolicy
+from g2rpo.policies.transformer import TransformerPolicy, load_pipeline
 from g2rpo.sampling import sigma_schedule
 from g2rpo.types import Conditioning
 
@@ -43,80 +30,15 @@ def load_sd3_pipeline(
     as diffusers documents for memory-constrained SD3 use.
     """
     extra = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
-    try:
-        return StableDiffusion3Pipeline.from_pretrained(
-            path, dtype=getattr(torch, dtype), variant=variant, local_files_only=True, **extra
-        )
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(
-            f"model: cannot load SD3 weights from {path!r} without network access.\n"
-            f"  Download them once with `hf download {path}` (accept the model licence on the Hub and run "
-            "`hf auth login` first),\n"
-            "  or point model.pipeline.path at a local directory that contains model_index.json.\n"
-            f"  ({type(error).__name__}: {error})"
-        ) from error
+    return load_pipeline(StableDiffusion3Pipeline, path, dtype, "SD3", variant=variant, **extra)
 
 
-class SD3Policy(FlowPolicy):
-    """An SD3-architecture policy: LoRA through peft (``lora`` given) or full fine-tuning (``lora=None``).
-
-    The reference model for KL terms is the same transformer with its adapters disabled (LoRA, no copy)
-    or a frozen copy of the initial weights (full fine-tuning, made by ``enable_reference``).
-    """
-
-    def __init__(
-        self,
-        pipeline: StableDiffusion3Pipeline,
-        resolution: int,
-        lora: LoraConfig | None = None,
-        max_sequence_length: int = 128,
-        gradient_checkpointing: bool = False,
-    ) -> None:
-        super().__init__()
-        self.pipeline = pipeline  # not a Module: holds the same component objects registered below
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        self.text_encoders = nn.ModuleList(
-            e
-            for e in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3)
-            if e is not None
-        )
-        self.resolution = resolution
-        self.max_sequence_length = max_sequence_length
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        if resolution % (self.vae_scale * self.transformer.config.patch_size):
-            raise ValueError(
-                f"model.resolution={resolution} must be a multiple of the VAE factor x patch size "
-                f"({self.vae_scale} x {self.transformer.config.patch_size})"
-            )
-
-        for frozen in (self.vae, self.text_encoders):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
-        self.is_lora = lora is not None
-        if self.is_lora:
-            self.transformer.requires_grad_(False)
-            self.transformer.add_adapter(lora)
-            cast_training_params(self.transformer, dtype=torch.float32)
-        else:
-            self.transformer.requires_grad_(True)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        # diffusers' disable_adapters()/enable_adapters() walk every module and query the installed peft
-        # version on each call; the reference runs once per trained unit, so keep the LoRA layers at hand
-        # and toggle them with the same peft call.
-        self._lora_layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
-        self.reference_transformer: nn.Module | None = None
-        self._use_reference = False
+class SD3Policy(TransformerPolicy):
+    """An SD3-architecture policy (``SD3Transformer2DModel``: joint blocks over patchified latents)."""
 
     @property
-    def device(self) -> torch.device:
-        return self.transformer.pos_embed.proj.weight.device
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The frozen weights' dtype (``transformer.dtype`` scans every parameter: too slow per call)."""
-        return self.transformer.pos_embed.proj.weight.dtype
+    def input_weight(self) -> Tensor:
+        return self.transformer.pos_embed.proj.weight
 
     @torch.no_grad()
     def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
@@ -151,7 +73,6 @@ class SD3Policy(FlowPolicy):
         guidance_scale: float = 1.0,
         detach_uncond: bool = False,
     ) -> Tensor:
-        transformer = self.reference_transformer if self._use_reference else self.transformer
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         hidden, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
         guided = guidance_scale > 1.0
@@ -163,7 +84,7 @@ class SD3Policy(FlowPolicy):
             hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
             embeds = torch.cat([cond.negative_prompt_embeds, embeds])
             pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
-        output = transformer(
+        output = self.active_transformer(
             hidden_states=hidden.to(self.compute_dtype),
             timestep=sigma * self.pipeline.scheduler.config.num_train_timesteps,
             encoder_hidden_states=embeds,
@@ -178,19 +99,6 @@ class SD3Policy(FlowPolicy):
             uncond = uncond.detach()
         return uncond + guidance_scale * (text - uncond)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        if self.vae is None:  # pixel-space model: latents are images in [-1, 1]
-            images = latents
-        else:
-            config = self.vae.config
-            latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
-            images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images.float(), output_type="pt")
-
-    @property
-    def scheduler_config(self) -> Mapping[str, Any]:
-        return self.pipeline.scheduler.config
-
     def sigmas(self, num_steps: int) -> Tensor:
         return sigma_schedule(self.scheduler_config, num_steps)
 
@@ -200,70 +108,3 @@ class SD3Policy(FlowPolicy):
         size = self.resolution // self.vae_scale
         shape = (batch_size, self.transformer.config.in_channels, size, size)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-
-    def enable_reference(self) -> None:
-        if not self.is_lora and self.reference_transformer is None:
-            self.reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-
-    @contextmanager
-    def reference(self):
-        if self.is_lora:
-            for layer in self._lora_layers:
-                layer.enable_adapters(False)
-            try:
-                yield
-            finally:
-                for layer in self._lora_layers:
-                    layer.enable_adapters(True)
-        else:
-            if self.reference_transformer is None:
-                raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def shard(self, mesh: DeviceMesh, cpu_offload: bool = False) -> None:
-        """FSDP2, as torchtitan shards a transformer: each joint block is a unit, the root holds the rest
-        (embeddings, final norm and projection); a full-fine-tuning reference copy is sharded the same way.
-        The text encoders and the VAE run once per prompt or image outside the trained loop and stay
-        replicated. A 2-D mesh (nodes x devices) shards within a node and replicates across nodes (HSDP).
-        Activation checkpointing is the model's own (``model.gradient_checkpointing``)."""
-        if cpu_offload and mesh.device_type == "cpu":
-            raise ValueError(
-                "module.fsdp_cpu_offload=true moves shards off an accelerator: the run is on the CPU"
-            )
-        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-        for transformer in (self.transformer, self.reference_transformer):
-            if transformer is not None:
-                for block in transformer.transformer_blocks:
-                    fully_shard(block, mesh=mesh, offload_policy=offload)
-                fully_shard(transformer, mesh=mesh, offload_policy=offload)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads; else the transformer.
-
-        Called on every rank: sharded weights are gathered (a collective), then rank 0 writes."""
-        directory = Path(directory)
-        if self.is_lora:
-            layers = full_tensors(get_peft_model_state_dict(self.transformer))
-            if world()[0] == 0:
-                StableDiffusion3Pipeline.save_lora_weights(
-                    directory,
-                    transformer_lora_layers=layers,
-                    # rank and alpha: without them a loader would assume alpha = rank (scale 1)
-                    transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
-                )
-            return
-        weights = full_tensors(self.transformer.state_dict())
-        if world()[0] != 0:
-            return
-        # an unsharded copy built on the meta device, holding the gathered weights, writes the diffusers layout
-        with torch.device("meta"):
-            plain = type(self.transformer).from_config(self.transformer.config)
-        plain.load_state_dict(weights, assign=True)
-        plain.save_pretrained(directory / "transformer")

@@ -1,4 +1,4 @@
-"""A tiny SD3 pipeline built from configs in code: no download, random but seeded weights.
+"""Tiny SD3 and FLUX pipelines built from configs in code: no download, random but seeded weights.
 
 It has the real architecture (``SD3Transformer2DModel``, optionally an ``AutoencoderKL``, two CLIP text
 encoders; T5 omitted as diffusers allows) at a few hundred thousand parameters, as diffusers' own fast tests do, so the
@@ -12,10 +12,19 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
@@ -115,4 +124,97 @@ def tiny_sd3_pipeline(
         tokenizer_2=tokenizer,
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+
+
+def tiny_flux_pipeline(
+    seed: int = 0,
+    latent_channels: int = 4,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    text_hidden_size: int = 32,
+    max_length: int = 16,
+    vae_block_channels: tuple[int, ...] = (8,),
+    guidance_embeds: bool = True,
+) -> FluxPipeline:
+    """A tiny FLUX.1 from configs in code, as diffusers' FLUX tests build it: the real
+    ``FluxTransformer2DModel`` (double- and single-stream blocks, RoPE axes summing to the head dimension,
+    the distilled guidance embedding), an ``AutoencoderKL``, a CLIP text encoder for the pooled embedding and
+    a T5 encoder for the token embeddings, both over the offline byte-level tokenizer. Weights depend only
+    on ``seed``."""
+    tokenizer = char_tokenizer(max_length)
+    rope_axis = attention_head_dim // 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,  # 2x2 packed latents
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=text_hidden_size,
+            pooled_projection_dim=text_hidden_size,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(rope_axis, rope_axis, attention_head_dim - 2 * rope_axis),
+        )
+        blocks = len(vae_block_channels)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            block_out_channels=tuple(vae_block_channels),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,  # FLUX.1's VAE
+            scaling_factor=0.3611,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                vocab_size=len(tokenizer),
+                hidden_size=text_hidden_size,
+                intermediate_size=2 * text_hidden_size,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,  # the pipeline tokenises CLIP prompts to 77 tokens
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=text_hidden_size,
+                d_kv=8,
+                d_ff=2 * text_hidden_size,
+                num_layers=2,
+                num_heads=4,
+                pad_token_id=tokenizer.pad_token_id,
+                decoder_start_token_id=0,
+            )
+        )
+    # FLUX.1-dev's scheduler: dynamic shifting by the number of image tokens
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=char_tokenizer(77),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        transformer=transformer,
     )

@@ -1,0 +1,136 @@
+"""FLUX.1 over a diffusers ``FluxPipeline``: what differs from SD3, all taken from the pipeline itself.
+
+- **Packed latents.** The transformer sees 2x2 patches of the VAE latents as tokens, with positional
+  ``img_ids``. The algorithms keep latents in the VAE's ``[B, C, H, W]`` layout (the SDE math and the
+  per-element mean log-probability do not depend on the layout), and ``velocity`` packs and unpacks with
+  the pipeline's own ``_pack_latents`` / ``_unpack_latents`` / ``_prepare_latent_image_ids``.
+- **Schedule.** ``sigmas = linspace(1, 1/T, T)`` shifted by the resolution-dependent ``mu`` of
+  ``calculate_shift(image tokens)`` (dynamic shifting), plus the terminal 0: exactly the pipeline's grid
+  (Flow-GRPO's FLUX rollouts use it too, brief ``flow_grpo_family.md`` 2.1).
+- **Guidance.** FLUX.1-dev is guidance-distilled: the scale (3.5 in Flow-GRPO, DanceGRPO, MixGRPO and
+  G2RPO) is an input embedding, ``model.guidance``, and no true CFG runs by default (algorithms' CFG 1).
+  A true-CFG scale > 1 uses the empty prompt's embeddings as the negative, as ``true_cfg_scale`` does.
+- **Timestep.** The transformer takes sigma itself (the pipeline divides its 0-1000 timesteps by 1000).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from g2rpo.policies.transformer import TransformerPolicy, load_pipeline
+from g2rpo.sampling import sigma_schedule
+from g2rpo.types import Conditioning
+
+
+def load_flux_pipeline(path: str, dtype: str = "bfloat16") -> FluxPipeline:
+    """Load FLUX.1 from a local directory or the Hugging Face cache, never the network."""
+    return load_pipeline(FluxPipeline, path, dtype, "FLUX.1")
+
+
+class FluxPolicy(TransformerPolicy):
+    """A FLUX.1 policy (``FluxTransformer2DModel``: joint double-stream blocks, then single-stream ones)."""
+
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+
+    def __init__(self, *args, guidance: float = 3.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.guidance = guidance
+        self.latent_size = self.resolution // self.vae_scale
+        self.num_image_tokens = (self.latent_size // 2) ** 2
+
+    @property
+    def latent_multiple(self) -> int:
+        return self.vae_scale * 2  # latents are packed in 2x2 patches
+
+    @property
+    def input_weight(self) -> Tensor:
+        return self.transformer.x_embedder.weight
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
+        embeds, pooled = self._encode(list(prompts))
+        if not negative:
+            return Conditioning(embeds, pooled)
+        negative_embeds, negative_pooled = self._encode([""])
+        return Conditioning(
+            embeds,
+            pooled,
+            negative_embeds.expand(len(prompts), -1, -1),
+            negative_pooled.expand(len(prompts), -1),
+        )
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return embeds, pooled
+
+    def velocity(
+        self,
+        latents: Tensor,
+        sigma: Tensor | float,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        detach_uncond: bool = False,
+    ) -> Tensor:
+        batch, channels, height, width = latents.shape
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(batch)
+        hidden = FluxPipeline._pack_latents(latents, batch, channels, height, width)
+        embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
+        guided = guidance_scale > 1.0
+        if guided:
+            if cond.negative_prompt_embeds is None:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
+                )
+            hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
+            embeds = torch.cat([cond.negative_prompt_embeds, embeds])
+            pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
+        dtype = self.compute_dtype
+        transformer = self.active_transformer
+        distilled = torch.full_like(sigma, self.guidance) if transformer.config.guidance_embeds else None
+        output = transformer(
+            hidden_states=hidden.to(dtype),
+            timestep=sigma,
+            guidance=distilled,
+            pooled_projections=pooled.to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(
+                batch, height // 2, width // 2, latents.device, dtype
+            ),
+            return_dict=False,
+        )[0].float()
+        self.nfe += hidden.shape[0]
+        # back to [B, C, H, W]: _unpack_latents takes the image size in pixels and the VAE factor
+        output = FluxPipeline._unpack_latents(
+            output, height * self.vae_scale, width * self.vae_scale, self.vae_scale
+        )
+        if not guided:
+            return output
+        uncond, text = output.chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
+        return uncond + guidance_scale * (text - uncond)
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        config = self.scheduler_config
+        mu = calculate_shift(
+            self.num_image_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return sigma_schedule(config, num_steps, mu=mu, sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
+
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> Tensor:
+        shape = (batch_size, self.transformer.config.in_channels // 4, self.latent_size, self.latent_size)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)

@@ -1,0 +1,205 @@
+"""What every diffusers transformer policy shares: frozen parts, LoRA or full fine-tuning, the reference
+model, FSDP sharding and export. The subclasses (SD3, FLUX) only say how to encode, call the transformer,
+lay out latents and build the sigma grid."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+from g2rpo.distributed import full_tensors, world
+from g2rpo.policies.base import FlowPolicy
+
+
+def load_pipeline(
+    pipeline_class: type[DiffusionPipeline], path: str, dtype: str, hub_name: str, **kwargs
+) -> Any:
+    """``pipeline_class.from_pretrained`` from a local directory or the Hugging Face cache, never the network,
+    with a message that says how to get the weights when they are missing."""
+    try:
+        return pipeline_class.from_pretrained(
+            path, dtype=getattr(torch, dtype), local_files_only=True, **kwargs
+        )
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"model: cannot load {hub_name} weights from {path!r} without network access.\n"
+            f"  Download them once with `hf download {path}` (accept the model licence on the Hub and run "
+            "`hf auth login` first),\n"
+            "  or point model.pipeline.path at a local directory that contains model_index.json.\n"
+            f"  ({type(error).__name__}: {error})"
+        ) from error
+
+
+class TransformerPolicy(FlowPolicy):
+    """A diffusers pipeline whose transformer is trained: LoRA through peft (``lora`` given) or full
+    fine-tuning (``lora=None``); text encoders and VAE frozen.
+
+    The reference model for KL terms is the same transformer with its adapters disabled (LoRA, no copy)
+    or a frozen copy of the initial weights (full fine-tuning, made by ``enable_reference``).
+    """
+
+    #: the transformer's lists of blocks: FSDP units, and what gradient checkpointing recomputes
+    block_lists: tuple[str, ...] = ("transformer_blocks",)
+
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        resolution: int,
+        lora: LoraConfig | None = None,
+        max_sequence_length: int = 128,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.pipeline = pipeline  # not a Module: holds the same component objects registered below
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.text_encoders = nn.ModuleList(
+            encoder
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if (encoder := getattr(pipeline, name, None)) is not None
+        )
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        if resolution % self.latent_multiple:
+            raise ValueError(
+                f"model.resolution={resolution} must be a multiple of {self.latent_multiple} (the VAE's "
+                f"downsampling x the transformer's patch size for {type(self).__name__})"
+            )
+
+        for frozen in (self.vae, self.text_encoders):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        self.is_lora = lora is not None
+        if self.is_lora:
+            self.transformer.requires_grad_(False)
+            self.transformer.add_adapter(lora)
+            cast_training_params(self.transformer, dtype=torch.float32)
+        else:
+            self.transformer.requires_grad_(True)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        # diffusers' disable_adapters()/enable_adapters() walk every module and query the installed peft
+        # version on each call; the reference runs once per trained unit, so keep the LoRA layers at hand
+        # and toggle them with the same peft call.
+        self._lora_layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        self.reference_transformer: nn.Module | None = None
+        self._use_reference = False
+
+    @property
+    def latent_multiple(self) -> int:
+        """What the image side must be a multiple of."""
+        return self.vae_scale * self.transformer.config.patch_size
+
+    @property
+    def input_weight(self) -> Tensor:
+        """A frozen weight of the transformer's input layer: its device and dtype are the model's."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The frozen weights' dtype (``transformer.dtype`` scans every parameter: too slow per call)."""
+        return self.input_weight.dtype
+
+    @property
+    def active_transformer(self) -> nn.Module:
+        return self.reference_transformer if self._use_reference else self.transformer
+
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.vae is None:  # pixel-space model: latents are images in [-1, 1]
+            images = latents
+        else:
+            config = self.vae.config
+            latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
+            images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pt")
+
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        return self.pipeline.scheduler.config
+
+    def enable_reference(self) -> None:
+        if not self.is_lora and self.reference_transformer is None:
+            self.reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        if self.is_lora:
+            for layer in self._lora_layers:
+                layer.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for layer in self._lora_layers:
+                    layer.enable_adapters(True)
+        else:
+            if self.reference_transformer is None:
+                raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def shard(self, mesh: DeviceMesh, cpu_offload: bool = False) -> None:
+        """FSDP2, as torchtitan shards a transformer: each block is a unit, the root holds the rest
+        (embeddings, final norm and projection); a full-fine-tuning reference copy is sharded the same way.
+        The text encoders and the VAE run once per prompt or image outside the trained loop and stay
+        replicated. A 2-D mesh (nodes x devices) shards within a node and replicates across nodes (HSDP).
+        Activation checkpointing is the model's own (``model.gradient_checkpointing``)."""
+        if cpu_offload and mesh.device_type == "cpu":
+            raise ValueError(
+                "module.fsdp_cpu_offload=true moves shards off an accelerator: the run is on the CPU"
+            )
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        for transformer in (self.transformer, self.reference_transformer):
+            if transformer is not None:
+                for blocks in self.block_lists:
+                    for block in getattr(transformer, blocks):
+                        fully_shard(block, mesh=mesh, offload_policy=offload)
+                fully_shard(transformer, mesh=mesh, offload_policy=offload)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """LoRA: ``pytorch_lora_weights.safetensors``, which the stock pipeline's ``load_lora_weights``
+        reads; full fine-tuning: the transformer in diffusers' layout.
+
+        Called on every rank: sharded weights are gathered (a collective), then rank 0 writes."""
+        directory = Path(directory)
+        if self.is_lora:
+            layers = full_tensors(get_peft_model_state_dict(self.transformer))
+            if world()[0] == 0:
+                type(self.pipeline).save_lora_weights(
+                    directory,
+                    transformer_lora_layers=layers,
+                    # rank and alpha: without them a loader would assume alpha = rank (scale 1)
+                    transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+                )
+            return
+        weights = full_tensors(self.transformer.state_dict())
+        if world()[0] != 0:
+            return
+        # an unsharded copy built on the meta device, holding the gathered weights, writes the diffusers layout
+        with torch.device("meta"):
+            plain = type(self.transformer).from_config(self.transformer.config)
+        plain.load_state_dict(weights, assign=True)
+        plain.save_pretrained(directory / "transformer")
