@@ -1,0 +1,383 @@
+"""Rewards scored in another process: a client (:class:`RemoteReward`) and a small server (:class:`RewardServer`).
+
+Why: a heavy reward (a detector-based GenEval evaluator, a large preference model) may need a software stack
+that conflicts with the trainer's, or one GPU copy of it may serve several runs. The trainer then keeps only
+this client; the model lives behind ``python -m g2rpo.rewards.remote <dotted.path.Reward> --port 8765``.
+VLM judges served by vLLM / SGLang speak the OpenAI chat API instead, which needs a different client.
+
+Wire format (JSON only, never pickle, so neither side can run code the other sends):
+    POST /score  {"images": [base64 PNG of uint8 HxWx3, ...], "prompts": [str, ...], "metadata": [dict, ...]}
+              -> {"scores": [float or null, ...]}      null = NaN = unscorable (left out of the advantages)
+    GET /health -> {"status": "ok"}
+Images are quantised with ``round(x * 255)`` (as the JPEG reward does) and PNG is lossless, so a served
+reward sees the pixels an in-process one would quantise to. Errors come back as ``{"error": message}``:
+400 for a malformed request, 500 when the reward raised.
+
+Failure policy: connection errors, timeouts and HTTP 5xx are retried ``max_retries`` times with exponential
+backoff; then :class:`RewardServerError` stops the run (the training loop does not catch it), and re-running
+the same command resumes from the last checkpoint once the server is back. A 4xx is the client's fault and
+is not retried. A failed request never becomes a score of 0, which would silently train on a wrong reward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import http.client
+import io
+import json
+import logging
+import math
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from PIL import Image
+from torch import Tensor
+
+from g2rpo.rewards.base import RewardFunction
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 1 << 30
+# A reward server is an internal service: a site-wide http_proxy from the environment must not intercept it.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class RewardServerError(RuntimeError):
+    """The reward server could not score a batch; the run stops rather than train on missing rewards."""
+
+
+def encode_image(pixels: np.ndarray) -> str:
+    """Base64 PNG of one ``uint8 [H, W, 3]`` array; compress_level=1: lossless either way, and fast."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_image(data: str) -> np.ndarray:
+    """The ``uint8 [H, W, 3]`` array of a base64 PNG; anything else is a malformed request (ValueError)."""
+    if not isinstance(data, str):
+        raise ValueError(f"an image must be a base64 string, got {type(data).__name__}")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=["PNG"])
+        image.load()
+    except (ValueError, OSError) as error:
+        raise ValueError(f"an image is not a base64 PNG: {error}") from None
+    if image.mode != "RGB":
+        raise ValueError(f"images must be 8-bit RGB PNGs, got mode {image.mode!r}")
+    return np.asarray(image)
+
+
+class RemoteReward:
+    """Scores images through a :class:`RewardServer` (or any server of the same wire format) over HTTP.
+
+    The batch is sent in requests of ``batch_size`` images (bounding request size and server memory);
+    the scores come back in order. See the module docstring for the retry and failure policy.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        batch_size: int = 32,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+    ) -> None:
+        if batch_size < 1 or timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
+            raise ValueError(
+                f"RemoteReward needs batch_size >= 1, timeout_s > 0, max_retries >= 0 and backoff_s >= 0; got "
+                f"batch_size={batch_size}, timeout_s={timeout_s}, max_retries={max_retries}, backoff_s={backoff_s}"
+            )
+        self.url = url
+        self.batch_size = int(batch_size)
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+
+    def __repr__(self) -> str:
+        return f"RemoteReward(url={self.url!r}, batch_size={self.batch_size})"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> Tensor:
+        count = images.shape[0]
+        metadata = list(metadata) if len(metadata) else [{} for _ in range(count)]
+        if len(prompts) != count or len(metadata) != count:
+            raise ValueError(f"{count} images but {len(prompts)} prompts and {len(metadata)} metadata dicts")
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        scores: list[float | None] = []
+        for start in range(0, count, self.batch_size):
+            stop = min(start + self.batch_size, count)
+            payload = {
+                "images": [encode_image(array) for array in pixels[start:stop]],
+                "prompts": [str(p) for p in prompts[start:stop]],
+                "metadata": [dict(m) for m in metadata[start:stop]],
+            }
+            try:
+                body = json.dumps(payload).encode()
+            except TypeError as error:
+                raise ValueError(
+                    f"RemoteReward: the prompt metadata must be JSON-serialisable: {error}"
+                ) from None
+            scores.extend(self._post(body, stop - start))
+        return torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
+
+    def _post(self, body: bytes, expected: int) -> list[float | None]:
+        """One batch's scores, retrying what a restarted or less busy server could answer."""
+        attempts = self.max_retries + 1
+        started = time.monotonic()
+        last_error = ""
+        for attempt in range(attempts):
+            request = urllib.request.Request(
+                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+            )
+            try:
+                with _OPENER.open(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as error:
+                message = _error_message(error)
+                if error.code < 500:
+                    raise RewardServerError(
+                        f"reward server {self.url} rejected the request with HTTP {error.code} (not retried: "
+                        f"resending the same request would fail again): {message}"
+                    ) from None
+                last_error = f"HTTP {error.code}: {message}"
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
+                last_error = f"{type(error).__name__}: {error}"
+            else:
+                return self._parse(raw, expected)
+            if attempt + 1 < attempts:
+                delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+                log.warning(
+                    "reward server %s: attempt %d of %d failed (%s); retrying in %.3g s",
+                    self.url,
+                    attempt + 1,
+                    attempts,
+                    last_error,
+                    delay,
+                )
+                time.sleep(delay)
+        raise RewardServerError(
+            f"reward server {self.url} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
+            f"(timeout_s={self.timeout_s:g}, max_retries={self.max_retries}); last error: {last_error}. "
+            "No score was made up: the run stops here. Once the server is back, re-run the same command to "
+            "resume from the last checkpoint."
+        )
+
+    def _parse(self, raw: bytes, expected: int) -> list[float | None]:
+        try:
+            scores = json.loads(raw)["scores"]
+        except (ValueError, KeyError, TypeError):
+            raise RewardServerError(
+                f"reward server {self.url} answered without a JSON 'scores' list: {raw[:200]!r}"
+            ) from None
+        if not isinstance(scores, list) or len(scores) != expected:
+            got = len(scores) if isinstance(scores, list) else type(scores).__name__
+            raise RewardServerError(f"reward server {self.url} returned {got} scores for {expected} images")
+        if not all(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)) for s in scores):
+            raise RewardServerError(f"reward server {self.url} returned non-numeric scores: {scores[:8]}")
+        return [None if s is None else float(s) for s in scores]
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The server's ``{"error": ...}`` message, or the raw body of a server that is not ours."""
+    try:
+        raw = error.read()
+    except (OSError, http.client.HTTPException):
+        return error.reason or ""
+    finally:
+        error.close()
+    try:
+        return str(json.loads(raw)["error"])
+    except (ValueError, KeyError, TypeError):
+        return raw[:500].decode(errors="replace") or str(error.reason)
+
+
+class RewardServer:
+    """Serves an in-process reward function over HTTP (stdlib ``ThreadingHTTPServer``).
+
+    Requests are decoded in their own threads, but the reward is called under one lock, one call per
+    request: a GPU model is never run concurrently. The socket is bound at construction, so ``port=0``
+    picks a free port, read back from :attr:`port`.
+    """
+
+    def __init__(
+        self, reward: RewardFunction, host: str = "127.0.0.1", port: int = 0, device: str = "cpu"
+    ) -> None:
+        self.reward = reward
+        self.device = torch.device(device)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._httpd = _HTTPServer((host, port), _Handler)
+        self._httpd.reward_server = self
+        self.host, self.port = self._httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/score"
+
+    def start(self) -> RewardServer:
+        """Serve in a daemon thread (it dies with the process), and return self."""
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="reward-server",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted (the command line's Ctrl-C)."""
+        try:
+            self._httpd.serve_forever(poll_interval=0.5)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop accepting connections and close the socket; a request in flight finishes in its thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+    def __enter__(self) -> RewardServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> list[float | None]:
+        with self._lock, torch.no_grad():
+            scores = self.reward(images.to(self.device), prompts, metadata)
+        if isinstance(scores, Tensor):
+            scores = scores.detach().float().flatten().cpu().tolist()
+        scores = [None if s is None or math.isnan(float(s)) else float(s) for s in scores]
+        if len(scores) != images.shape[0]:
+            raise ValueError(f"the reward returned {len(scores)} scores for {images.shape[0]} images")
+        return scores
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # stop() must not wait for a hung reward call
+    reward_server: RewardServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    server_version = "g2rpo-reward/1"
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/health":
+            self._send(200, {"status": "ok"})
+        else:
+            self._send(404, {"error": f"no such path {self.path!r}; GET /health or POST /score"})
+
+    def do_POST(self) -> None:
+        if urlsplit(self.path).path != "/score":
+            self._send(404, {"error": f"no such path {self.path!r}; POST /score"})
+            return
+        try:
+            images, prompts, metadata = self._read_request()
+        except ValueError as error:
+            self._send(400, {"error": f"malformed request: {error}"})
+            return
+        if not prompts:
+            self._send(200, {"scores": []})
+            return
+        try:
+            scores = self.server.reward_server.score(images, prompts, metadata)
+        except Exception as error:  # the reward's own failure: the client retries a 500
+            log.exception("the reward raised on a batch of %d images", len(prompts))
+            self._send(500, {"error": f"the reward raised {type(error).__name__}: {error}"})
+            return
+        self._send(200, {"scores": scores})
+
+    def _read_request(self) -> tuple[Tensor, list[str], list[dict]]:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ValueError("a Content-Length header is required")
+        if int(length) > MAX_REQUEST_BYTES:
+            raise ValueError(f"the body has {length} bytes, over the {MAX_REQUEST_BYTES} limit")
+        payload = json.loads(self.rfile.read(int(length)))
+        if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+            raise ValueError('the body must be a JSON object with an "images" list')
+        count = len(payload["images"])
+        prompts = payload.get("prompts")
+        metadata = payload.get("metadata", [{} for _ in range(count)])
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError('"prompts" must be a list of strings')
+        if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
+            raise ValueError('"metadata" must be a list of objects')
+        if len(prompts) != count or len(metadata) != count:
+            raise ValueError(
+                f"{count} images but {len(prompts)} prompts and {len(metadata)} metadata objects"
+            )
+        arrays = [decode_image(data) for data in payload["images"]]
+        if len({array.shape for array in arrays}) > 1:
+            raise ValueError(f"the images differ in size: {sorted({a.shape for a in arrays})}")
+        if not arrays:
+            return torch.empty(0, 3, 0, 0), [], []
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+        return images, prompts, metadata
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+            log.info("reward server: the client left before its HTTP %d answer", status)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m g2rpo.rewards.remote",
+        description="Serve a reward function over HTTP for g2rpo.rewards.remote.RemoteReward.",
+    )
+    parser.add_argument(
+        "reward", help="dotted path of a reward class, e.g. g2rpo.rewards.JpegCompressibility"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="0.0.0.0 serves other machines (no authentication)"
+    )
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--kwargs", default="{}", help="JSON constructor arguments, e.g. '{\"quality\": 95}'")
+    parser.add_argument("--device", default="cpu", help="where the images are put before the reward's call")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kwargs = json.loads(args.kwargs)
+    if not isinstance(kwargs, dict):
+        parser.error("--kwargs must be a JSON object")
+    reward = get_class(args.reward)(**kwargs)
+    server = RewardServer(reward, host=args.host, port=args.port, device=args.device)
+    print(f"serving {args.reward} on {server.url} (GET /health); Ctrl-C stops", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
