@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from g2rpo.config import run_name
 
 GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
-NEEDS_DOWNLOADED_WEIGHTS = {"sd3", "sd35_medium", "flux_dev"}
+NEEDS_DOWNLOADED_WEIGHTS = {"sd3", "sd35_medium", "flux_dev", "pickscore", "clipscore", "aesthetic"}
 NEEDS_A_GPU = {
     "gpu",
     "ddp",
@@ -30,7 +30,7 @@ def options(group):
 def test_every_option_composes_and_instantiates(compose_config, group, option):
     cfg = compose_config(f"{group}={option}")
     node = cfg[group]
-    if group == "model" and option in NEEDS_DOWNLOADED_WEIGHTS:
+    if group in ("model", "reward") and option in NEEDS_DOWNLOADED_WEIGHTS:
         with pytest.raises(Exception, match="hf download"):
             instantiate(node)
     elif group == "trainer" and option in NEEDS_A_GPU and not torch.cuda.is_available():
