@@ -1,0 +1,258 @@
+"""A vision-language model as judge: :class:`VLMJudge` asks an OpenAI-compatible chat endpoint to score images.
+
+Source: Flow-GRPO's UnifiedReward scorer (research brief ``flow_grpo_family.md`` section 2.10), which queries
+``CodeGoat24/UnifiedReward-7b-v1.5`` served by SGLang through the OpenAI-compatible chat API: each image is
+resized to 512, sent with a fixed rubric asking for "Final Score: 1-5", the score is regex-parsed and divided
+by 5. Any server of that API works the same way (SGLang, vLLM, ...); see ``conf/reward/unified_reward.yaml``.
+
+Deliberate differences from Flow-GRPO:
+- An answer with no parsable score, or a score outside ``[0, max_score]``, is NaN (unscorable: left out of
+  the advantage statistics and logged at WARNING), not 0: a 0 would train the policy away from images the
+  judge merely failed to grade.
+- The last match of ``score_pattern`` counts (the rubric asks the judge to end with it), not the first, so a
+  "Final Score" quoted inside the judge's reasoning does not win.
+- Images are resized so that their longer side is ``image_size`` (bicubic), keeping the aspect ratio; for
+  square images this is Flow-GRPO's 512x512.
+- A server that cannot answer stops the run (:class:`~g2rpo.rewards.remote.RewardServerError`) after the same
+  retries as :class:`~g2rpo.rewards.remote.RemoteReward`, plus HTTP 429 (a busy inference server asks the
+  client to slow down); other 4xx raise at once. Re-running the same command resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from g2rpo.rewards.remote import _OPENER, RewardServerError, _error_message, encode_image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_TEMPLATE = (
+    "You are given a text caption and an image generated from that caption. Evaluate the image on two "
+    "criteria:\n"
+    "1. Alignment with the caption: how accurately the image depicts the objects, their attributes, counts "
+    "and relationships described in the caption.\n"
+    "2. Overall image quality: clarity, detail, colour accuracy, absence of artifacts and aesthetic appeal.\n"
+    "Considering both criteria, rate the image with a score from 1 (poor) to 5 (excellent). Explain briefly, "
+    "then end your answer with 'Final Score: <score>'.\n"
+    "Text caption: [{prompt}]"
+)
+DEFAULT_SCORE_PATTERN = r"Final Score:\s*([0-9]+(?:\.[0-9]+)?)"
+RETRIED_STATUS = 429  # besides every 5xx
+
+
+class VLMJudge:
+    """Scores each image by asking a VLM served behind ``{base_url}/chat/completions`` to grade it.
+
+    One request per image, ``max_concurrency`` in flight (inference servers batch concurrent requests
+    themselves). The reward is the parsed score divided by ``max_score``. The client is stdlib ``urllib``, as
+    in :mod:`g2rpo.rewards.remote`, rather than the ``openai`` package: one JSON POST needs no new
+    dependency. The constructor contacts nothing (configs are instantiated in tests with no server); the
+    first call does. The API key is ``api_key``, else the environment variable ``api_key_env``, else
+    ``"EMPTY"`` (what vLLM / SGLang accept when started without ``--api-key``).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        score_pattern: str = DEFAULT_SCORE_PATTERN,
+        max_score: float = 5.0,
+        image_size: int | None = 512,
+        max_concurrency: int = 16,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+    ) -> None:
+        if "{prompt}" not in prompt_template:
+            raise ValueError("VLMJudge.prompt_template must contain '{prompt}', where the caption goes")
+        pattern = re.compile(score_pattern)
+        if pattern.groups != 1:
+            raise ValueError(
+                f"VLMJudge.score_pattern must have exactly one group (the score), got {pattern.groups}: "
+                f"{score_pattern!r}"
+            )
+        if (
+            max_score <= 0
+            or max_concurrency < 1
+            or timeout_s <= 0
+            or max_retries < 0
+            or backoff_s < 0
+            or (image_size is not None and image_size < 1)
+        ):
+            raise ValueError(
+                "VLMJudge needs max_score > 0, max_concurrency >= 1, timeout_s > 0, max_retries >= 0, "
+                f"backoff_s >= 0 and image_size >= 1 or null; got max_score={max_score}, "
+                f"max_concurrency={max_concurrency}, timeout_s={timeout_s}, max_retries={max_retries}, "
+                f"backoff_s={backoff_s}, image_size={image_size}"
+            )
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self._api_key = api_key if api_key is not None else os.environ.get(api_key_env, "EMPTY")
+        self.prompt_template = prompt_template
+        self.score_pattern = pattern
+        self.max_score = float(max_score)
+        self.image_size = None if image_size is None else int(image_size)
+        self.max_concurrency = int(max_concurrency)
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.temperature = float(temperature)
+        self.max_tokens = int(max_tokens)
+
+    def __repr__(self) -> str:  # never shows the API key
+        return f"VLMJudge(url={self.url!r}, model={self.model!r}, max_concurrency={self.max_concurrency})"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> Tensor:
+        count = images.shape[0]
+        if len(prompts) != count:
+            raise ValueError(f"{count} images but {len(prompts)} prompts")
+        if count == 0:
+            return torch.empty(0)
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        stop = threading.Event()  # set on the first failure: the other requests give up instead of retrying
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(self.max_concurrency, count), thread_name_prefix="vlm-judge"
+        )
+        try:
+            futures = [
+                executor.submit(self._score_one, array, str(prompt), stop)
+                for array, prompt in zip(pixels, prompts)
+            ]
+            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            scores = [f.result() for f in futures]
+        finally:
+            stop.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _score_one(self, pixels: np.ndarray, prompt: str, stop: threading.Event) -> float:
+        """One image's reward: ``score / max_score``, NaN when the answer holds no valid score."""
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64," + self._encode(pixels)},
+                            },
+                            # replace, not str.format: a rubric may contain other braces (JSON examples)
+                            {"type": "text", "text": self.prompt_template.replace("{prompt}", prompt)},
+                        ],
+                    }
+                ],
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
+        return self._parse_score(self._answer(self._post(body, stop)))
+
+    def _encode(self, pixels: np.ndarray) -> str:
+        image = Image.fromarray(pixels)
+        if self.image_size is not None:
+            scale = self.image_size / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            if size != image.size:
+                image = image.resize(size, Image.Resampling.BICUBIC)
+        return encode_image(np.asarray(image))
+
+    def _post(self, body: bytes, stop: threading.Event) -> bytes:
+        """The raw answer, retrying what a restarted or less busy server could answer (as RemoteReward)."""
+        attempts = self.max_retries + 1
+        started = time.monotonic()
+        last_error = ""
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"}
+        for attempt in range(attempts):
+            if stop.is_set():
+                raise RewardServerError(f"VLM judge {self.url}: another request of the batch failed")
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with _OPENER.open(request, timeout=self.timeout_s) as response:
+                    return response.read()
+            except urllib.error.HTTPError as error:
+                message = _error_message(error)
+                if error.code < 500 and error.code != RETRIED_STATUS:
+                    raise RewardServerError(
+                        f"VLM judge {self.url} rejected the request with HTTP {error.code} (not retried: "
+                        f"resending the same request would fail again; check model={self.model!r} and the "
+                        f"API key): {message}"
+                    ) from None
+                last_error = f"HTTP {error.code}: {message}"
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
+                last_error = f"{type(error).__name__}: {error}"
+            if attempt + 1 < attempts:
+                delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+                log.warning(
+                    "VLM judge %s: attempt %d of %d failed (%s); retrying in %.3g s",
+                    self.url,
+                    attempt + 1,
+                    attempts,
+                    last_error,
+                    delay,
+                )
+                stop.wait(delay)
+        raise RewardServerError(
+            f"VLM judge {self.url} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
+            f"(timeout_s={self.timeout_s:g}, max_retries={self.max_retries}); last error: {last_error}. "
+            "No score was made up: the run stops here. Once the server is back, re-run the same command to "
+            "resume from the last checkpoint."
+        )
+
+    def _answer(self, raw: bytes) -> str | None:
+        """The assistant's text; a body that is not a chat completion means a wrong server, not a bad image."""
+        try:
+            message = json.loads(raw)["choices"][0]["message"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RewardServerError(
+                f"VLM judge {self.url} answered without an OpenAI chat completion: {raw[:200]!r}"
+            ) from None
+        content = message.get("content") if isinstance(message, dict) else None
+        return content if isinstance(content, str) else None
+
+    def _parse_score(self, answer: str | None) -> float:
+        matches = [] if answer is None else list(self.score_pattern.finditer(answer))
+        if not matches:
+            log.warning("VLM judge: no score in the answer, scored NaN: %r", (answer or "")[:200])
+            return math.nan
+        try:
+            score = float(matches[-1].group(1))
+        except (TypeError, ValueError):
+            score = math.nan
+        if not 0.0 <= score <= self.max_score:  # NaN fails this too
+            log.warning(
+                "VLM judge: score %s outside [0, %g], scored NaN: %r",
+                matches[-1].group(1),
+                self.max_score,
+                answer[:200],
+            )
+            return math.nan
+        return score / self.max_score
