@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all bench reproduce base-model reward-model lint format clean
+.PHONY: help install run test test-all bench bench-gpu reproduce base-model reward-model lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,10 @@ test-all: $(STAMP) ## Run every test, slow ones included
 bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.09M) and the shapes base (2.3M)
 	$(PY) -m experiments.bench model=tiny_sd3 $(ARGS)
 	$(PY) -m experiments.bench model=shapes $(ARGS)
+
+GPU_ALGOS := flow_grpo dance_grpo mix_grpo g2rpo dgpo
+bench-gpu: $(STAMP) ## GPU only (else it says it skipped): SD3.5-M-shaped random model, 512 px, LoRA, groups of 24, per algorithm
+	for algo in $(GPU_ALGOS); do $(PY) -m experiments.bench model=sd35_medium_random trainer=gpu algo=$$algo --images 48 $(ARGS) || exit 1; done
 
 reproduce: $(STAMP) ## Run the experiment suites and regenerate the result tables and curves
 	$(PY) -m experiments.reproduce $(ARGS)

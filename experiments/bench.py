@@ -16,6 +16,7 @@ import argparse
 import platform
 import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["run_dir=.", "run_name=bench", *args.overrides])
     torch.manual_seed(cfg.seed)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        print(
+            f"g2rpo bench | skipped: trainer.accelerator=gpu and no CUDA device ({' '.join(args.overrides)})"
+        )
+        return {}
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     policy = instantiate(cfg.model).to(device)
     algorithm = instantiate(cfg.algo, _convert_="object")
@@ -92,6 +98,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     stopwatch = Stopwatch(device)
     stopwatch.time_forwards(policy.transformer, getattr(policy, "reference_transformer", None))
     backward = stopwatch.wrap(torch.Tensor.backward)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.trainer.precision == "bf16-mixed"
+        else nullcontext()
+    )
 
     group = args.images // 2
     batch = PromptBatch.from_groups(
@@ -99,52 +110,65 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     def rollout():
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             return algorithm.rollout(policy, batch, iteration_generator(0, 0))
 
+    policy.nfe = 0
     rollout_s, rollout_network_s = measure(rollout, stopwatch, args.repeats)
+    rollout_images = policy.nfe / (args.repeats + 1)  # denoiser images per rollout (CFG counts twice)
 
     sample = rollout()
+    scored = algorithm.scored_prompts(sample, batch)
     rewards = RewardOutput(
-        {"r": torch.randn(len(batch), generator=torch.Generator().manual_seed(0))}, {"r": 1.0}
+        {"r": torch.randn(len(scored), generator=torch.Generator().manual_seed(0))}, {"r": 1.0}
     )
-    advantages = algorithm.advantages(rewards, batch)
+    advantages = algorithm.advantages(rewards, scored, sample)
     minibatches = algorithm.minibatches(sample, advantages, torch.Generator().manual_seed(0))
 
     def train_iteration():
         for units in minibatches:
             for unit in units:
-                backward(algorithm.loss(policy, sample, advantages, unit).loss / len(units))
+                with autocast:
+                    loss = algorithm.loss(policy, sample, advantages, unit).loss
+                backward(loss / len(units))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    policy.nfe = 0
     train_s, train_network_s = measure(train_iteration, stopwatch, args.repeats)
-    units = sum(len(m) for m in minibatches)
-    trained_images = units * algorithm.rollout_batch_size / algorithm.num_train_steps
+    trained_images = policy.nfe / (args.repeats + 1)  # denoiser images per training pass
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     parameters = sum(p.numel() for p in policy.transformer.parameters())
-    latent = tuple(sample.latents.shape[2:])
+    latent = tuple(sample.images.shape[2:])
     print(
         f"g2rpo bench | {cfg.model._target_.rsplit('.', 1)[-1]}, transformer {parameters / 1e6:.2f}M params, "
-        f"latent {latent} | {type(algorithm).__name__}: T={algorithm.num_steps}, CFG {algorithm.guidance_scale}, "
+        f"images {latent} | {type(algorithm).__name__}: T={algorithm.num_steps}, CFG {algorithm.guidance_scale}, "
         f"beta {getattr(algorithm, 'beta', 0)}, micro-batch {algorithm.rollout_batch_size}, {len(batch)} images "
-        f"x {args.repeats} | torch {torch.__version__} on {device} ({torch.get_num_threads()} threads, "
-        f"{platform.machine()})"
+        f"in 2 groups x {args.repeats} | torch {torch.__version__} on {device} ({torch.get_num_threads()} "
+        f"threads, {platform.machine()}, {cfg.trainer.precision})"
     )
-    print(f"{'':10}{'images/s':>10}{'bare images/s':>15}{'ratio':>8}{'overhead':>10}   bare = time inside")
+    print(
+        f"{'':10}{'s/iter':>8}{'images/s':>10}{'bare images/s':>15}{'ratio':>8}{'overhead':>10}   bare = time inside"
+    )
     figures = {"peak_rss_mib": peak_rss_mib}
-    for name, total, network, what in (
-        ("rollout", rollout_s, rollout_network_s, "transformer forwards"),
-        ("train", train_s, train_network_s, "transformer forwards + backward"),
+    for name, total, network, images, what in (
+        ("rollout", rollout_s, rollout_network_s, rollout_images, "transformer forwards"),
+        ("train", train_s, train_network_s, trained_images, "transformer forwards + backward"),
     ):
-        images = args.repeats * (len(batch) if name == "rollout" else trained_images)
         ratio = network / total
         figures[f"{name}_ratio"] = ratio
+        figures[f"{name}_s"] = total / args.repeats
         print(
-            f"{name:10}{images / total:10.2f}{images / network:15.2f}{ratio:8.3f}{1 / ratio - 1:10.1%}   {what}"
+            f"{name:10}{total / args.repeats:8.2f}{images * args.repeats / total:10.2f}"
+            f"{images * args.repeats / network:15.2f}{ratio:8.3f}{1 / ratio - 1:10.1%}   {what}"
         )
     print(f"peak RSS: {peak_rss_mib:.0f} MiB")
+    if device.type == "cuda":
+        figures["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak CUDA memory (training): {figures['peak_cuda_gib']:.1f} GiB")
     return figures
 
 

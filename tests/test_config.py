@@ -15,11 +15,10 @@ from g2rpo.config import run_name
 
 GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
 NEEDS_DOWNLOADED_WEIGHTS = {"sd3", "sd35_medium", "flux_dev", "pickscore", "clipscore", "aesthetic"}
-NEEDS_A_GPU = {
-    "gpu",
-    "ddp",
-    "fsdp",
-}  # ddp and fsdp default to GPUs; tests run it on CPU (test_distributed.py)
+# ddp and fsdp default to GPUs; tests run them on CPU (test_distributed.py)
+NEEDS_A_GPU = {"gpu", "ddp", "fsdp"}
+# the GPU benchmark's 2.2B-parameter random model: built on the meta device here, no weights allocated
+BENCHMARK_ONLY = {"sd35_medium_random"}
 
 
 def options(group):
@@ -30,7 +29,11 @@ def options(group):
 def test_every_option_composes_and_instantiates(compose_config, group, option):
     cfg = compose_config(f"{group}={option}")
     node = cfg[group]
-    if group in ("model", "reward") and option in NEEDS_DOWNLOADED_WEIGHTS:
+    if group == "model" and option in BENCHMARK_ONLY:
+        with torch.device("meta"):
+            policy = instantiate(node)
+        assert 2.2e9 < sum(p.numel() for p in policy.transformer.parameters()) < 2.3e9
+    elif group in ("model", "reward") and option in NEEDS_DOWNLOADED_WEIGHTS:
         with pytest.raises(Exception, match="hf download"):
             instantiate(node)
     elif group == "trainer" and option in NEEDS_A_GPU and not torch.cuda.is_available():

@@ -218,3 +218,48 @@ def tiny_flux_pipeline(
         tokenizer_2=tokenizer,
         transformer=transformer,
     )
+
+
+def random_sd3_pipeline(
+    transformer: dict,
+    vae: dict,
+    clip_hidden_sizes: tuple[int, int] = (768, 1280),
+    seed: int = 0,
+    dtype: str = "bfloat16",
+) -> StableDiffusion3Pipeline:
+    """An SD3 pipeline of a real model's *shape* with random weights (``transformer`` and ``vae`` are the
+    model's ``config.json`` fields), for benchmarks on a GPU without the download: the transformer and VAE
+    cost what the real ones cost. The two CLIP encoders have the real widths (their projections make the
+    pooled embedding) but one layer each, and T5 is left out (the pipeline feeds zeros in its place), since
+    text encoding is not what RL iterations spend their time on. Frozen weights in ``dtype``, as loaded."""
+    tokenizer = char_tokenizer(77)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoders = [
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    vocab_size=len(tokenizer),
+                    hidden_size=width,
+                    intermediate_size=4 * width,
+                    num_attention_heads=width // 64,
+                    num_hidden_layers=1,
+                    projection_dim=width,
+                )
+            )
+            for width in clip_hidden_sizes
+        ]
+        pipeline = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**transformer),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=AutoencoderKL(**vae),
+            text_encoder=encoders[0],
+            tokenizer=tokenizer,
+            text_encoder_2=encoders[1],
+            tokenizer_2=tokenizer,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    return pipeline.to(dtype=getattr(torch, dtype))
