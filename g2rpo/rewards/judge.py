@@ -21,16 +21,12 @@ Deliberate differences from Flow-GRPO:
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import json
 import logging
 import math
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,7 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from g2rpo.rewards.remote import _OPENER, RewardServerError, _error_message, encode_image
+from g2rpo.rewards.remote import RewardServerError, encode_image, post_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -186,45 +182,19 @@ class VLMJudge:
         return encode_image(np.asarray(image))
 
     def _post(self, body: bytes, stop: threading.Event) -> bytes:
-        """The raw answer, retrying what a restarted or less busy server could answer (as RemoteReward)."""
-        attempts = self.max_retries + 1
-        started = time.monotonic()
-        last_error = ""
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"}
-        for attempt in range(attempts):
-            if stop.is_set():
-                raise RewardServerError(f"VLM judge {self.url}: another request of the batch failed")
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with _OPENER.open(request, timeout=self.timeout_s) as response:
-                    return response.read()
-            except urllib.error.HTTPError as error:
-                message = _error_message(error)
-                if error.code < 500 and error.code != RETRIED_STATUS:
-                    raise RewardServerError(
-                        f"VLM judge {self.url} rejected the request with HTTP {error.code} (not retried: "
-                        f"resending the same request would fail again; check model={self.model!r} and the "
-                        f"API key): {message}"
-                    ) from None
-                last_error = f"HTTP {error.code}: {message}"
-            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
-                last_error = f"{type(error).__name__}: {error}"
-            if attempt + 1 < attempts:
-                delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
-                log.warning(
-                    "VLM judge %s: attempt %d of %d failed (%s); retrying in %.3g s",
-                    self.url,
-                    attempt + 1,
-                    attempts,
-                    last_error,
-                    delay,
-                )
-                stop.wait(delay)
-        raise RewardServerError(
-            f"VLM judge {self.url} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
-            f"(timeout_s={self.timeout_s:g}, max_retries={self.max_retries}); last error: {last_error}. "
-            "No score was made up: the run stops here. Once the server is back, re-run the same command to "
-            "resume from the last checkpoint."
+        """The raw answer, retried as RemoteReward's requests (and on 429, which servers send when busy)."""
+        return post_with_retries(
+            self.url,
+            body,
+            {"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"},
+            what="VLM judge",
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            retried_statuses=frozenset({RETRIED_STATUS}),
+            stop=stop,
+            hint=f"; check model={self.model!r} and the API key",
         )
 
     def _answer(self, raw: bytes) -> str | None:

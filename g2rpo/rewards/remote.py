@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 30
 # A reward server is an internal service: a site-wide http_proxy from the environment must not intercept it.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class RewardServerError(RuntimeError):
@@ -134,46 +134,18 @@ class RemoteReward:
         return torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
 
     def _post(self, body: bytes, expected: int) -> list[float | None]:
-        """One batch's scores, retrying what a restarted or less busy server could answer."""
-        attempts = self.max_retries + 1
-        started = time.monotonic()
-        last_error = ""
-        for attempt in range(attempts):
-            request = urllib.request.Request(
-                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-            )
-            try:
-                with _OPENER.open(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as error:
-                message = _error_message(error)
-                if error.code < 500:
-                    raise RewardServerError(
-                        f"reward server {self.url} rejected the request with HTTP {error.code} (not retried: "
-                        f"resending the same request would fail again): {message}"
-                    ) from None
-                last_error = f"HTTP {error.code}: {message}"
-            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
-                last_error = f"{type(error).__name__}: {error}"
-            else:
-                return self._parse(raw, expected)
-            if attempt + 1 < attempts:
-                delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
-                log.warning(
-                    "reward server %s: attempt %d of %d failed (%s); retrying in %.3g s",
-                    self.url,
-                    attempt + 1,
-                    attempts,
-                    last_error,
-                    delay,
-                )
-                time.sleep(delay)
-        raise RewardServerError(
-            f"reward server {self.url} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
-            f"(timeout_s={self.timeout_s:g}, max_retries={self.max_retries}); last error: {last_error}. "
-            "No score was made up: the run stops here. Once the server is back, re-run the same command to "
-            "resume from the last checkpoint."
+        """One batch's scores."""
+        raw = post_with_retries(
+            self.url,
+            body,
+            {"Content-Type": "application/json"},
+            what="reward server",
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
         )
+        return self._parse(raw, expected)
 
     def _parse(self, raw: bytes, expected: int) -> list[float | None]:
         try:
@@ -190,7 +162,68 @@ class RemoteReward:
         return [None if s is None else float(s) for s in scores]
 
 
-def _error_message(error: urllib.error.HTTPError) -> str:
+def post_with_retries(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    what: str,
+    timeout_s: float,
+    max_retries: int,
+    backoff_s: float,
+    max_backoff_s: float,
+    retried_statuses: frozenset[int] = frozenset(),
+    stop: threading.Event | None = None,
+    hint: str = "",
+) -> bytes:
+    """POST ``body`` and return the answer, retrying what a restarted or less busy server could answer
+    (connection errors, timeouts, 5xx and ``retried_statuses``) with exponential backoff, then raising
+    :class:`RewardServerError`; another 4xx raises at once. ``stop`` (set by a failed sibling request)
+    ends the retries early. ``what`` and ``hint`` name the server and what to check in the messages."""
+    attempts = max_retries + 1
+    started = time.monotonic()
+    last_error = ""
+    for attempt in range(attempts):
+        if stop is not None and stop.is_set():
+            raise RewardServerError(f"{what} {url}: another request of the batch failed")
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with OPENER.open(request, timeout=timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            message = error_message(error)
+            if error.code < 500 and error.code not in retried_statuses:
+                raise RewardServerError(
+                    f"{what} {url} rejected the request with HTTP {error.code} (not retried: resending the "
+                    f"same request would fail again{hint}): {message}"
+                ) from None
+            last_error = f"HTTP {error.code}: {message}"
+        except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
+            last_error = f"{type(error).__name__}: {error}"
+        if attempt + 1 < attempts:
+            delay = min(backoff_s * 2**attempt, max_backoff_s)
+            log.warning(
+                "%s %s: attempt %d of %d failed (%s); retrying in %.3g s",
+                what,
+                url,
+                attempt + 1,
+                attempts,
+                last_error,
+                delay,
+            )
+            if stop is None:
+                time.sleep(delay)
+            else:
+                stop.wait(delay)
+    raise RewardServerError(
+        f"{what} {url} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
+        f"(timeout_s={timeout_s:g}, max_retries={max_retries}); last error: {last_error}. "
+        "No score was made up: the run stops here. Once the server is back, re-run the same command to "
+        "resume from the last checkpoint."
+    )
+
+
+def error_message(error: urllib.error.HTTPError) -> str:
     """The server's ``{"error": ...}`` message, or the raw body of a server that is not ours."""
     try:
         raw = error.read()
