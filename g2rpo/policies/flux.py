@@ -24,7 +24,6 @@ from torch import Tensor
 
 from g2rpo.policies.transformer import TransformerPolicy, load_pipeline
 from g2rpo.sampling import sigma_schedule
-from g2rpo.types import Conditioning
 
 
 def load_flux_pipeline(path: str, dtype: str = "bfloat16") -> FluxPipeline:
@@ -51,53 +50,20 @@ class FluxPolicy(TransformerPolicy):
     def input_weight(self) -> Tensor:
         return self.transformer.x_embedder.weight
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
-        embeds, pooled = self._encode(list(prompts))
-        if not negative:
-            return Conditioning(embeds, pooled)
-        negative_embeds, negative_pooled = self._encode([""])
-        return Conditioning(
-            embeds,
-            pooled,
-            negative_embeds.expand(len(prompts), -1, -1),
-            negative_pooled.expand(len(prompts), -1),
-        )
-
-    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
         )
         return embeds, pooled
 
-    def velocity(
-        self,
-        latents: Tensor,
-        sigma: Tensor | float,
-        cond: Conditioning,
-        guidance_scale: float = 1.0,
-        detach_uncond: bool = False,
-    ) -> Tensor:
+    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         batch, channels, height, width = latents.shape
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(batch)
-        hidden = FluxPipeline._pack_latents(latents, batch, channels, height, width)
-        embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
-        guided = guidance_scale > 1.0
-        if guided:
-            if cond.negative_prompt_embeds is None:
-                raise ValueError(
-                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
-                )
-            hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
-            embeds = torch.cat([cond.negative_prompt_embeds, embeds])
-            pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
         dtype = self.compute_dtype
         transformer = self.active_transformer
-        distilled = torch.full_like(sigma, self.guidance) if transformer.config.guidance_embeds else None
         output = transformer(
-            hidden_states=hidden.to(dtype),
+            hidden_states=FluxPipeline._pack_latents(latents, batch, channels, height, width).to(dtype),
             timestep=sigma,
-            guidance=distilled,
+            guidance=torch.full_like(sigma, self.guidance) if transformer.config.guidance_embeds else None,
             pooled_projections=pooled.to(dtype),
             encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
@@ -105,18 +71,11 @@ class FluxPolicy(TransformerPolicy):
                 batch, height // 2, width // 2, latents.device, dtype
             ),
             return_dict=False,
-        )[0].float()
-        self.nfe += hidden.shape[0]
+        )[0]
         # back to [B, C, H, W]: _unpack_latents takes the image size in pixels and the VAE factor
-        output = FluxPipeline._unpack_latents(
+        return FluxPipeline._unpack_latents(
             output, height * self.vae_scale, width * self.vae_scale, self.vae_scale
         )
-        if not guided:
-            return output
-        uncond, text = output.chunk(2)
-        if detach_uncond:
-            uncond = uncond.detach()
-        return uncond + guidance_scale * (text - uncond)
 
     def sigmas(self, num_steps: int) -> Tensor:
         config = self.scheduler_config

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from g2rpo.policies.transformer import TransformerPolicy, load_pipeline
 from g2rpo.sampling import sigma_schedule
-from g2rpo.types import Conditioning
 
 
 def load_sd3_pipeline(
@@ -40,21 +39,7 @@ class SD3Policy(TransformerPolicy):
     def input_weight(self) -> Tensor:
         return self.transformer.pos_embed.proj.weight
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
-        embeds, pooled = self._encode(list(prompts))
-        if not negative:
-            return Conditioning(embeds, pooled)
-        # The negative prompt is the same "" for every row: encode it once and broadcast (a view).
-        negative_embeds, negative_pooled = self._encode([""])
-        return Conditioning(
-            embeds,
-            pooled,
-            negative_embeds.expand(len(prompts), -1, -1),
-            negative_pooled.expand(len(prompts), -1),
-        )
-
-    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -65,39 +50,14 @@ class SD3Policy(TransformerPolicy):
         )
         return embeds, pooled
 
-    def velocity(
-        self,
-        latents: Tensor,
-        sigma: Tensor | float,
-        cond: Conditioning,
-        guidance_scale: float = 1.0,
-        detach_uncond: bool = False,
-    ) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
-        hidden, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
-        guided = guidance_scale > 1.0
-        if guided:
-            if cond.negative_prompt_embeds is None:
-                raise ValueError(
-                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
-                )
-            hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
-            embeds = torch.cat([cond.negative_prompt_embeds, embeds])
-            pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
-        output = self.active_transformer(
-            hidden_states=hidden.to(self.compute_dtype),
+    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        return self.active_transformer(
+            hidden_states=latents.to(self.compute_dtype),
             timestep=sigma * self.pipeline.scheduler.config.num_train_timesteps,
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
             return_dict=False,
-        )[0].float()
-        self.nfe += hidden.shape[0]
-        if not guided:
-            return output
-        uncond, text = output.chunk(2)
-        if detach_uncond:
-            uncond = uncond.detach()
-        return uncond + guidance_scale * (text - uncond)
+        )[0]
 
     def sigmas(self, num_steps: int) -> Tensor:
         return sigma_schedule(self.scheduler_config, num_steps)

@@ -38,6 +38,29 @@ def char_tokenizer(max_length: int = 16) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def clip_text_config(
+    tokenizer: CLIPTokenizer,
+    hidden_size: int,
+    num_layers: int,
+    max_length: int,
+    intermediate_size: int | None = None,
+    num_heads: int = 4,
+) -> CLIPTextConfig:
+    """A CLIP text tower over ``tokenizer``'s vocabulary (its projection as wide as its hidden states)."""
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_attention_heads=num_heads,
+        num_hidden_layers=num_layers,
+        projection_dim=hidden_size,
+        max_position_embeddings=max_length,
+    )
+
+
 def tiny_sd3_pipeline(
     seed: int = 0,
     latent_size: int = 32,
@@ -64,17 +87,8 @@ def tiny_sd3_pipeline(
     one (and ``qk_norm``, ``text_intermediate_size``) to build its base model from the same parts.
     """
     tokenizer = tokenizer if tokenizer is not None else char_tokenizer(max_length)
-    clip_config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden_size,
-        intermediate_size=text_intermediate_size or 2 * text_hidden_size,
-        num_attention_heads=4,
-        num_hidden_layers=text_layers,
-        projection_dim=text_hidden_size,
-        max_position_embeddings=max_length,
+    clip_config = clip_text_config(
+        tokenizer, text_hidden_size, text_layers, max_length, text_intermediate_size
     )
     if vae_block_channels is None and latent_channels != 3:
         raise ValueError("a pixel-space model (no vae_block_channels) needs latent_channels=3")
@@ -175,19 +189,8 @@ def tiny_flux_pipeline(
             shift_factor=0.1159,  # FLUX.1's VAE
             scaling_factor=0.3611,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                vocab_size=len(tokenizer),
-                hidden_size=text_hidden_size,
-                intermediate_size=2 * text_hidden_size,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,  # the pipeline tokenises CLIP prompts to 77 tokens
-            )
-        )
+        # the pipeline tokenises CLIP prompts to 77 tokens
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, text_hidden_size, 2, 77))
         text_encoder_2 = T5EncoderModel(
             T5Config(
                 vocab_size=len(tokenizer),
@@ -236,19 +239,7 @@ def random_sd3_pipeline(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoders = [
-            CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    vocab_size=len(tokenizer),
-                    hidden_size=width,
-                    intermediate_size=4 * width,
-                    num_attention_heads=width // 64,
-                    num_hidden_layers=1,
-                    projection_dim=width,
-                )
-            )
+            CLIPTextModelWithProjection(clip_text_config(tokenizer, width, 1, 77, 4 * width, width // 64))
             for width in clip_hidden_sizes
         ]
         pipeline = StableDiffusion3Pipeline(
