@@ -61,6 +61,33 @@ def clip_text_config(
     )
 
 
+def tiny_vae(
+    block_channels: tuple[int, ...],
+    latent_channels: int,
+    shift_factor: float,
+    scaling_factor: float,
+    sample_size: int = 32,
+) -> AutoencoderKL:
+    """An ``AutoencoderKL`` of the real layout (no quant convs, as SD3's and FLUX's) with tiny blocks; the
+    latent normalisation constants are the real model's."""
+    blocks = len(block_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(block_channels),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=sample_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
 def tiny_sd3_pipeline(
     seed: int = 0,
     latent_size: int = 32,
@@ -110,22 +137,8 @@ def tiny_sd3_pipeline(
         )
         vae = None
         if vae_block_channels is not None:
-            blocks = len(vae_block_channels)
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * blocks,
-                up_block_types=("UpDecoderBlock2D",) * blocks,
-                block_out_channels=tuple(vae_block_channels),
-                layers_per_block=1,
-                latent_channels=latent_channels,
-                norm_num_groups=4,
-                sample_size=latent_size * 2 ** (blocks - 1),
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-                shift_factor=0.0609,
-                scaling_factor=1.5035,
-            )
+            size = latent_size * 2 ** (len(vae_block_channels) - 1)
+            vae = tiny_vae(vae_block_channels, latent_channels, 0.0609, 1.5035, sample_size=size)
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
     return StableDiffusion3Pipeline(
@@ -174,21 +187,9 @@ def tiny_flux_pipeline(
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(rope_axis, rope_axis, attention_head_dim - 2 * rope_axis),
         )
-        blocks = len(vae_block_channels)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * blocks,
-            up_block_types=("UpDecoderBlock2D",) * blocks,
-            block_out_channels=tuple(vae_block_channels),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,  # FLUX.1's VAE
-            scaling_factor=0.3611,
-        )
+        vae = tiny_vae(
+            vae_block_channels, latent_channels, shift_factor=0.1159, scaling_factor=0.3611
+        )  # FLUX.1's
         # the pipeline tokenises CLIP prompts to 77 tokens
         text_encoder = CLIPTextModel(clip_text_config(tokenizer, text_hidden_size, 2, 77))
         text_encoder_2 = T5EncoderModel(
