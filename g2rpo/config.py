@@ -14,7 +14,7 @@ import re
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from g2rpo.algos import DGPO, G2RPO, DanceGRPO, FlowGRPO, MixGRPO
+from g2rpo.algos import DGPO, G2RPO, DanceGRPO, FlowGRPO, MixGRPO, PairGRPO
 from g2rpo.curriculum import CurESCurriculum, UniformCurriculum
 
 SCHEMAS = {
@@ -24,6 +24,7 @@ SCHEMAS = {
         "mix_grpo": MixGRPO,
         "g2rpo": G2RPO,
         "dgpo": DGPO,
+        "pair_grpo": PairGRPO,
     },
     "curriculum": {"uniform": UniformCurriculum, "cures": CurESCurriculum},
 }

@@ -207,7 +207,7 @@ class RLModule(L.LightningModule):
 
         clock = time.perf_counter()
         with torch.no_grad():
-            rewards = self.reward(rollout.images, scored.prompts, scored.metadata)
+            rewards = self.algorithm.score(self.reward, rollout, scored)
         reward_seconds = time.perf_counter() - clock
         advantages = self.algorithm.advantages(rewards, scored, rollout)
         all_scored, all_rewards = gather_scored(scored, rewards)  # every rank's, for statistics
@@ -247,9 +247,10 @@ class RLModule(L.LightningModule):
             self.lr_schedulers().step()
         self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
         shown = slice(0, self.num_logged_images)
-        self.last_samples = Samples(
-            rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
-        )
+        if getattr(rollout, "images", None) is not None:  # text-only rollouts (token GRPO on answers) show none
+            self.last_samples = Samples(
+                rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
+            )
 
     @staticmethod
     def _check_equal_shares(samples: int) -> None:

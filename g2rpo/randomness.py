@@ -23,6 +23,7 @@ from torch import Tensor
 SAMPLE = 0  # per-sample noise: initial latents, SDE steps
 GROUP = 1  # per-group noise: shared initial latents, DGPO's eps per group
 CHOICE = 2  # per-sample discrete choices: DanceGRPO's trained steps, DGPO's text dropout
+TOKEN = 3  # per-sample token sampling (token policies: answers, image codes)
 
 
 def keyed(

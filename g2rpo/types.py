@@ -58,6 +58,21 @@ class PromptBatch:
             sample_ids=self.sample_ids[rows],
         )
 
+    @classmethod
+    def concat(cls, batches: list[PromptBatch]) -> PromptBatch:
+        """The batches one after the other; each batch's groups keep their own ids, offset past the previous
+        batches' (so equal ids in two batches stay two groups)."""
+        offsets = [0]
+        for batch in batches[:-1]:
+            offsets.append(offsets[-1] + (int(batch.group_ids.max()) + 1 if len(batch) else 0))
+        return cls(
+            prompts=[p for batch in batches for p in batch.prompts],
+            metadata=[m for batch in batches for m in batch.metadata],
+            group_ids=torch.cat([batch.group_ids + offset for batch, offset in zip(batches, offsets)]),
+            prompt_ids=torch.cat([batch.prompt_ids for batch in batches]),
+            sample_ids=torch.cat([batch.sample_ids for batch in batches]),
+        )
+
     def unique(self) -> tuple[list[str], Tensor]:
         """The distinct prompts, and for each sample the index of its prompt among them."""
         order: dict[str, int] = {}

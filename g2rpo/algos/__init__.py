@@ -6,6 +6,8 @@ from g2rpo.algos.dgpo import DGPO
 from g2rpo.algos.flow_grpo import FlowGRPO
 from g2rpo.algos.g2rpo import G2RPO
 from g2rpo.algos.mix_grpo import MixGRPO
+from g2rpo.algos.pair_grpo import PairGRPO
 from g2rpo.algos.stepwise import StepwiseGRPO
+from g2rpo.algos.token_grpo import TokenGRPO
 
-__all__ = ["Algorithm", "DGPO", "DanceGRPO", "FlowGRPO", "G2RPO", "MixGRPO", "StepwiseGRPO"]
+__all__ = ["Algorithm", "DGPO", "DanceGRPO", "FlowGRPO", "G2RPO", "MixGRPO", "PairGRPO", "StepwiseGRPO", "TokenGRPO"]

@@ -7,14 +7,15 @@ from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.rewards.base import RewardEnsemble
 from g2rpo.types import LossOutput, PromptBatch, RewardOutput, TrainingUnit
 
 
 class Algorithm:
     """An RL algorithm is a rollout procedure, an advantage rule and a loss.
 
-    The module calls, per iteration: ``rollout`` (under ``no_grad``) -> rewards of ``rollout.images`` for
-    ``scored_prompts(...)`` -> ``advantages`` -> for each minibatch of ``minibatches(...)``: ``loss`` per
+    The module calls, per iteration: ``rollout`` (under ``no_grad``) -> ``score`` (by default the reward
+    ensemble over ``rollout.images`` for ``scored_prompts(...)``) -> ``advantages`` -> for each minibatch of ``minibatches(...)``: ``loss`` per
     unit, backward, one optimiser step.
     """
 
@@ -33,6 +34,11 @@ class Algorithm:
         """The prompt of each image in ``rollout.images``: the batch itself, one image per sample, unless an
         algorithm scores several images per sample (G2RPO's continuations)."""
         return batch
+
+    def score(self, reward: RewardEnsemble, rollout, scored: PromptBatch) -> RewardOutput:
+        """The rewards of ``scored_prompts``: the ensemble over ``rollout.images``, unless an algorithm scores
+        other outputs too (Pair-GRPO's text answers)."""
+        return reward(rollout.images, scored.prompts, scored.metadata)
 
     def advantages(self, rewards: RewardOutput, scored: PromptBatch, rollout=None) -> Advantages:
         """Advantages per trained sample from the rewards of ``scored_prompts``."""
