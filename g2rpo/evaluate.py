@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -54,13 +55,23 @@ class Evaluation:
         }
 
     def table(self, title: str = "") -> str:
+        """Rows are the union of every column's tasks (a unified model's understanding column has question
+        types, its generation columns GenEval tasks); a column without a row's task shows blank."""
         columns = list(self.scores)
-        tasks = list(next(iter(self.scores.values()))) if columns else []
+        tasks = list(
+            dict.fromkeys(task for scores in self.scores.values() for task in scores if task != "overall")
+        )
+        tasks += ["overall"] if any("overall" in scores for scores in self.scores.values()) else []
         width = max([len(t) for t in tasks] + [4])
         lines = [title] if title else []
         lines.append(f"{'task':<{width}}  " + "  ".join(f"{c:>{max(len(c), 6)}}" for c in columns))
         for task in tasks:
-            cells = "  ".join(f"{self.scores[c][task]:>{max(len(c), 6)}.3f}" for c in columns)
+            cells = "  ".join(
+                f"{self.scores[c][task]:>{max(len(c), 6)}.3f}"
+                if task in self.scores[c]
+                else " " * max(len(c), 6)
+                for c in columns
+            )
             lines.append(f"{task:<{width}}  {cells}")
         return "\n".join(lines)
 
@@ -139,6 +150,19 @@ class Evaluator:
             "seed": self.seed,
         }
         return Evaluation(scores, len(prompts), settings)
+
+
+class UnifiedEvaluator:
+    """A unified model's held-out evaluation: the generation evaluation, plus an ``understanding`` column of
+    answer accuracy per question type (``understanding(policy) -> {qtype: accuracy, "overall": ...}``)."""
+
+    def __init__(self, generation: Evaluator, understanding: Callable[[Any], dict[str, float]]) -> None:
+        self.generation, self.understanding = generation, understanding
+
+    def __call__(self, policy) -> Evaluation:
+        evaluation = self.generation(policy)
+        evaluation.scores["understanding/accuracy"] = dict(self.understanding(policy))
+        return evaluation
 
 
 class Evaluate(L.Callback):

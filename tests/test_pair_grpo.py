@@ -156,4 +156,6 @@ def test_pair_grpo_rejects_a_bad_configuration_clearly():
         PairGRPO(generation=FlowGRPO(), understanding=TokenGRPO(task="image"))
     with pytest.raises(ValueError, match="pair data"):
         pair_weights([{"tag": "colors"}], "sqrt")
-    assert math.isclose(pair_weights([pair_metadata("retrieved", 0.6)], "sqrt").item(), math.sqrt(0.6), rel_tol=1e-6)
+    assert math.isclose(
+        pair_weights([pair_metadata("retrieved", 0.6)], "sqrt").item(), math.sqrt(0.6), rel_tol=1e-6
+    )

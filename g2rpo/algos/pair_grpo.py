@@ -26,7 +26,6 @@ tokens. The paper leaves token vs sequence aggregation open (``understanding.agg
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,31 +36,22 @@ from torch import Tensor
 from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.algos.token_grpo import TokenGRPO
+from g2rpo.pairing import WEIGHT_FNS, pair_weight
 from g2rpo.policies.tokens import TokenRollout
 from g2rpo.rewards.answer import AnswerMatch
 from g2rpo.rewards.base import RewardEnsemble
 from g2rpo.types import LossOutput, PromptBatch, RewardOutput, TrainingUnit
 
-WEIGHT_FUNCTIONS = ("none", "linear", "sqrt")
 SIDES = ("generation", "understanding")
 
 
 def pair_weights(metadata: list[dict], weight_fn: str) -> Tensor:
-    """``w_p`` per sample (eq. 3): 1 for every pair but a retrieved one, whose similarity ``s`` gives 1, ``s``
-    or ``sqrt(s)`` under ``weight_fn`` none / linear / sqrt."""
-    if weight_fn not in WEIGHT_FUNCTIONS:
-        raise ValueError(f"algo.weight_fn={weight_fn!r} is not valid; choose one of {', '.join(WEIGHT_FUNCTIONS)}")
-    weights = []
-    for meta in metadata:
-        pair = meta.get("pair")
-        if pair is None:
-            raise ValueError("algo=pair_grpo needs pair data (metadata['pair']): use data=shapes_pairs")
-        similarity = pair.get("similarity")
-        if pair.get("kind") != "retrieved" or weight_fn == "none":
-            weights.append(1.0)
-        else:
-            weights.append(similarity if weight_fn == "linear" else math.sqrt(similarity))
-    return torch.tensor(weights)
+    """``w_p`` of each sample's pair (eq. 3, :func:`g2rpo.pairing.pair_weight`)."""
+    if any("pair" not in meta for meta in metadata):
+        raise ValueError("algo=pair_grpo needs pair data (metadata['pair']): use data=shapes_pairs")
+    return torch.tensor(
+        [pair_weight(meta["pair"]["kind"], meta["pair"]["similarity"], weight_fn) for meta in metadata]
+    )
 
 
 def understanding_batch(batch: PromptBatch) -> PromptBatch:
@@ -136,9 +126,9 @@ class PairGRPO(Algorithm):
     answer_reward: Any = None  # scores answers; default: exact match of the first word
 
     def __post_init__(self) -> None:
-        if self.weight_fn not in WEIGHT_FUNCTIONS:
+        if self.weight_fn not in WEIGHT_FNS:
             raise ValueError(
-                f"algo.weight_fn={self.weight_fn!r} is not valid; choose one of {', '.join(WEIGHT_FUNCTIONS)}"
+                f"algo.weight_fn={self.weight_fn!r} is not valid; choose one of {', '.join(WEIGHT_FNS)}"
             )
         if not isinstance(self.generation, Algorithm):
             raise ValueError("algo.generation must be an algorithm over images (e.g. g2rpo.algos.FlowGRPO)")
@@ -155,7 +145,9 @@ class PairGRPO(Algorithm):
     def uses_reference(self) -> bool:
         return self.generation.uses_reference or self.understanding.uses_reference
 
-    def rollout(self, policy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0) -> PairRollout:
+    def rollout(
+        self, policy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
+    ) -> PairRollout:
         questions = understanding_batch(batch)
         return PairRollout(
             generation=self.generation.rollout(policy, batch, generator, iteration),
@@ -187,7 +179,9 @@ class PairGRPO(Algorithm):
         total = torch.cat([rollout.rewards[side].total.cpu() for side in SIDES])
         return RewardOutput(scores={"pair": total}, weights={"pair": 1.0})
 
-    def advantages(self, rewards: RewardOutput, scored: PromptBatch, rollout: PairRollout = None) -> PairAdvantages:
+    def advantages(
+        self, rewards: RewardOutput, scored: PromptBatch, rollout: PairRollout = None
+    ) -> PairAdvantages:
         """Each side normalised in its own groups by its own rule, then scaled by the pair weights."""
         sides = {
             "generation": self.generation.advantages(
@@ -232,9 +226,9 @@ class PairGRPO(Algorithm):
             metrics.update(
                 {
                     f"{side}/{key}": value
-                    for key, value in getattr(self, side).rollout_metrics(
-                        getattr(rollout, side), rollout.rewards[side]
-                    ).items()
+                    for key, value in getattr(self, side)
+                    .rollout_metrics(getattr(rollout, side), rollout.rewards[side])
+                    .items()
                 }
             )
         return metrics
@@ -255,7 +249,9 @@ class PairGRPO(Algorithm):
             steps.append(
                 [
                     PairUnit(
-                        unit.samples, unit.column, side=side,
+                        unit.samples,
+                        unit.column,
+                        side=side,
                         scale=self.side_weights[side] * total / len(units),
                     )  # fmt: skip
                     for side, units in chosen.items()
@@ -267,7 +263,10 @@ class PairGRPO(Algorithm):
     def loss(self, policy, rollout: PairRollout, advantages: PairAdvantages, unit: PairUnit) -> LossOutput:
         side = getattr(self, unit.side)
         out = side.loss(
-            policy, getattr(rollout, unit.side), advantages.sides[unit.side], TrainingUnit(unit.samples, unit.column)
+            policy,
+            getattr(rollout, unit.side),
+            advantages.sides[unit.side],
+            TrainingUnit(unit.samples, unit.column),
         )
         metrics = {f"{unit.side}/{key}": value for key, value in out.metrics.items()}
         if "logprob_gap" in out.metrics:  # the module's on-policy check reads it, whichever side

@@ -127,7 +127,13 @@ class TokenGRPO(Algorithm):
             )
         if self.temperature <= 0:
             raise ValueError(f"algo.temperature must be > 0 for sampling, got {self.temperature}")
-        for name in ("clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches", "max_new_tokens"):
+        for name in (
+            "clip_range",
+            "rollout_batch_size",
+            "num_inner_epochs",
+            "num_minibatches",
+            "max_new_tokens",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"algo.{name} must be > 0, got {getattr(self, name)}")
         if self.beta < 0:

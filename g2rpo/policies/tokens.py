@@ -58,7 +58,9 @@ class TokenRollout:
     images: Tensor | None = None  # [B, 3, H, W] in [0, 1] (image task)
     temperature: float = 1.0  # the sampling temperature: log-probs are of the tempered distribution
     guidance_scale: float = 1.0  # CFG of the sampling (image task); log-probs are of the guided distribution
-    extras: dict[str, Any] = field(default_factory=dict)  # policy-specific per-sample tensors (select()ed too)
+    extras: dict[str, Any] = field(
+        default_factory=dict
+    )  # policy-specific per-sample tensors (select()ed too)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

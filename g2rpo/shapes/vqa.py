@@ -103,7 +103,11 @@ def caption_for_scene(objects: list[WorldObject], rng: np.random.Generator) -> d
     shapes = Counter(o.shape for o in objects)
     if len(objects) == 1:
         obj = objects[0]
-        return templates.colors(obj.shape, obj.colour) if rng.random() < 0.7 else templates.single_object(obj.shape)
+        return (
+            templates.colors(obj.shape, obj.colour)
+            if rng.random() < 0.7
+            else templates.single_object(obj.shape)
+        )
     if len(shapes) == 1 and len(objects) in templates.NUMBERS:
         return templates.counting(objects[0].shape, len(objects))
     unique = [o for o in objects if shapes[o.shape] == 1]
