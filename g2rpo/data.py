@@ -6,6 +6,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
 
 class PromptDataset:
     """Prompts given inline or read from a file.
@@ -43,3 +48,36 @@ class PromptDataset:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def read_image(path: Path, size: int) -> Tensor:
+    """An image file as ``[3, size, size]`` floats in [0, 1] (resized; the policy's processor does the rest)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def pair_dataset(path: str, image_root: str | None = None, image_size: int = 384) -> PromptDataset:
+    """Pair-GRPO data at scale (e.g. PairUni's PairUG-16k) from a JSONL file, one pair per line:
+    ``{"prompt": caption, "question", "answer", "image": path of the understanding image, "kind": "aligned" |
+    "retrieved", "similarity": float or null, ...more caption metadata}``. Images are read when a rollout needs
+    them (``image_root`` prefixes relative paths; 16k images in memory would take gigabytes), but every file
+    is checked here, so a missing one fails at start, not mid-run."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    root = Path(image_root) if image_root else Path(path).parent
+    prompts, metadata = [], []
+    for number, record in enumerate(records, 1):
+        missing = {"prompt", "question", "answer", "image", "kind"} - record.keys()
+        if missing:
+            raise ValueError(f"{path}:{number}: a pair needs {sorted(missing)}")
+        image = Path(record.pop("image"))
+        image = image if image.is_absolute() else root / image
+        if not image.is_file():
+            raise FileNotFoundError(f"{path}:{number}: no image at {image}")
+        pair = {key: record.pop(key) for key in ("question", "answer", "kind")}
+        pair["similarity"] = record.pop("similarity", None)
+        pair["qtype"] = record.pop("qtype", "all")
+        pair["image"], pair["image_size"] = str(image), image_size
+        prompts.append(record.pop("prompt"))
+        metadata.append({**record, "pair": pair})
+    return PromptDataset(prompts=prompts, metadata=metadata)

@@ -60,7 +60,13 @@ def understanding_batch(batch: PromptBatch) -> PromptBatch:
     return PromptBatch(
         prompts=[pair["question"] for pair in pairs],
         metadata=[
-            {"image": pair["image"], "answer": pair["answer"], "qtype": pair["qtype"], "pair": pair}
+            {
+                "image": pair["image"],
+                "image_size": pair.get("image_size"),
+                "answer": pair["answer"],
+                "qtype": pair["qtype"],
+                "pair": pair,
+            }
             for pair in pairs
         ],
         group_ids=batch.group_ids,

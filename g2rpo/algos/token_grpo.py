@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import Algorithm, split_evenly, training_samples
+from g2rpo.data import read_image
 from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy, TokenRollout
 from g2rpo.randomness import TOKEN, keyed
 from g2rpo.types import LossOutput, PromptBatch, TrainingUnit
@@ -94,7 +96,13 @@ def token_inputs(task: str, batch: PromptBatch) -> dict:
                 f"algo task=answer needs an image per question (metadata['image']); samples {missing[:5]} have "
                 "none: use a question dataset such as data=shapes_pairs"
             )
-        return {"images": torch.stack([meta["image"] for meta in batch.metadata]), "questions": batch.prompts}
+        images = [
+            read_image(Path(meta["image"]), meta["image_size"])
+            if isinstance(meta["image"], str)
+            else meta["image"]
+            for meta in batch.metadata
+        ]  # a path (g2rpo.data.pair_dataset) is read when its sample is rolled out
+        return {"images": torch.stack(images), "questions": batch.prompts}
     return {"prompts": batch.prompts}
 
 
