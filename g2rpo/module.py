@@ -247,7 +247,8 @@ class RLModule(L.LightningModule):
             self.lr_schedulers().step()
         self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
         shown = slice(0, self.num_logged_images)
-        if getattr(rollout, "images", None) is not None:  # text-only rollouts (token GRPO on answers) show none
+        # a text-only rollout (token GRPO on answers) has no image to show
+        if getattr(rollout, "images", None) is not None:
             self.last_samples = Samples(
                 rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
             )

@@ -10,4 +10,14 @@ from g2rpo.algos.pair_grpo import PairGRPO
 from g2rpo.algos.stepwise import StepwiseGRPO
 from g2rpo.algos.token_grpo import TokenGRPO
 
-__all__ = ["Algorithm", "DGPO", "DanceGRPO", "FlowGRPO", "G2RPO", "MixGRPO", "PairGRPO", "StepwiseGRPO", "TokenGRPO"]
+__all__ = [
+    "Algorithm",
+    "DGPO",
+    "DanceGRPO",
+    "FlowGRPO",
+    "G2RPO",
+    "MixGRPO",
+    "PairGRPO",
+    "StepwiseGRPO",
+    "TokenGRPO",
+]
