@@ -15,8 +15,8 @@ class Algorithm:
     """An RL algorithm is a rollout procedure, an advantage rule and a loss.
 
     The module calls, per iteration: ``rollout`` (under ``no_grad``) -> ``score`` (by default the reward
-    ensemble over ``rollout.images`` for ``scored_prompts(...)``) -> ``advantages`` -> for each minibatch of ``minibatches(...)``: ``loss`` per
-    unit, backward, one optimiser step.
+    ensemble over ``rollout.images`` for ``scored_prompts(...)``) -> ``advantages`` -> for each minibatch
+    of ``minibatches(...)``: ``loss`` per unit, backward, one optimiser step.
     """
 
     advantage: GroupNormalization
