@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all bench bench-gpu reproduce base-model reward-model lint format clean
+.PHONY: help install run test test-all bench bench-gpu reproduce base-model unified-model reward-model lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,10 @@ reproduce: $(STAMP) ## Run the experiment suites and regenerate the result table
 BASE_STEPS := 12000
 base-model: $(STAMP) ## Regenerate the shapes base model in g2rpo/shapes/weights/base (deterministic; see its README)
 	$(PY) -m g2rpo.shapes.pretrain --steps $(BASE_STEPS) --threads 2 --out g2rpo/shapes/weights/base
+
+UNIFIED_STEPS := 8000
+unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/shapes/weights/unified (see its README)
+	$(PY) -m g2rpo.shapes.pretrain_unified --steps $(UNIFIED_STEPS) --out g2rpo/shapes/weights/unified
 
 REWARD_STEPS := 400
 reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weights/shapes_score

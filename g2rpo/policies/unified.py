@@ -1,0 +1,298 @@
+"""The unified shapes model as a policy of both kinds: a flow policy that draws images, a token policy that
+answers questions about them, over one set of weights (:mod:`g2rpo.shapes.unified`).
+
+The flow side follows :class:`~g2rpo.policies.transformer.TransformerPolicy` (explicit CFG, fp32
+velocities, the scheduler's own sigma grid); the token side samples one-word answers as
+:mod:`g2rpo.algos.token_grpo` expects. A flow update therefore moves the answers too, and a token update
+the images: that coupling is what a unified model is for.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from g2rpo.distributed import full_tensors, world
+from g2rpo.policies.base import FlowPolicy
+from g2rpo.policies.tokens import TokenPolicy, TokenRollout
+from g2rpo.sampling import sigma_schedule
+from g2rpo.shapes.unified import UnifiedModel
+from g2rpo.types import Conditioning
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class UnifiedPolicy(FlowPolicy, TokenPolicy):
+    """Full fine-tuning (``lora=None``, the default: the model has about a million parameters, so a
+    full copy for the reference costs nothing and LoRA would only restrict it) or LoRA through peft on
+    any of its linear layers (e.g. the Llama attention projections ``q_proj``, ``k_proj``, ``v_proj``,
+    ``o_proj``).
+
+    The reference model for KL terms is a frozen copy made by :meth:`enable_reference` (full
+    fine-tuning) or the same model with its adapters disabled (LoRA).
+
+    ``encode`` returns caption *token ids* in :class:`~g2rpo.types.Conditioning`'s ``prompt_embeds``
+    (long ``[N, caption_length]``): they are embedded inside the shared transformer, so a generation
+    loss trains the word embeddings that understanding reads too. The model has no pooled text vector;
+    ``pooled_prompt_embeds`` is an ``[N, 1]`` zero tensor that only keeps the dataclass's shape contract.
+    """
+
+    def __init__(
+        self, model: UnifiedModel, resolution: int = 32, lora: LoraConfig | None = None, shift: float = 1.0
+    ) -> None:
+        super().__init__()
+        if resolution != model.sizes["image_size"]:
+            raise ValueError(
+                f"model.resolution={resolution}: the unified model draws {model.sizes['image_size']}px images"
+            )
+        self.model = model
+        self.resolution = resolution
+        self._scheduler_config = FlowMatchEulerDiscreteScheduler(shift=shift).config
+        self.lora = lora
+        self.is_lora = lora is not None
+        if self.is_lora:
+            inject_adapter_in_model(lora, self.model)
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        else:
+            self.model.requires_grad_(True)
+        self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self.reference_model: UnifiedModel | None = None
+        self._use_reference = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def active_model(self) -> UnifiedModel:
+        return self.reference_model if self._use_reference else self.model
+
+    # ---- flow side ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
+        ids = self.model.caption_ids(list(prompts))
+        pooled = torch.zeros(len(prompts), 1, device=self.device)
+        if not negative:
+            return Conditioning(ids, pooled)
+        empty = self.model.caption_ids([""]).expand(len(prompts), -1)
+        return Conditioning(ids, pooled, empty, pooled)
+
+    def velocity(
+        self,
+        latents: Tensor,
+        sigma: Tensor | float,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        detach_uncond: bool = False,
+    ) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
+        images, ids = latents, cond.prompt_embeds
+        guided = guidance_scale > 1.0
+        if guided:
+            if cond.negative_prompt_embeds is None:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
+                )
+            images, sigma = torch.cat([images, images]), torch.cat([sigma, sigma])
+            ids = torch.cat([cond.negative_prompt_embeds, ids])
+        output = self.active_model.velocity(ids, images, sigma).float()
+        self.nfe += images.shape[0]
+        if not guided:
+            return output
+        uncond, text = output.chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
+        return uncond + guidance_scale * (text - uncond)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Pixel space: latents are images in [-1, 1]."""
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        return self._scheduler_config
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        return sigma_schedule(self.scheduler_config, num_steps)
+
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> Tensor:
+        shape = (batch_size, 3, self.resolution, self.resolution)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    # ---- token side ---------------------------------------------------------------------------------
+
+    def _check_task(self, task: str) -> None:
+        if task != "answer":
+            raise ValueError(
+                f"UnifiedPolicy samples task='answer' tokens only, not {task!r}: it draws images by flow "
+                "matching, so train its generation with a flow algorithm (e.g. algo=flow_grpo)"
+            )
+
+    def _answer_context(self, images: Tensor, questions: list[str]) -> tuple[Tensor, list[list[int]]]:
+        """Images in [-1, 1] on the model's device, and each question's ``words <|answer|>`` ids."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images for {len(questions)} questions")
+        return images.to(self.device).float() * 2 - 1, [self.model.question_prefix(q) for q in questions]
+
+    def _logits_at(self, images: Tensor, rows: list[list[int]], offsets: Tensor) -> Tensor:
+        """Logits ``[B, K, V]`` at text positions ``offsets`` ``[B, K]`` of ``<bos> [image] rows`` (rows
+        right-padded with end tokens, which causal attention hides from the positions read)."""
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.model.eos_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        logits = self.active_model.answer_logits(images, ids.to(self.device))
+        index = offsets.to(self.device)[..., None].expand(-1, -1, logits.shape[-1])
+        return logits.gather(1, index).float()
+
+    @staticmethod
+    def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
+        """The tempered distribution; temperature 0 (greedy) scores under temperature 1."""
+        return torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        task: str,
+        inputs: dict[str, Any],
+        generators: list[torch.Generator],
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        guidance_scale: float = 1.0,
+    ) -> TokenRollout:
+        """Answers to ``inputs["questions"]`` about ``inputs["images"]`` ([B, 3, H, W] in [0, 1]).
+
+        Sample ``i`` draws from ``generators[i]`` only; temperature 0 is greedy, and its log-probs are
+        those of the argmax under temperature 1. Every rollout has ``max_new_tokens`` (default 4) columns:
+        after a sequence's end token its tokens are end tokens outside the mask. ``guidance_scale`` is not
+        used: answers are not guided.
+        """
+        self._check_task(task)
+        questions = list(inputs["questions"])
+        if len(generators) != len(questions):
+            raise ValueError(f"{len(generators)} generators for {len(questions)} questions")
+        images, prefixes = self._answer_context(inputs["images"], questions)
+        steps = 4 if max_new_tokens is None else max_new_tokens
+        batch, eos = len(questions), self.model.eos_id
+        tokens = torch.full((batch, steps), eos, dtype=torch.long)
+        log_probs = torch.zeros(batch, steps)
+        mask = torch.zeros(batch, steps, dtype=torch.bool)
+        done = torch.zeros(batch, dtype=torch.bool)
+        lengths = torch.tensor([len(p) for p in prefixes])
+        for t in range(steps):
+            rows = [prefix + tokens[i, :t].tolist() for i, prefix in enumerate(prefixes)]
+            logits = self._logits_at(images, rows, (lengths - 1 + t)[:, None])[:, 0].cpu()
+            self.nfe += batch
+            scores = self._log_softmax(logits, temperature)
+            if temperature > 0:
+                picked = torch.cat(
+                    [torch.multinomial(scores[i].exp(), 1, generator=g) for i, g in enumerate(generators)]
+                )
+            else:
+                picked = scores.argmax(-1)
+            live = ~done
+            tokens[live, t] = picked[live]
+            log_probs[live, t] = scores.gather(1, picked[:, None])[live, 0]
+            mask[live, t] = True
+            done |= picked == eos
+            if bool(done.all()):
+                break
+        texts = [self.model.decode_answer(row[m].tolist()) for row, m in zip(tokens, mask)]
+        return TokenRollout(
+            task="answer",
+            inputs={"images": inputs["images"], "questions": questions},
+            tokens=tokens.to(self.device),
+            mask=mask.to(self.device),
+            log_probs=log_probs.to(self.device),
+            texts=texts,
+            temperature=temperature,
+        )
+
+    def token_log_probs(self, rollout: TokenRollout) -> Tensor:
+        """One differentiable forward over ``<bos> [image] question <|answer|> tokens``: the same logits
+        as the step-by-step sampling (causal text), so the ratio is 1 before an update."""
+        self._check_task(rollout.task)
+        images, prefixes = self._answer_context(rollout.inputs["images"], list(rollout.inputs["questions"]))
+        mask, tokens = rollout.mask.to(self.device), rollout.tokens.to(self.device)
+        tokens = torch.where(mask, tokens, torch.full_like(tokens, self.model.eos_id))  # padding: any id
+        steps = tokens.shape[1]
+        rows = [prefix + tokens[i].tolist() for i, prefix in enumerate(prefixes)]
+        offsets = torch.tensor([len(p) - 1 for p in prefixes])[:, None] + torch.arange(steps)
+        logits = self._logits_at(images, rows, offsets)
+        self.nfe += len(rows)
+        picked = self._log_softmax(logits, rollout.temperature).gather(-1, tokens[..., None])[..., 0]
+        return torch.where(mask, picked, torch.zeros_like(picked))
+
+    # ---- training ------------------------------------------------------------------------------------
+
+    def enable_reference(self) -> None:
+        if not self.is_lora and self.reference_model is None:
+            self.reference_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        if self.is_lora:
+            for layer in self._lora_layers:
+                layer.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for layer in self._lora_layers:
+                    layer.enable_adapters(True)
+        else:
+            if self.reference_model is None:
+                raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Full fine-tuning: the model's own directory (``load_unified_model(directory)`` reads it); LoRA:
+        peft's ``adapter_config.json`` and ``adapter_model.safetensors`` (:meth:`load_adapter` reads them).
+        Called on every rank; rank 0 writes."""
+        directory = Path(directory)
+        if self.is_lora:
+            layers = full_tensors(get_peft_model_state_dict(self.model))
+            if world()[0] == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                self.lora.save_pretrained(directory)
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in layers.items()}, directory / ADAPTER_WEIGHTS
+                )
+            return
+        if world()[0] == 0:
+            self.model.save_pretrained(directory)
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load LoRA weights written by :meth:`save_pretrained` into this policy (built with the same
+        ``LoraConfig``)."""
+        if not self.is_lora:
+            raise ValueError(
+                "load_adapter needs a LoRA policy; a full fine-tune loads with load_unified_model"
+            )
+        result = set_peft_model_state_dict(self.model, load_file(Path(directory) / ADAPTER_WEIGHTS))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(
+                f"{directory}: adapter weights do not fit this model: {result.unexpected_keys[:5]}"
+            )

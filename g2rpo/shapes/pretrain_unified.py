@@ -1,0 +1,392 @@
+"""Pretrain the unified shapes model on generation and understanding at once (``make unified-model``).
+
+Transfusion's recipe (Zhou et al. 2024, arXiv 2408.11039): every batch holds captioned images for the
+flow-matching loss and image-question-answer sequences for the language-modelling loss, and the two
+losses are summed (``loss = gen_weight * gen + und_weight * und``) into one update of the shared weights.
+
+- Generation: SD3's rectified flow as :mod:`g2rpo.shapes.pretrain` (velocity ``noise - x0``, logit-normal
+  timesteps), captions of every GenEval-shapes prompt (``prompts.split("all")``) on scenes drawn by
+  ``prompts.scene_for``, 10% of captions dropped to the empty caption for classifier-free guidance.
+- Understanding: next-token cross-entropy on the answer and its end token only (the question is context),
+  images from ``vqa.random_scene`` and from scenes of prompts (half each), questions from
+  ``vqa.sample_question``.
+
+Batches are rendered from ``(seed, step)``, the learning rate is constant after warm-up and an EMA of the
+weights is exported, so, as for the base model, the run is deterministic on a given machine and thread
+count, resumes from its last Lightning checkpoint, and its export at step N does not depend on the total.
+At the end the export is evaluated: understanding accuracy per question type (greedy answers on held-out
+scenes) and held-out GenEval-shapes (ODE samples, the world's default evaluation).
+
+    python -m g2rpo.shapes.pretrain_unified --steps 3000 --out g2rpo/shapes/weights/unified
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
+from torch.utils.data import DataLoader, IterableDataset
+
+from g2rpo.policies.unified import UnifiedPolicy
+from g2rpo.randomness import TOKEN, keyed
+from g2rpo.shapes import vqa
+from g2rpo.shapes.prompts import TASKS, scene_for, split
+from g2rpo.shapes.unified import UnifiedModel, load_unified_model, unified_model
+from g2rpo.shapes.world import render
+
+log = logging.getLogger(__name__)
+HELDOUT_SEED = 20_240_811  # understanding evaluation scenes: a stream no training step draws from
+HELDOUT_PER_TYPE = 200
+
+
+class UnifiedBatches(IterableDataset):
+    """Endless batches, each a function of ``(seed, step)``: ``gen_batch`` captioned images and
+    ``und_batch`` (image, question, answer) triples, images in [-1, 1]."""
+
+    def __init__(
+        self,
+        gen_batch: int,
+        und_batch: int,
+        seed: int,
+        image_size: int = 32,
+        caption_dropout: float = 0.1,
+        prompt_scenes: float = 0.5,
+    ) -> None:
+        self.gen_batch, self.und_batch, self.seed = gen_batch, und_batch, seed
+        self.image_size, self.caption_dropout, self.prompt_scenes = image_size, caption_dropout, prompt_scenes
+        self.prompts = split("all")
+
+    def prompt(self, rng: np.random.Generator) -> dict:
+        task = TASKS[rng.integers(len(TASKS))]
+        return self.prompts[task][rng.integers(len(self.prompts[task]))]
+
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        images, captions = [], []
+        for _ in range(self.gen_batch):
+            metadata = self.prompt(rng)
+            images.append(render(scene_for(metadata, rng, self.image_size), self.image_size))
+            captions.append("" if rng.random() < self.caption_dropout else metadata["prompt"])
+        und_images, questions, answers = [], [], []
+        for _ in range(self.und_batch):
+            if rng.random() < self.prompt_scenes:
+                scene = scene_for(self.prompt(rng), rng, self.image_size)
+            else:
+                scene = vqa.random_scene(rng, self.image_size)
+            entry = vqa.sample_question(scene, rng)
+            und_images.append(render(scene, self.image_size))
+            questions.append(entry["question"])
+            answers.append(entry["answer"])
+        return {
+            "images": torch.stack(images) * 2 - 1,
+            "captions": captions,
+            "und_images": torch.stack(und_images) * 2 - 1,
+            "questions": questions,
+            "answers": answers,
+        }
+
+    start = 0  # set to the resumed step before iteration begins
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def answer_sequences(
+    model: UnifiedModel, questions: list[str], answers: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text after the image, ``question <|answer|> answer <eos>`` right-padded with end tokens, and the
+    next-token targets: the answer and its end token, -100 (ignored) elsewhere."""
+    rows, targets = [], []
+    for question, answer in zip(questions, answers):
+        prefix = model.question_prefix(question)
+        reply = [*model.words(answer), model.eos_id]
+        rows.append(prefix + reply)
+        targets.append([-100] * (len(prefix) - 1) + reply + [-100])  # position t predicts token t + 1
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), model.eos_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (row, target) in enumerate(zip(rows, targets)):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(target)] = torch.tensor(target)
+    return ids, labels
+
+
+class UnifiedPretraining(L.LightningModule):
+    def __init__(
+        self,
+        model: UnifiedModel,
+        lr: float = 4e-3,
+        warmup_steps: int = 200,
+        weight_decay: float = 0.0,
+        ema_decay: float = 0.999,
+        gen_weight: float = 1.0,
+        und_weight: float = 1.0,
+        export_every: int = 0,
+        out: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
+        self.gen_weight, self.und_weight = gen_weight, und_weight
+        self.ema = EMAModel(self.model.parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3)
+        self.export_every, self.out = export_every, out
+        self.started = time.time()
+        self.curve: list[dict] = []  # every 100 steps: the step's losses and the wall time so far
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["images"]
+        captions = self.model.caption_ids(batch["captions"])
+        sigma = compute_density_for_timestep_sampling(
+            "logit_normal", images.shape[0], logit_mean=0.0, logit_std=1.0
+        )
+        noise = torch.randn_like(images)
+        s = sigma.view(-1, 1, 1, 1)
+        prediction = self.model.velocity(captions, (1 - s) * images + s * noise, sigma)
+        gen = torch.nn.functional.mse_loss(prediction, noise - images)
+
+        ids, labels = answer_sequences(self.model, batch["questions"], batch["answers"])
+        logits = self.model.answer_logits(batch["und_images"], ids.to(self.device))
+        und = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.to(self.device).flatten())
+        loss = self.gen_weight * gen + self.und_weight * und
+        self.log_dict({"gen": gen, "und": und}, prog_bar=True)
+        self.losses = {"gen": gen.item(), "und": und.item()}
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.ema.step(self.model.parameters())
+        step = self.global_step
+        if step % 100 == 0:
+            point = {"step": step, **self.losses, "seconds": round(time.time() - self.started, 1)}
+            self.curve.append(point)
+            log.info("step %(step)d: gen %(gen).4f, und %(und).4f, %(seconds).0f s", point)
+        if self.export_every and step % self.export_every == 0 and self.out is not None:
+            self.export(self.out.parent / f"{self.out.name}-step{step}", step)
+
+    def on_train_start(self) -> None:
+        self.trainer.train_dataloader.dataset.start = self.global_step  # resume the data stream too
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["seconds"] = time.time() - self.started  # wall time survives a resumption
+        checkpoint["curve"] = self.curve
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ema.load_state_dict(checkpoint["ema"])
+        self.started = time.time() - checkpoint["seconds"]
+        self.curve = checkpoint["curve"]
+
+    def configure_optimizers(self):
+        # beta2 0.95 and clipping at norm 1 (in the Trainer) keep a qk-norm-free Llama stable at this rate
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay
+        )
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / self.warmup_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def export(self, directory: Path, step: int) -> None:
+        """Save the EMA weights in the model's own format, in fp16 (half the size; loaded as fp32)."""
+        model = copy.deepcopy(self.model)
+        self.ema.copy_to(model.parameters())
+        model.save_pretrained(directory, dtype=torch.float16)
+        info = {"steps": step, "seconds": round(time.time() - self.started, 1), "curve": self.curve}
+        (directory / "training.json").write_text(json.dumps(info, indent=2))
+        log.info("exported step %d to %s", step, directory)
+
+
+def heldout_questions(num_per_type: int, seed: int, image_size: int = 32) -> list[dict]:
+    """``num_per_type`` questions of each type on fresh ``vqa.random_scene`` scenes drawn from ``seed``:
+    ``{"image" [3, H, W] in [0, 1], "question", "answer", "qtype"}``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for qtype in vqa.QUESTION_TYPES:
+        count = 0
+        while count < num_per_type:
+            scene = vqa.random_scene(rng, image_size)
+            if not vqa.questions(scene)[qtype]:
+                continue
+            entry = vqa.sample_question(scene, rng, qtype)
+            out.append({**entry, "image": render(scene, image_size)})
+            count += 1
+    return out
+
+
+@torch.no_grad()
+def understanding_accuracy(
+    policy_or_model: UnifiedPolicy | UnifiedModel,
+    num_per_type: int = HELDOUT_PER_TYPE,
+    seed: int = HELDOUT_SEED,
+    temperature: float = 0.0,
+    batch_size: int = 250,
+) -> dict[str, float]:
+    """Exact-match accuracy of the policy's answers on held-out scenes, per question type and ``overall``
+    (the mean over types). Greedy at temperature 0; otherwise sample ``i`` draws from a stream keyed by
+    ``seed`` and ``i``, so two policies are compared on the same randomness."""
+    policy = policy_or_model if isinstance(policy_or_model, UnifiedPolicy) else UnifiedPolicy(policy_or_model)
+    items = heldout_questions(num_per_type, seed, policy.resolution)
+    generators = keyed(torch.Generator().manual_seed(seed), list(range(len(items))), TOKEN)
+    nfe, texts = policy.nfe, []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        rollout = policy.sample_tokens(
+            "answer",
+            {"images": torch.stack([i["image"] for i in chunk]), "questions": [i["question"] for i in chunk]},
+            generators[start : start + batch_size],
+            temperature=temperature,
+        )
+        texts.extend(rollout.texts)
+    policy.nfe = nfe  # evaluation cost is not training cost
+    correct: dict[str, list[bool]] = {qtype: [] for qtype in vqa.QUESTION_TYPES}
+    for item, text in zip(items, texts):
+        correct[item["qtype"]].append(vqa.answer_matches(text, item["answer"]))
+    accuracy = {qtype: float(np.mean(hits)) for qtype, hits in correct.items()}
+    accuracy["overall"] = float(np.mean(list(accuracy.values())))
+    return accuracy
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--gen-batch", type=int, default=24)
+    parser.add_argument("--und-batch", type=int, default=8)
+    parser.add_argument("--gen-weight", type=float, default=1.0)
+    parser.add_argument("--und-weight", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--intermediate-size", type=int, default=512)
+    parser.add_argument("--export-every", type=int, default=0, help="also export snapshots every N steps")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "unified")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=Path("outputs/unified-model"),
+        help="Lightning checkpoints (every 100 steps); an interrupted run resumes from the last one",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, workers=True)
+    sizes = {
+        "hidden_size": args.hidden_size,
+        "num_layers": args.num_layers,
+        "num_heads": args.num_heads,
+        "intermediate_size": args.intermediate_size,
+    }
+    module = UnifiedPretraining(
+        unified_model(seed=args.seed, **sizes),
+        lr=args.lr,
+        gen_weight=args.gen_weight,
+        und_weight=args.und_weight,
+        export_every=args.export_every,
+        out=args.out,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=args.steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(args.checkpoints, every_n_train_steps=100, save_last=True)
+        ],
+        deterministic=True,
+        log_every_n_steps=50,
+        enable_model_summary=True,
+    )
+    data = DataLoader(UnifiedBatches(args.gen_batch, args.und_batch, args.seed), batch_size=None)
+    last = args.checkpoints / "last.ckpt"
+    trainer.fit(module, data, ckpt_path=last if last.is_file() else None)
+    module.export(args.out, args.steps)
+    write_model_card(args.out, args)
+
+
+def write_model_card(directory: Path, args: argparse.Namespace) -> None:
+    """Evaluate the export (understanding per question type; held-out GenEval-shapes as the world's
+    default evaluation, ``conf/eval/shapes.yaml``), record it in ``training.json`` and write the card."""
+    from g2rpo.evaluate import Evaluator
+    from g2rpo.shapes.clip import ShapesScore
+    from g2rpo.shapes.geneval import GenEvalShapes
+    from g2rpo.shapes.prompts import shapes_dataset
+
+    policy = UnifiedPolicy(load_unified_model(str(directory))).eval()
+    understanding = understanding_accuracy(policy)
+    rewards = {"geneval_shapes": GenEvalShapes(), "shapes_score": ShapesScore()}
+    evaluation = Evaluator(shapes_dataset("heldout"), rewards)(policy)
+    info = json.loads((directory / "training.json").read_text())
+    info.update(
+        seconds_per_step=round(info["seconds"] / info["steps"], 3),
+        understanding=understanding,
+        heldout=evaluation.to_json(),
+    )
+    (directory / "training.json").write_text(json.dumps(info, indent=2))
+    parameters = sum(p.numel() for p in policy.model.parameters())
+    s = policy.model.sizes
+    command = (
+        f"python -m g2rpo.shapes.pretrain_unified --steps {args.steps} --threads {args.threads} "
+        f"--out {args.out}"
+    )
+    understanding_rows = "\n".join(f"{k:<9} {v:.3f}" for k, v in understanding.items())
+    settings = evaluation.settings
+    card = f"""# shapes-unified
+
+The shapes world's unified understanding and generation model (`model=shapes_unified`): one
+`transformers` `LlamaModel` ({s["num_layers"]} layers, hidden {s["hidden_size"]}, {s["num_heads"]} heads, MLP
+{s["intermediate_size"]}; {parameters / 1e6:.2f}M parameters in all) that answers questions about 32x32 images
+token by token and draws them by flow matching from a caption, with shared weights (Transfusion, arXiv
+2408.11039; JanusFlow, arXiv 2411.07975). Code: `g2rpo/shapes/unified.py`, policy `g2rpo/policies/unified.py`.
+
+- **Architecture**: a word-level vocabulary ({len(policy.model.tokenizer)} tokens: captions, questions, answers,
+  `<|answer|>`); 4x4 pixel patches (64 image tokens) in and velocities out through linear layers, a
+  learned image position embedding and a noise-level embedding (sinusoidal + MLP) on every image token;
+  causal attention over text, bidirectional within the image; an untied LM head.
+- **Layouts**: understanding `<bos> [clean image] question <|answer|> answer <eos>`; generation
+  `<bos> caption <eos>... [noisy image]` (captions padded to {s["caption_length"]} tokens with `<eos>`).
+- **Data**: per batch {args.gen_batch} captioned images (every GenEval-shapes prompt,
+  `prompts.split("all")`, on scenes from `prompts.scene_for`, 10% captions dropped) and {args.und_batch}
+  image-question-answer triples (`vqa.random_scene` and prompt scenes, `vqa.sample_question`).
+- **Objective**: {args.gen_weight} x rectified-flow velocity MSE (logit-normal timesteps) + {args.und_weight} x
+  next-token cross-entropy on the answer tokens.
+- **Training**: AdamW lr {args.lr} (200 warm-up steps, then constant), {info["steps"]} steps, EMA of the
+  weights (exported in fp16), seed {args.seed}, {args.threads} CPU threads: {info["seconds"] / 60:.1f} minutes
+  wall-clock, {info["seconds_per_step"]} s/step (on 2 cores shared with other jobs).
+- **Regenerate**: `make unified-model`, i.e. `{command}` (deterministic on a given machine and thread
+  count; resumes from `{args.checkpoints}/last.ckpt`).
+
+Both abilities are deliberately decent but imperfect: RL post-training has something to improve.
+
+## Understanding (greedy answers to {len(vqa.QUESTION_TYPES) * HELDOUT_PER_TYPE} held-out questions, {HELDOUT_PER_TYPE} per type)
+
+```
+{understanding_rows}
+```
+
+## Held-out GenEval-shapes ({evaluation.num_images} images: {settings["images_per_task"]} per task,
+ODE {settings["num_steps"]} steps, CFG {settings["guidance_scale"]}, seed {settings["seed"]})
+
+```
+{evaluation.table()}
+```
+"""
+    (directory / "README.md").write_text(card)
+    print(card)
+
+
+if __name__ == "__main__":
+    main()
