@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         policy.enable_reference()
     optimizer = instantiate(cfg.optimizer)(policy.trainable_parameters())
     stopwatch = Stopwatch(device)
-    stopwatch.time_forwards(policy.transformer, getattr(policy, "reference_transformer", None))
+    stopwatch.time_forwards(policy.transformer, getattr(policy, "reference_copy", None))
     backward = stopwatch.wrap(torch.Tensor.backward)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)

@@ -83,7 +83,7 @@ def test_full_finetuning_keeps_a_frozen_copy_as_reference():
         with policy.reference():
             reference = policy.velocity(latents, 0.5, cond)
     torch.testing.assert_close(reference, before, rtol=0, atol=0)
-    assert not any(p.requires_grad for p in policy.reference_transformer.parameters())
+    assert not any(p.requires_grad for p in policy.reference_copy.parameters())
 
 
 def test_schedule_is_the_pipelines_scheduler(policy):

@@ -59,7 +59,7 @@ class FluxPolicy(TransformerPolicy):
     def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         batch, channels, height, width = latents.shape
         dtype = self.compute_dtype
-        transformer = self.active_transformer
+        transformer = self.active
         output = transformer(
             hidden_states=FluxPipeline._pack_latents(latents, batch, channels, height, width).to(dtype),
             timestep=sigma,

@@ -15,8 +15,6 @@ generation together (PairGRPO).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import (
     JanusConfig,
     JanusForConditionalGeneration,
@@ -41,6 +38,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from g2rpo.distributed import world
+from g2rpo.policies.reference import FrozenReference
 from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy, TokenRollout
 from g2rpo.randomness import rand_per_key
 
@@ -209,7 +207,7 @@ def positions_of(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-class JanusPolicy(TokenPolicy):
+class JanusPolicy(FrozenReference, TokenPolicy):
     """Janus-Pro under training: LoRA on the language model through peft (``lora`` given) or full fine-tuning
     (``lora=None``: everything but the frozen VQ-VAE, as Janus-Pro's own fine-tuning stage). Trained weights
     are kept in fp32 (a bf16 weight cannot take PairUni's 1e-6 steps); frozen ones stay as loaded.
@@ -223,6 +221,8 @@ class JanusPolicy(TokenPolicy):
     ``softmax(c / T)``, the model's own distribution without guidance (half the forward in the update, but
     its samples then come from another distribution than the one trained).
     """
+
+    trained_module = "model"
 
     def __init__(
         self,
@@ -249,24 +249,17 @@ class JanusPolicy(TokenPolicy):
         self.num_image_codes = self.model.config.vq_config.num_patches**2
 
         self.model.requires_grad_(False)
-        self.is_lora = lora is not None
-        if self.is_lora:
+        if lora is not None:
             self.model.add_adapter(language_model_only(lora))
         else:
             self.model.requires_grad_(True)
             self.model.model.vqmodel.requires_grad_(False)
         cast_training_params(self.model, dtype=torch.float32)
-        self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        self.reference_model: JanusForConditionalGeneration | None = None
-        self._use_reference = False
+        self.init_reference(is_lora=lora is not None)
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
-
-    @property
-    def active_model(self) -> JanusForConditionalGeneration:
-        return self.reference_model if self._use_reference else self.model
 
     # -- prompts ------------------------------------------------------------------------------------------
 
@@ -320,7 +313,7 @@ class JanusPolicy(TokenPolicy):
 
     def prompt_embeddings(self, ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
         """Token embeddings with the aligned image features in the image placeholders of the prompt."""
-        model = self.active_model
+        model = self.active
         embeds = model.get_input_embeddings()(ids)
         if pixel_values is None:
             return embeds
@@ -330,14 +323,14 @@ class JanusPolicy(TokenPolicy):
 
     def code_embeddings(self, codes: Tensor) -> Tensor:
         """Input embeddings of VQ codes (generation embeddings through the generation aligner)."""
-        return self.active_model.prepare_embeddings_for_image_generation(codes)
+        return self.active.prepare_embeddings_for_image_generation(codes)
 
     def language_model(
         self, embeds: Tensor, mask: Tensor, positions: Tensor, use_cache: bool = False, cache: Any = None
     ) -> Any:
         """The (active) language model on input embeddings; each row counts one network evaluation."""
         self.nfe += embeds.shape[0]
-        return self.active_model.model.language_model(
+        return self.active.model.language_model(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
@@ -348,7 +341,7 @@ class JanusPolicy(TokenPolicy):
     # -- logits --------------------------------------------------------------------------------------------
 
     def answer_log_probs(self, hidden: Tensor, temperature: float) -> Tensor:
-        return torch.log_softmax(self.active_model.lm_head(hidden).float() / temperature, dim=-1)
+        return torch.log_softmax(self.active.lm_head(hidden).float() / temperature, dim=-1)
 
     def code_log_probs(
         self, hidden: Tensor, temperature: float, guidance_scale: float, guided: bool
@@ -356,7 +349,7 @@ class JanusPolicy(TokenPolicy):
         """Log-probs of the next VQ code, ``(sampled, recorded)``: sampled from ``u + w (c - u)`` with
         ``guided`` (rows ``[cond; uncond]``), else from the conditional logits ``c``; recorded from the
         sampled distribution or, with ``logprob_from="conditional"``, from ``c``."""
-        logits = self.active_model.model.generation_head(hidden).float()
+        logits = self.active.model.generation_head(hidden).float()
         if not guided:
             log_probs = torch.log_softmax(logits / temperature, dim=-1)
             return log_probs, log_probs
@@ -514,32 +507,6 @@ class JanusPolicy(TokenPolicy):
             raise ValueError(f"task={rollout.task!r}: expected one of {', '.join(TOKEN_TASKS)}")
         picked = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return picked.masked_fill(~rollout.mask.to(self.device), 0.0)
-
-    def enable_reference(self) -> None:
-        if not self.is_lora and self.reference_model is None:
-            self.reference_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        if self.is_lora:
-            for layer in self._lora_layers:
-                layer.enable_adapters(False)
-            try:
-                yield
-            finally:
-                for layer in self._lora_layers:
-                    layer.enable_adapters(True)
-        else:
-            if self.reference_model is None:
-                raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def save_pretrained(self, directory: str | Path) -> None:
         """LoRA: the adapter in PEFT's format (``JanusForConditionalGeneration.load_adapter`` reads it onto the

@@ -51,7 +51,7 @@ class SD3Policy(TransformerPolicy):
         return embeds, pooled
 
     def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
-        return self.active_transformer(
+        return self.active(
             hidden_states=latents.to(self.compute_dtype),
             timestep=sigma * self.pipeline.scheduler.config.num_train_timesteps,
             encoder_hidden_states=embeds,

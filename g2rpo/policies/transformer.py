@@ -4,9 +4,7 @@ lay out latents and build the sigma grid."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,6 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -22,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from g2rpo.distributed import full_tensors, world
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.policies.reference import FrozenReference
 from g2rpo.types import Conditioning
 
 
@@ -44,7 +42,7 @@ def load_pipeline(
         ) from error
 
 
-class TransformerPolicy(FlowPolicy):
+class TransformerPolicy(FrozenReference, FlowPolicy):
     """A diffusers pipeline whose transformer is trained: LoRA through peft (``lora`` given) or full
     fine-tuning (``lora=None``); text encoders and VAE frozen.
 
@@ -52,6 +50,7 @@ class TransformerPolicy(FlowPolicy):
     or a frozen copy of the initial weights (full fine-tuning, made by ``enable_reference``).
     """
 
+    trained_module = "transformer"
     #: the transformer's lists of blocks: FSDP units, and what gradient checkpointing recomputes
     block_lists: tuple[str, ...] = ("transformer_blocks",)
 
@@ -84,8 +83,7 @@ class TransformerPolicy(FlowPolicy):
         for frozen in (self.vae, self.text_encoders):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
-        self.is_lora = lora is not None
-        if self.is_lora:
+        if lora is not None:
             self.transformer.requires_grad_(False)
             self.transformer.add_adapter(lora)
             cast_training_params(self.transformer, dtype=torch.float32)
@@ -93,12 +91,7 @@ class TransformerPolicy(FlowPolicy):
             self.transformer.requires_grad_(True)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        # diffusers' disable_adapters()/enable_adapters() walk every module and query the installed peft
-        # version on each call; the reference runs once per trained unit, so keep the LoRA layers at hand
-        # and toggle them with the same peft call.
-        self._lora_layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
-        self.reference_transformer: nn.Module | None = None
-        self._use_reference = False
+        self.init_reference(is_lora=lora is not None)
 
     @property
     def latent_multiple(self) -> int:
@@ -118,10 +111,6 @@ class TransformerPolicy(FlowPolicy):
     def compute_dtype(self) -> torch.dtype:
         """The frozen weights' dtype (``transformer.dtype`` scans every parameter: too slow per call)."""
         return self.input_weight.dtype
-
-    @property
-    def active_transformer(self) -> nn.Module:
-        return self.reference_transformer if self._use_reference else self.transformer
 
     @torch.no_grad()
     def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
@@ -187,32 +176,6 @@ class TransformerPolicy(FlowPolicy):
     def scheduler_config(self) -> Mapping[str, Any]:
         return self.pipeline.scheduler.config
 
-    def enable_reference(self) -> None:
-        if not self.is_lora and self.reference_transformer is None:
-            self.reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        if self.is_lora:
-            for layer in self._lora_layers:
-                layer.enable_adapters(False)
-            try:
-                yield
-            finally:
-                for layer in self._lora_layers:
-                    layer.enable_adapters(True)
-        else:
-            if self.reference_transformer is None:
-                raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
     def shard(self, mesh: DeviceMesh, cpu_offload: bool = False) -> None:
         """FSDP2, as torchtitan shards a transformer: each block is a unit, the root holds the rest
         (embeddings, final norm and projection); a full-fine-tuning reference copy is sharded the same way.
@@ -224,7 +187,7 @@ class TransformerPolicy(FlowPolicy):
                 "module.fsdp_cpu_offload=true moves shards off an accelerator: the run is on the CPU"
             )
         offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-        for transformer in (self.transformer, self.reference_transformer):
+        for transformer in (self.transformer, self.reference_copy):
             if transformer is not None:
                 for blocks in self.block_lists:
                     for block in getattr(transformer, blocks):

@@ -9,9 +9,7 @@ the images: that coupling is what a unified model is for.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +17,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from g2rpo.distributed import full_tensors, world
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.policies.reference import FrozenReference
 from g2rpo.policies.tokens import TokenPolicy, TokenRollout
 from g2rpo.sampling import sigma_schedule
 from g2rpo.shapes.unified import UnifiedModel
@@ -34,7 +32,7 @@ from g2rpo.types import Conditioning
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class UnifiedPolicy(FlowPolicy, TokenPolicy):
+class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
     """Full fine-tuning (``lora=None``, the default: the model has about a million parameters, so a
     full copy for the reference costs nothing and LoRA would only restrict it) or LoRA through peft on
     any of its linear layers (e.g. the Llama attention projections ``q_proj``, ``k_proj``, ``v_proj``,
@@ -49,6 +47,8 @@ class UnifiedPolicy(FlowPolicy, TokenPolicy):
     ``pooled_prompt_embeds`` is an ``[N, 1]`` zero tensor that only keeps the dataclass's shape contract.
     """
 
+    trained_module = "model"
+
     def __init__(
         self, model: UnifiedModel, resolution: int = 32, lora: LoraConfig | None = None, shift: float = 1.0
     ) -> None:
@@ -61,24 +61,17 @@ class UnifiedPolicy(FlowPolicy, TokenPolicy):
         self.resolution = resolution
         self._scheduler_config = FlowMatchEulerDiscreteScheduler(shift=shift).config
         self.lora = lora
-        self.is_lora = lora is not None
-        if self.is_lora:
+        if lora is not None:
             inject_adapter_in_model(lora, self.model)
             for name, parameter in self.model.named_parameters():
                 parameter.requires_grad_("lora_" in name)
         else:
             self.model.requires_grad_(True)
-        self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        self.reference_model: UnifiedModel | None = None
-        self._use_reference = False
+        self.init_reference(is_lora=lora is not None)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    @property
-    def active_model(self) -> UnifiedModel:
-        return self.reference_model if self._use_reference else self.model
 
     # ---- flow side ----------------------------------------------------------------------------------
 
@@ -109,7 +102,7 @@ class UnifiedPolicy(FlowPolicy, TokenPolicy):
                 )
             images, sigma = torch.cat([images, images]), torch.cat([sigma, sigma])
             ids = torch.cat([cond.negative_prompt_embeds, ids])
-        output = self.active_model.velocity(ids, images, sigma).float()
+        output = self.active.velocity(ids, images, sigma).float()
         self.nfe += images.shape[0]
         if not guided:
             return output
@@ -157,7 +150,7 @@ class UnifiedPolicy(FlowPolicy, TokenPolicy):
         ids = torch.full((len(rows), length), self.model.eos_id, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        logits = self.active_model.answer_logits(images, ids.to(self.device))
+        logits = self.active.answer_logits(images, ids.to(self.device))
         index = offsets.to(self.device)[..., None].expand(-1, -1, logits.shape[-1])
         return logits.gather(1, index).float()
 
@@ -240,32 +233,6 @@ class UnifiedPolicy(FlowPolicy, TokenPolicy):
         return torch.where(mask, picked, torch.zeros_like(picked))
 
     # ---- training ------------------------------------------------------------------------------------
-
-    def enable_reference(self) -> None:
-        if not self.is_lora and self.reference_model is None:
-            self.reference_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        if self.is_lora:
-            for layer in self._lora_layers:
-                layer.enable_adapters(False)
-            try:
-                yield
-            finally:
-                for layer in self._lora_layers:
-                    layer.enable_adapters(True)
-        else:
-            if self.reference_model is None:
-                raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Full fine-tuning: the model's own directory (``load_unified_model(directory)`` reads it); LoRA:
