@@ -42,9 +42,11 @@ def vocabulary() -> list[str]:
     return [*SPECIAL, *dict.fromkeys(words)]
 
 
-def word_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
-    """Word-level, CLIP's conventions: ``<|startoftext|> words <|endoftext|>``, padded with end tokens."""
-    vocab = {word: index for index, word in enumerate(vocabulary())}
+def word_tokenizer(max_length: int = 16, words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level, CLIP's conventions: ``<|startoftext|> words <|endoftext|>``, padded with end tokens.
+
+    ``words`` (special tokens first) defaults to the captions' :func:`vocabulary`."""
+    vocab = {word: index for index, word in enumerate(words or vocabulary())}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -27,13 +27,11 @@ from pathlib import Path
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
 from g2rpo.shapes import vqa
-from g2rpo.shapes.model import SPECIAL, vocabulary
+from g2rpo.shapes.model import SPECIAL, vocabulary, word_tokenizer
 
 UNIFIED_MODEL_DIR = Path(__file__).parent / "weights" / "unified"
 ANSWER_MARKER = "<|answer|>"
@@ -59,25 +57,7 @@ def unified_vocabulary() -> list[str]:
 def unified_tokenizer(caption_length: int = DEFAULT_SIZES["caption_length"]) -> PreTrainedTokenizerFast:
     """Word-level with CLIP's conventions, as :func:`g2rpo.shapes.model.word_tokenizer`, over the unified
     vocabulary: ``<|startoftext|> words <|endoftext|>``, padded with end tokens."""
-    vocab = {word: index for index, word in enumerate(unified_vocabulary())}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[
-            ("<|startoftext|>", vocab["<|startoftext|>"]),
-            ("<|endoftext|>", vocab["<|endoftext|>"]),
-        ],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-        model_max_length=caption_length,
-    )
+    return word_tokenizer(caption_length, unified_vocabulary())
 
 
 @lru_cache(maxsize=64)
