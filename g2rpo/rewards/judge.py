@@ -20,13 +20,9 @@ Deliberate differences from Flow-GRPO:
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import logging
 import math
-import os
 import re
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,7 +30,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from g2rpo.rewards.remote import RewardServerError, encode_image, post_with_retries
+from g2rpo.rewards.chat import ChatClient
+from g2rpo.rewards.remote import encode_image
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,6 @@ DEFAULT_PROMPT_TEMPLATE = (
     "Text caption: [{prompt}]"
 )
 DEFAULT_SCORE_PATTERN = r"Final Score:\s*([0-9]+(?:\.[0-9]+)?)"
-RETRIED_STATUS = 429  # besides every 5xx
 
 
 class VLMJudge:
@@ -89,37 +85,40 @@ class VLMJudge:
                 f"VLMJudge.score_pattern must have exactly one group (the score), got {pattern.groups}: "
                 f"{score_pattern!r}"
             )
-        if (
-            max_score <= 0
-            or max_concurrency < 1
-            or timeout_s <= 0
-            or max_retries < 0
-            or backoff_s < 0
-            or (image_size is not None and image_size < 1)
-        ):
+        if max_score <= 0 or (image_size is not None and image_size < 1):
             raise ValueError(
-                "VLMJudge needs max_score > 0, max_concurrency >= 1, timeout_s > 0, max_retries >= 0, "
-                f"backoff_s >= 0 and image_size >= 1 or null; got max_score={max_score}, "
-                f"max_concurrency={max_concurrency}, timeout_s={timeout_s}, max_retries={max_retries}, "
-                f"backoff_s={backoff_s}, image_size={image_size}"
+                f"VLMJudge needs max_score > 0 and image_size >= 1 or null; got max_score={max_score}, "
+                f"image_size={image_size}"
             )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self._api_key = api_key if api_key is not None else os.environ.get(api_key_env, "EMPTY")
+        self.chat = ChatClient(
+            base_url,
+            model,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            max_concurrency=max_concurrency,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            what="VLM judge",
+        )
         self.prompt_template = prompt_template
         self.score_pattern = pattern
         self.max_score = float(max_score)
         self.image_size = None if image_size is None else int(image_size)
-        self.max_concurrency = int(max_concurrency)
-        self.timeout_s = float(timeout_s)
-        self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
-        self.max_backoff_s = float(max_backoff_s)
-        self.temperature = float(temperature)
-        self.max_tokens = int(max_tokens)
+
+    @property
+    def url(self) -> str:
+        return self.chat.url
+
+    @property
+    def model(self) -> str:
+        return self.chat.model
 
     def __repr__(self) -> str:  # never shows the API key
-        return f"VLMJudge(url={self.url!r}, model={self.model!r}, max_concurrency={self.max_concurrency})"
+        return f"VLMJudge({self.chat!r})"
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> Tensor:
         count = images.shape[0]
@@ -129,48 +128,16 @@ class VLMJudge:
             return torch.empty(0)
         pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        stop = threading.Event()  # set on the first failure: the other requests give up instead of retrying
-        executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, count), thread_name_prefix="vlm-judge"
-        )
-        try:
-            futures = [
-                executor.submit(self._score_one, array, str(prompt), stop)
-                for array, prompt in zip(pixels, prompts)
+        messages = [
+            [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + self._encode(array)}},
+                # replace, not str.format: a rubric may contain other braces (JSON examples)
+                {"type": "text", "text": self.prompt_template.replace("{prompt}", str(prompt))},
             ]
-            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = [f for f in futures if f in done and f.exception() is not None]
-            if failed:
-                raise failed[0].exception()
-            scores = [f.result() for f in futures]
-        finally:
-            stop.set()
-            executor.shutdown(wait=True, cancel_futures=True)
-        return torch.tensor(scores, dtype=torch.float32)
-
-    def _score_one(self, pixels: np.ndarray, prompt: str, stop: threading.Event) -> float:
-        """One image's reward: ``score / max_score``, NaN when the answer holds no valid score."""
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "image_url",
-                                "image_url": {"url": "data:image/png;base64," + self._encode(pixels)},
-                            },
-                            # replace, not str.format: a rubric may contain other braces (JSON examples)
-                            {"type": "text", "text": self.prompt_template.replace("{prompt}", prompt)},
-                        ],
-                    }
-                ],
-                "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
-        return self._parse_score(self._answer(self._post(body, stop)))
+            for array, prompt in zip(pixels, prompts)
+        ]
+        answers = self.chat.complete_all(messages)
+        return torch.tensor([self._parse_score(answer) for answer in answers], dtype=torch.float32)
 
     def _encode(self, pixels: np.ndarray) -> str:
         image = Image.fromarray(pixels)
@@ -180,33 +147,6 @@ class VLMJudge:
             if size != image.size:
                 image = image.resize(size, Image.Resampling.BICUBIC)
         return encode_image(np.asarray(image))
-
-    def _post(self, body: bytes, stop: threading.Event) -> bytes:
-        """The raw answer, retried as RemoteReward's requests (and on 429, which servers send when busy)."""
-        return post_with_retries(
-            self.url,
-            body,
-            {"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"},
-            what="VLM judge",
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            backoff_s=self.backoff_s,
-            max_backoff_s=self.max_backoff_s,
-            retried_statuses=frozenset({RETRIED_STATUS}),
-            stop=stop,
-            hint=f"; check model={self.model!r} and the API key",
-        )
-
-    def _answer(self, raw: bytes) -> str | None:
-        """The assistant's text; a body that is not a chat completion means a wrong server, not a bad image."""
-        try:
-            message = json.loads(raw)["choices"][0]["message"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise RewardServerError(
-                f"VLM judge {self.url} answered without an OpenAI chat completion: {raw[:200]!r}"
-            ) from None
-        content = message.get("content") if isinstance(message, dict) else None
-        return content if isinstance(content, str) else None
 
     def _parse_score(self, answer: str | None) -> float:
         matches = [] if answer is None else list(self.score_pattern.finditer(answer))

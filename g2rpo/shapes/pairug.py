@@ -27,12 +27,9 @@ generation captions and whose metadata carries each caption's GenEval metadata p
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import inspect
 import json
-import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -47,7 +44,7 @@ from torch import Tensor
 from g2rpo.data import PromptDataset
 from g2rpo.pairing import match_retrieved, medoids, normalize
 from g2rpo.rewards.answer import normalize as normalize_text
-from g2rpo.rewards.remote import RewardServerError, post_with_retries
+from g2rpo.rewards.chat import ChatClient
 from g2rpo.shapes import prompts, vqa
 from g2rpo.shapes.clip import holds
 from g2rpo.shapes.world import BACKGROUND, COLOURS, SHAPES, WorldObject, render
@@ -166,25 +163,23 @@ class OpenAICompleter:
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
     ) -> None:
-        if max_concurrency < 1 or timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
-            raise ValueError(
-                "OpenAICompleter needs max_concurrency >= 1, timeout_s > 0, max_retries >= 0 and backoff_s >= 0; "
-                f"got max_concurrency={max_concurrency}, timeout_s={timeout_s}, max_retries={max_retries}, "
-                f"backoff_s={backoff_s}"
-            )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self._api_key = api_key if api_key is not None else os.environ.get(api_key_env, "EMPTY")
-        self.temperature = float(temperature)
-        self.max_tokens = int(max_tokens)
-        self.max_concurrency = int(max_concurrency)
-        self.timeout_s = float(timeout_s)
-        self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
-        self.max_backoff_s = float(max_backoff_s)
+        self.chat = ChatClient(
+            base_url,
+            model,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            max_concurrency=max_concurrency,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            what="completion server",
+        )
 
     def __repr__(self) -> str:  # never shows the API key
-        return f"OpenAICompleter(url={self.url!r}, model={self.model!r})"
+        return f"OpenAICompleter({self.chat!r})"
 
     def captions(self, requests: Sequence[CaptionRequest], rng: np.random.Generator) -> list[str | None]:
         texts = [
@@ -209,46 +204,9 @@ class OpenAICompleter:
         ]
 
     def _ask(self, texts: list[str]) -> list[dict | None]:
-        if not texts:
-            return []
-        stop = threading.Event()  # set on the first failure: the other requests give up instead of retrying
-        with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, len(texts)), thread_name_prefix="completer"
-        ) as executor:
-            try:
-                return list(executor.map(lambda text: self._ask_one(text, stop), texts))
-            finally:
-                stop.set()
-
-    def _ask_one(self, text: str, stop: threading.Event) -> dict | None:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [{"role": "user", "content": text}],
-                "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
-        raw = post_with_retries(
-            self.url,
-            body,
-            {"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key}"},
-            what="completion server",
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            backoff_s=self.backoff_s,
-            max_backoff_s=self.max_backoff_s,
-            retried_statuses=frozenset({429}),
-            stop=stop,
-            hint=f"; check model={self.model!r} and the API key",
-        )
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise RewardServerError(
-                f"completion server {self.url} answered without an OpenAI chat completion: {raw[:200]!r}"
-            ) from None
-        return _json_object(content) if isinstance(content, str) else None
+        return [
+            _json_object(answer) if answer is not None else None for answer in self.chat.complete_all(texts)
+        ]
 
 
 def _vocabulary() -> dict[str, str]:
