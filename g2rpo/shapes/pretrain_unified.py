@@ -130,7 +130,7 @@ class UnifiedPretraining(L.LightningModule):
         warmup_steps: int = 200,
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
-        gen_weight: float = 1.0,
+        gen_weight: float = 5.0,
         und_weight: float = 1.0,
         export_every: int = 0,
         out: Path | None = None,
@@ -262,8 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--gen-batch", type=int, default=24)
-    parser.add_argument("--und-batch", type=int, default=8)
-    parser.add_argument("--gen-weight", type=float, default=1.0)
+    parser.add_argument("--und-batch", type=int, default=16)
+    parser.add_argument(
+        "--gen-weight",
+        type=float,
+        default=5.0,
+        help="Transfusion's lambda: the flow loss is far smaller than the cross-entropy, and without the "
+        "weight the answers' gradients dominate Adam's normalisation of the shared weights",
+    )
     parser.add_argument("--und-weight", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--seed", type=int, default=0)
