@@ -46,7 +46,7 @@ BASE_STEPS := 12000
 base-model: $(STAMP) ## Regenerate the shapes base model in g2rpo/shapes/weights/base (deterministic; see its README)
 	$(PY) -m g2rpo.shapes.pretrain --steps $(BASE_STEPS) --threads 2 --out g2rpo/shapes/weights/base
 
-UNIFIED_STEPS := 8000
+UNIFIED_STEPS := 5000
 unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/shapes/weights/unified (see its README)
 	$(PY) -m g2rpo.shapes.pretrain_unified --steps $(UNIFIED_STEPS) --out g2rpo/shapes/weights/unified
 

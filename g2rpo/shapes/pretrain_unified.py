@@ -2,7 +2,8 @@
 
 Transfusion's recipe (Zhou et al. 2024, arXiv 2408.11039): every batch holds captioned images for the
 flow-matching loss and image-question-answer sequences for the language-modelling loss, and the two
-losses are summed (``loss = gen_weight * gen + und_weight * und``) into one update of the shared weights.
+losses are summed (``loss = gen_weight * gen + und_weight * und``, Transfusion's lambda = 5 on the flow
+loss by default) into one update of the shared weights.
 
 - Generation: SD3's rectified flow as :mod:`g2rpo.shapes.pretrain` (velocity ``noise - x0``, logit-normal
   timesteps), captions of every GenEval-shapes prompt (``prompts.split("all")``) on scenes drawn by
@@ -128,6 +129,7 @@ class UnifiedPretraining(L.LightningModule):
         model: UnifiedModel,
         lr: float = 4e-3,
         warmup_steps: int = 200,
+        cooldown_fraction: float = 0.2,
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
         gen_weight: float = 5.0,
@@ -138,6 +140,7 @@ class UnifiedPretraining(L.LightningModule):
         super().__init__()
         self.model = model
         self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
+        self.cooldown_fraction = cooldown_fraction
         self.gen_weight, self.und_weight = gen_weight, und_weight
         self.ema = EMAModel(self.model.parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3)
         self.export_every, self.out = export_every, out
@@ -191,10 +194,20 @@ class UnifiedPretraining(L.LightningModule):
         optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay
         )
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / self.warmup_steps)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        # Warmup-stable-decay (MiniCPM, arXiv 2404.06395): a constant rate, then a linear cool-down to 0 over
+        # the last ``cooldown_fraction`` of the steps, which is where the flow loss drops below its plateau.
+        # One LambdaLR rather than transformers' get_wsd_schedule: its warm-up starts at lr 0, one step
+        # behind the (step + 1) / warmup of the checkpoints the shipped weights resumed from.
+        total = self.trainer.max_steps
+        cooldown_start = total * (1 - self.cooldown_fraction)
+
+        def rate(step: int) -> float:
+            if step >= cooldown_start:
+                return max(0.0, (total - step) / (total - cooldown_start))
+            return min(1.0, (step + 1) / self.warmup_steps)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def export(self, directory: Path, step: int) -> None:
         """Save the EMA weights in the model's own format, in fp16 (half the size; loaded as fp32)."""
@@ -272,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--und-weight", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--cooldown", type=float, default=0.2, help="fraction of the steps spent decaying lr to 0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=128)
@@ -299,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     module = UnifiedPretraining(
         unified_model(seed=args.seed, **sizes),
         lr=args.lr,
+        cooldown_fraction=args.cooldown,
         gen_weight=args.gen_weight,
         und_weight=args.und_weight,
         export_every=args.export_every,
@@ -369,7 +384,9 @@ token by token and draws them by flow matching from a caption, with shared weigh
   image-question-answer triples (`vqa.random_scene` and prompt scenes, `vqa.sample_question`).
 - **Objective**: {args.gen_weight} x rectified-flow velocity MSE (logit-normal timesteps) + {args.und_weight} x
   next-token cross-entropy on the answer tokens.
-- **Training**: AdamW lr {args.lr} (200 warm-up steps, then constant), {info["steps"]} steps, EMA of the
+- **Training**: AdamW lr {args.lr}, betas (0.9, 0.95), gradients clipped at norm 1 (200 warm-up steps,
+  constant, then a linear cool-down to 0 over the last {args.cooldown:.0%} of the steps), {info["steps"]} steps,
+  EMA of the
   weights (exported in fp16), seed {args.seed}, {args.threads} CPU threads: {info["seconds"] / 60:.1f} minutes
   wall-clock, {info["seconds_per_step"]} s/step (on 2 cores shared with other jobs).
 - **Regenerate**: `make unified-model`, i.e. `{command}` (deterministic on a given machine and thread
