@@ -8,7 +8,7 @@ from peft import LoraConfig
 
 from g2rpo.policies.unified import UnifiedPolicy
 from g2rpo.randomness import TOKEN, keyed
-from g2rpo.shapes.unified import UNIFIED_MODEL_DIR, WEIGHTS_NAME, load_unified_model, unified_model
+from g2rpo.shapes.unified import load_unified_model, unified_model
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 QUESTIONS = [
@@ -185,15 +185,13 @@ def test_tiny_config_instantiates(compose_config):
     assert sum(p.numel() for p in policy.trainable_parameters()) < 100_000
 
 
-@pytest.mark.skipif(
-    not (UNIFIED_MODEL_DIR / WEIGHTS_NAME).is_file(), reason="no shipped unified weights (make unified-model)"
-)
 def test_shipped_weights_load_and_answer_some_questions(compose_config):
     from g2rpo.shapes.pretrain_unified import understanding_accuracy
 
     policy = instantiate(compose_config("model=shapes_unified").model)
     accuracy = understanding_accuracy(policy, num_per_type=20)
-    assert accuracy["overall"] > 0.3, accuracy  # chance is about 0.3 (yes/no, five counts, six colours...)
+    # chance is about 0.3 (yes/no, five counts, six colours...); the card reports 0.64 on 200 per type
+    assert accuracy["overall"] > 0.5, accuracy
     latents = policy.initial_noise(2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         velocity = policy.velocity(latents, 1.0, policy.encode(["a photo of a red circle"] * 2), 4.5)

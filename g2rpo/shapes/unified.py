@@ -223,7 +223,7 @@ def load_unified_model(path: str | None = None, dtype: str = "float32") -> Unifi
     if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"model: no unified shapes model at {directory}. It ships with the repository; regenerate it "
-            "with `make unified-model` (about 25 minutes on 2 CPU cores)."
+            "with `make unified-model` (about 40 minutes on 2 CPU cores)."
         )
     sizes = json.loads((directory / CONFIG_NAME).read_text())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
