@@ -168,7 +168,8 @@ class UnifiedEvaluator:
 class Evaluate(L.Callback):
     """Held-out evaluation before training, every ``every_n_iterations``, and at the end.
 
-    The before/after tables are printed when training ends and written to ``<run>/eval.json``; each
+    ``at_start: false`` skips the evaluation before training (or at a resumed iteration): rows of a table
+    that all start from one base policy need its evaluation once, not once per row. The before/after tables are printed when training ends and written to ``<run>/eval.json``; each
     evaluation is logged as ``eval/<reward>/<task>`` at the iteration it follows.
     """
 
@@ -178,8 +179,10 @@ class Evaluate(L.Callback):
         every_n_iterations: int = 10,
         filename: str = "eval.json",
         final_num_steps: Sequence[int] = (),
+        at_start: bool = True,
     ) -> None:
         self.evaluator = evaluator
+        self.at_start = at_start
         self.every_n_iterations = every_n_iterations
         self.filename = filename
         self.final_num_steps = list(final_num_steps)  # also evaluate the final policy with these ODE steps
@@ -215,7 +218,8 @@ class Evaluate(L.Callback):
             log.info("\n%s", evaluation.table(f"after {iterations} iterations, {num_steps} ODE steps"))
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._run(trainer, pl_module, trainer.current_epoch)
+        if self.at_start:
+            self._run(trainer, pl_module, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         done = trainer.current_epoch + 1
@@ -232,13 +236,10 @@ class Evaluate(L.Callback):
         first, last = min(self.history), max(self.history)
         before = Evaluation(**self.history[first])
         after = Evaluation(**self.history[last])
-        lines = [
-            before.table(f"before (iteration {first})"),
-            "",
-            after.table(f"after (iteration {last})"),
-            "",
-        ]
-        for column in after.scores:
+        lines = [after.table(f"after (iteration {last})"), ""]
+        if first != last:
+            lines[:0] = [before.table(f"before (iteration {first})"), ""]
+        for column in after.scores if first != last else ():
             lines.append(
                 f"{column} overall: {before.scores[column]['overall']:.3f} -> {after.scores[column]['overall']:.3f} "
                 f"({after.scores[column]['overall'] - before.scores[column]['overall']:+.3f})"

@@ -70,6 +70,18 @@ def test_two_iterations_on_the_shapes_world(compose_config):
     assert history["0"]["num_images"] == 24
 
 
+def test_evaluation_before_training_can_be_skipped(compose_config):
+    """Table rows sharing one base policy set ``at_start: false``: only the trained policy is evaluated."""
+    cfg = compose_config(*SHAPES_RUN, "trainer.max_epochs=1", "callbacks.evaluate.at_start=false")
+    train(cfg)
+    run = Path(cfg.run_dir)
+    assert list(json.loads((run / "eval.json").read_text())) == ["1"]
+    evaluated = [
+        r["step"] for r in read_metrics(run / "metrics.jsonl") if "eval/geneval_shapes/accuracy/overall" in r
+    ]
+    assert evaluated == [1]
+
+
 def test_evaluation_is_deterministic_and_pairs_noise():
     from g2rpo.policies import SD3Policy
 
