@@ -6,8 +6,8 @@ captions dropped for classifier-free guidance, text encoders trained jointly (th
 here, unlike SD3's frozen pretrained ones), an EMA of the weights (diffusers' ``EMAModel``) exported as
 the base. Every batch is rendered from ``(seed, step)``, so the run is deterministic on a given machine and
 thread count, and a constant learning rate after warm-up makes the export at step N of a longer run
-identical to a run of N steps. An interrupted run resumes from its last Lightning checkpoint (EMA included);
-the data stream restarts at that step because batches depend on ``(seed, step)`` only.
+identical to a run of N steps. An interrupted run resumes from its last Lightning checkpoint (EMA included;
+the mechanics are shared with the unified model's, :mod:`g2rpo.shapes.pretraining`).
 
     python -m g2rpo.shapes.pretrain --steps 4000 --out g2rpo/shapes/weights/base
 """
@@ -18,24 +18,23 @@ import argparse
 import copy
 import json
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
-from torch.utils.data import DataLoader, IterableDataset
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from g2rpo.shapes.model import shapes_pipeline
+from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit
 from g2rpo.shapes.prompts import TASKS, scene_for, split
 from g2rpo.shapes.world import render
 
 log = logging.getLogger(__name__)
 
 
-class RenderedPairs(IterableDataset):
+class RenderedPairs(StepBatches):
     """Endless batches of (image in [-1, 1], caption): a task, then a prompt of it, then a scene satisfying it."""
 
     def __init__(
@@ -59,16 +58,8 @@ class RenderedPairs(IterableDataset):
             captions.append("" if rng.random() < self.caption_dropout else metadata["prompt"])
         return torch.stack(images) * 2 - 1, captions
 
-    start = 0  # set to the resumed step before iteration begins
 
-    def __iter__(self):
-        step = self.start
-        while True:
-            yield self.batch(step)
-            step += 1
-
-
-class FlowMatchingPretraining(L.LightningModule):
+class FlowMatchingPretraining(EMAPretraining):
     def __init__(
         self,
         pipeline: StableDiffusion3Pipeline,
@@ -79,14 +70,11 @@ class FlowMatchingPretraining(L.LightningModule):
         export_every: int = 0,
         out: Path | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(lr, warmup_steps, weight_decay, export_every, out)
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         self.text_encoders = torch.nn.ModuleList([pipeline.text_encoder, pipeline.text_encoder_2])
-        self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
-        self.ema = EMAModel(self.trainable(), decay=ema_decay, use_ema_warmup=True, power=2 / 3)
-        self.export_every, self.out = export_every, out
-        self.started = time.time()
+        self.start_ema(ema_decay)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [*self.transformer.parameters(), *self.text_encoders.parameters()]
@@ -112,28 +100,12 @@ class FlowMatchingPretraining(L.LightningModule):
         )[0]
         loss = torch.nn.functional.mse_loss(prediction, noise - images)
         self.log("loss", loss, prog_bar=True)
+        self.losses = {"loss": loss.item()}
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.step(self.trainable())
-        step = self.global_step
-        if self.export_every and step % self.export_every == 0 and self.out is not None:
-            self.export(self.out.parent / f"{self.out.name}-step{step}", step)
-
-    def on_train_start(self) -> None:
-        self.trainer.train_dataloader.dataset.start = self.global_step  # resume the data stream too
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.ema.load_state_dict(checkpoint["ema"])
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trainable(), lr=self.lr, weight_decay=self.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / self.warmup_steps)
-        )
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, self.warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def export(self, directory: Path, step: int) -> None:
@@ -148,9 +120,8 @@ class FlowMatchingPretraining(L.LightningModule):
             ]
         )  # the order of trainable()
         pipeline.to(torch.float16).save_pretrained(directory)
-        (directory / "training.json").write_text(
-            json.dumps({"steps": step, "seconds": round(time.time() - self.started, 1)}, indent=2)
-        )
+        info = {"steps": step, "seconds": self.seconds(), "curve": self.curve}
+        (directory / "training.json").write_text(json.dumps(info, indent=2))
         log.info("exported step %d to %s", step, directory)
 
 
@@ -178,20 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     module = FlowMatchingPretraining(
         shapes_pipeline(seed=args.seed), lr=args.lr, export_every=args.export_every, out=args.out
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        logger=False,
-        callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(args.checkpoints, every_n_train_steps=100, save_last=True)
-        ],
-        deterministic=True,
-        log_every_n_steps=50,
-        enable_model_summary=True,
-    )
-    data = DataLoader(RenderedPairs(args.batch_size, args.seed), batch_size=None)
-    last = args.checkpoints / "last.ckpt"
-    trainer.fit(module, data, ckpt_path=last if last.is_file() else None)
+    fit(module, RenderedPairs(args.batch_size, args.seed), args.steps, args.checkpoints)
     module.export(args.out, args.steps)
     write_model_card(args.out, args)
 

@@ -12,9 +12,10 @@ loss by default) into one update of the shared weights.
   images from ``vqa.random_scene`` and from scenes of prompts (half each), questions from
   ``vqa.sample_question``.
 
-Batches are rendered from ``(seed, step)``, the learning rate is constant after warm-up and an EMA of the
-weights is exported, so, as for the base model, the run is deterministic on a given machine and thread
-count, resumes from its last Lightning checkpoint, and its export at step N does not depend on the total.
+Batches are rendered from ``(seed, step)`` and an EMA of the weights is exported, so, as for the base model
+(:mod:`g2rpo.shapes.pretraining`), the run is deterministic on a given machine and thread count and resumes
+from its last Lightning checkpoint. The learning rate is constant after warm-up until a linear cool-down over
+the last 20% of the steps, so snapshots before the cool-down do not depend on the total.
 At the end the export is evaluated: understanding accuracy per question type (greedy answers on held-out
 scenes) and held-out GenEval-shapes (ODE samples, the world's default evaluation).
 
@@ -27,18 +28,17 @@ import argparse
 import copy
 import json
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
-from torch.utils.data import DataLoader, IterableDataset
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from g2rpo.policies.unified import UnifiedPolicy
 from g2rpo.randomness import TOKEN, keyed
 from g2rpo.shapes import vqa
+from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit
 from g2rpo.shapes.prompts import TASKS, scene_for, split
 from g2rpo.shapes.unified import UnifiedModel, load_unified_model, unified_model
 from g2rpo.shapes.world import render
@@ -48,7 +48,7 @@ HELDOUT_SEED = 20_240_811  # understanding evaluation scenes: a stream no traini
 HELDOUT_PER_TYPE = 200
 
 
-class UnifiedBatches(IterableDataset):
+class UnifiedBatches(StepBatches):
     """Endless batches, each a function of ``(seed, step)``: ``gen_batch`` captioned images and
     ``und_batch`` (image, question, answer) triples, images in [-1, 1]."""
 
@@ -94,14 +94,6 @@ class UnifiedBatches(IterableDataset):
             "answers": answers,
         }
 
-    start = 0  # set to the resumed step before iteration begins
-
-    def __iter__(self):
-        step = self.start
-        while True:
-            yield self.batch(step)
-            step += 1
-
 
 def answer_sequences(
     model: UnifiedModel, questions: list[str], answers: list[str]
@@ -123,7 +115,7 @@ def answer_sequences(
     return ids, labels
 
 
-class UnifiedPretraining(L.LightningModule):
+class UnifiedPretraining(EMAPretraining):
     def __init__(
         self,
         model: UnifiedModel,
@@ -137,15 +129,14 @@ class UnifiedPretraining(L.LightningModule):
         export_every: int = 0,
         out: Path | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(lr, warmup_steps, weight_decay, export_every, out)
         self.model = model
-        self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
         self.cooldown_fraction = cooldown_fraction
         self.gen_weight, self.und_weight = gen_weight, und_weight
-        self.ema = EMAModel(self.model.parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3)
-        self.export_every, self.out = export_every, out
-        self.started = time.time()
-        self.curve: list[dict] = []  # every 100 steps: the step's losses and the wall time so far
+        self.start_ema(ema_decay)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["images"]
@@ -166,29 +157,6 @@ class UnifiedPretraining(L.LightningModule):
         self.losses = {"gen": gen.item(), "und": und.item()}
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.step(self.model.parameters())
-        step = self.global_step
-        if step % 100 == 0:
-            point = {"step": step, **self.losses, "seconds": round(time.time() - self.started, 1)}
-            self.curve.append(point)
-            log.info("step %(step)d: gen %(gen).4f, und %(und).4f, %(seconds).0f s", point)
-        if self.export_every and step % self.export_every == 0 and self.out is not None:
-            self.export(self.out.parent / f"{self.out.name}-step{step}", step)
-
-    def on_train_start(self) -> None:
-        self.trainer.train_dataloader.dataset.start = self.global_step  # resume the data stream too
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ema"] = self.ema.state_dict()
-        checkpoint["seconds"] = time.time() - self.started  # wall time survives a resumption
-        checkpoint["curve"] = self.curve
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.ema.load_state_dict(checkpoint["ema"])
-        self.started = time.time() - checkpoint["seconds"]
-        self.curve = checkpoint["curve"]
-
     def configure_optimizers(self):
         # beta2 0.95 and clipping at norm 1 (in the Trainer) keep a qk-norm-free Llama stable at this rate
         optimizer = torch.optim.AdamW(
@@ -204,7 +172,7 @@ class UnifiedPretraining(L.LightningModule):
         def rate(step: int) -> float:
             if step >= cooldown_start:
                 return max(0.0, (total - step) / (total - cooldown_start))
-            return min(1.0, (step + 1) / self.warmup_steps)
+            return self.warmup(step)
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -214,7 +182,7 @@ class UnifiedPretraining(L.LightningModule):
         model = copy.deepcopy(self.model)
         self.ema.copy_to(model.parameters())
         model.save_pretrained(directory, dtype=torch.float16)
-        info = {"steps": step, "seconds": round(time.time() - self.started, 1), "curve": self.curve}
+        info = {"steps": step, "seconds": self.seconds(), "curve": self.curve}
         (directory / "training.json").write_text(json.dumps(info, indent=2))
         log.info("exported step %d to %s", step, directory)
 
@@ -321,21 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         export_every=args.export_every,
         out=args.out,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        gradient_clip_val=1.0,
-        logger=False,
-        callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(args.checkpoints, every_n_train_steps=100, save_last=True)
-        ],
-        deterministic=True,
-        log_every_n_steps=50,
-        enable_model_summary=True,
-    )
-    data = DataLoader(UnifiedBatches(args.gen_batch, args.und_batch, args.seed), batch_size=None)
-    last = args.checkpoints / "last.ckpt"
-    trainer.fit(module, data, ckpt_path=last if last.is_file() else None)
+    batches = UnifiedBatches(args.gen_batch, args.und_batch, args.seed)
+    fit(module, batches, args.steps, args.checkpoints, gradient_clip_val=1.0)
     module.export(args.out, args.steps)
     write_model_card(args.out, args)
 

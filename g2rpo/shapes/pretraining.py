@@ -1,0 +1,142 @@
+"""What the shapes world's two pretraining scripts share (:mod:`g2rpo.shapes.pretrain`, the base model, and
+:mod:`g2rpo.shapes.pretrain_unified`, the unified model).
+
+- Batches are a function of ``(seed, step)`` only (:class:`StepBatches`), so a run is deterministic on a
+  given machine and thread count, and a resumed run restarts its data stream at the resumed step.
+- An EMA of the trained weights (diffusers' ``EMAModel``) is the result: snapshots every ``export_every``
+  steps and at the end.
+- A run resumes from its last Lightning checkpoint (:func:`fit`), EMA, loss curve, wall time and the
+  global torch RNG (timesteps and noise) included, so a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, IterableDataset
+
+log = logging.getLogger(__name__)
+
+
+class StepBatches(IterableDataset):
+    """Endless batches, ``batch(step)`` a function of ``(seed, step)``; a resumed run sets ``start``."""
+
+    start = 0
+
+    def batch(self, step: int):
+        raise NotImplementedError
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class EMAPretraining(L.LightningModule):
+    """A pretraining module whose result is the EMA of ``trainable()``. Subclasses build their modules, then
+    call :meth:`start_ema`, and set ``self.losses`` (floats by name) in ``training_step`` for the curve."""
+
+    def __init__(
+        self,
+        lr: float,
+        warmup_steps: int = 200,
+        weight_decay: float = 0.0,
+        export_every: int = 0,
+        out: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
+        self.export_every, self.out = export_every, out
+        self.started = time.time()
+        self.curve: list[dict] = []  # every 100 steps: the step's losses and the wall time so far
+        self.losses: dict[str, float] = {}
+        self.resumed_rng: torch.Tensor | None = None
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def export(self, directory: Path, step: int) -> None:
+        raise NotImplementedError
+
+    def start_ema(self, decay: float) -> None:
+        self.ema = EMAModel(self.trainable(), decay=decay, use_ema_warmup=True, power=2 / 3)
+
+    def warmup(self, step: int) -> float:
+        """The learning-rate factor of a linear warm-up over ``warmup_steps``, then constant."""
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+    def seconds(self) -> float:
+        return round(time.time() - self.started, 1)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The EMA and the curve follow the update here, not in on_train_batch_end: Lightning's checkpoint
+        # callback runs before that hook, and would save them one step behind the weights.
+        super().optimizer_step(*args, **kwargs)
+        self.ema.step(self.trainable())
+        step = self.ema.optimization_step  # the updates so far, restored with the EMA on resumption
+        if step % 100 == 0 and self.losses:
+            self.curve.append({"step": step, **self.losses, "seconds": self.seconds()})
+            losses = ", ".join(f"{name} {value:.4f}" for name, value in self.losses.items())
+            log.info("step %d: %s, %.0f s", step, losses, self.seconds())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        step = self.global_step
+        if self.export_every and step % self.export_every == 0 and self.out is not None:
+            self.export(self.out.parent / f"{self.out.name}-step{step}", step)
+
+    def on_train_start(self) -> None:
+        if self.resumed_rng is not None:
+            # here rather than on loading: creating the data iterator draws from the global RNG, once per run
+            torch.set_rng_state(self.resumed_rng)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["seconds"] = time.time() - self.started  # wall time survives a resumption
+        checkpoint["curve"] = self.curve
+        checkpoint["torch_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ema.load_state_dict(checkpoint["ema"])
+        # checkpoints written before the curve and wall time were saved resume without them
+        self.started = time.time() - checkpoint.get("seconds", 0.0)
+        self.curve = checkpoint.get("curve", [])
+        self.resumed_rng = checkpoint.get("torch_rng")
+
+
+def fit(
+    module: EMAPretraining,
+    batches: StepBatches,
+    steps: int,
+    checkpoints: Path,
+    gradient_clip_val: float | None = None,
+    checkpoint_every: int = 100,
+) -> L.Trainer:
+    """Train ``steps`` steps on the CPU, checkpointing every ``checkpoint_every`` into ``checkpoints`` and
+    resuming from its ``last.ckpt`` when there is one."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        gradient_clip_val=gradient_clip_val,
+        logger=False,
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(
+                checkpoints, every_n_train_steps=checkpoint_every, save_last=True
+            )
+        ],
+        deterministic=True,
+        log_every_n_steps=50,
+        enable_model_summary=True,
+    )
+    last = checkpoints / "last.ckpt"
+    if last.is_file():
+        # the data stream restarts at the checkpoint's step: set before Lightning creates (and prefetches
+        # from) the iterator, which happens before any hook of the resumed run could set it
+        batches.start = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=last if last.is_file() else None)
+    return trainer
