@@ -24,10 +24,9 @@ import lightning as L
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from g2rpo.shapes.model import shapes_pipeline
-from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit
+from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit, rectified_flow_inputs
 from g2rpo.shapes.prompts import TASKS, scene_for, split
 from g2rpo.shapes.world import render
 
@@ -85,12 +84,7 @@ class FlowMatchingPretraining(EMAPretraining):
             prompt=list(captions), prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=0,
         )  # fmt: skip
-        sigma = compute_density_for_timestep_sampling(
-            "logit_normal", images.shape[0], logit_mean=0.0, logit_std=1.0
-        )
-        noise = torch.randn_like(images)
-        s = sigma.view(-1, 1, 1, 1)
-        noisy = (1 - s) * images + s * noise
+        noisy, sigma, velocity = rectified_flow_inputs(images)
         prediction = self.transformer(
             hidden_states=noisy,
             timestep=sigma * self.pipeline.scheduler.config.num_train_timesteps,
@@ -98,7 +92,7 @@ class FlowMatchingPretraining(EMAPretraining):
             pooled_projections=pooled,
             return_dict=False,
         )[0]
-        loss = torch.nn.functional.mse_loss(prediction, noise - images)
+        loss = torch.nn.functional.mse_loss(prediction, velocity)
         self.log("loss", loss, prog_bar=True)
         self.losses = {"loss": loss.item()}
         return loss

@@ -33,12 +33,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from g2rpo.policies.unified import UnifiedPolicy
 from g2rpo.randomness import TOKEN, keyed
 from g2rpo.shapes import vqa
-from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit
+from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit, rectified_flow_inputs
 from g2rpo.shapes.prompts import TASKS, scene_for, split
 from g2rpo.shapes.unified import UnifiedModel, load_unified_model, unified_model
 from g2rpo.shapes.world import render
@@ -141,13 +140,8 @@ class UnifiedPretraining(EMAPretraining):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["images"]
         captions = self.model.caption_ids(batch["captions"])
-        sigma = compute_density_for_timestep_sampling(
-            "logit_normal", images.shape[0], logit_mean=0.0, logit_std=1.0
-        )
-        noise = torch.randn_like(images)
-        s = sigma.view(-1, 1, 1, 1)
-        prediction = self.model.velocity(captions, (1 - s) * images + s * noise, sigma)
-        gen = torch.nn.functional.mse_loss(prediction, noise - images)
+        noisy, sigma, velocity = rectified_flow_inputs(images)
+        gen = torch.nn.functional.mse_loss(self.model.velocity(captions, noisy, sigma), velocity)
 
         ids, labels = answer_sequences(self.model, batch["questions"], batch["answers"])
         logits = self.model.answer_logits(batch["und_images"], ids.to(self.device))

@@ -17,10 +17,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from torch.utils.data import DataLoader, IterableDataset
 
 log = logging.getLogger(__name__)
+
+
+def rectified_flow_inputs(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SD3's training inputs (Esser et al. 2024, eq. 1): ``(noisy, sigma, velocity)`` with logit-normal
+    ``sigma``, ``noisy = (1 - sigma) x0 + sigma noise`` and the target velocity ``noise - x0``."""
+    sigma = compute_density_for_timestep_sampling(
+        "logit_normal", images.shape[0], logit_mean=0.0, logit_std=1.0
+    )
+    noise = torch.randn_like(images)
+    s = sigma.view(-1, 1, 1, 1)
+    return (1 - s) * images + s * noise, sigma, noise - images
 
 
 class StepBatches(IterableDataset):
