@@ -118,7 +118,9 @@ class Speedup:
 class Suite:
     name: str
     title: str
-    rows: list[dict]  # {experiment: <conf/experiment name>, label: <row label>[, at: start]}
+    # {experiment: <conf/experiment name>, label: <row label>[, at: start][, runs: <suite>]}; a row with
+    # ``runs`` reads that suite's runs (a base evaluated there, with the same evaluation) and is not run here
+    rows: list[dict]
     seeds: list[int]
     columns: list[Column]
     curves: list[Curve] = field(default_factory=lambda: [Curve()])
@@ -143,9 +145,14 @@ class Suite:
         return ROOT / "outputs" / "reproduce" / (self.runs or self.name)
 
 
+def row_key(row: dict) -> str:
+    """The row's key in ``collect``'s runs: its experiment, prefixed by the suite it borrows runs from."""
+    return f"{row['runs']}:{row['experiment']}" if "runs" in row else row["experiment"]
+
+
 def run(suite: Suite, launcher_args: list[str]) -> None:
     """All rows x seeds as one Hydra multirun; finished runs resume to their end at once."""
-    experiments = ",".join(dict.fromkeys(row["experiment"] for row in suite.rows))
+    experiments = ",".join(dict.fromkeys(row["experiment"] for row in suite.rows if "runs" not in row))
     seeds = ",".join(str(s) for s in suite.seeds)
     command = [
         sys.executable,
@@ -164,9 +171,18 @@ def run(suite: Suite, launcher_args: list[str]) -> None:
 
 
 def collect(suite: Suite) -> dict[tuple[str, int], list[dict]]:
-    """``(experiment, seed) -> metrics records`` for every finished run directory of the suite."""
+    """``(row_key, seed) -> metrics records`` for every finished run directory of the suite, and of the
+    suites its rows borrow from."""
+    runs = _collect_dir(suite.output_dir)
+    for other in dict.fromkeys(row["runs"] for row in suite.rows if "runs" in row):
+        borrowed = _collect_dir(ROOT / "outputs" / "reproduce" / other)
+        runs.update({(f"{other}:{experiment}", seed): r for (experiment, seed), r in borrowed.items()})
+    return runs
+
+
+def _collect_dir(output_dir: Path) -> dict[tuple[str, int], list[dict]]:
     runs = {}
-    for overrides_file in sorted(suite.output_dir.glob("*/.hydra/hydra.yaml")):
+    for overrides_file in sorted(output_dir.glob("*/.hydra/hydra.yaml")):
         run_dir = overrides_file.parent.parent
         hydra_cfg = yaml.safe_load(overrides_file.read_text())["hydra"]
         config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
@@ -189,7 +205,7 @@ def table(suite: Suite, runs: dict) -> str:
     header = ["method", *[c.label for c in suite.columns], "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in suite.rows:
-        per_seed = [runs[(row["experiment"], s)] for s in suite.seeds if (row["experiment"], s) in runs]
+        per_seed = [runs[(row_key(row), s)] for s in suite.seeds if (row_key(row), s) in runs]
         columns = suite.columns
         if row.get("at") == "start":  # the model before training: the run's first evaluation
             columns = [
@@ -215,9 +231,9 @@ def plot(suite: Suite, runs: dict, path: Path) -> None:
             if row.get("at") == "start":
                 continue
             series = [
-                curve.series(runs[(row["experiment"], s)])
+                curve.series(runs[(row_key(row), s)])
                 for s in suite.seeds
-                if (row["experiment"], s) in runs
+                if (row_key(row), s) in runs
             ]
             series = [(x, y) for x, y in series if y]
             if not series:
@@ -257,8 +273,8 @@ def speedup_table(suite: Suite, runs: dict) -> str:
     for row in suite.rows:
         if row.get("at") == "start":
             continue
-        seeds = [s for s in targets if (row["experiment"], s) in runs]
-        reached = [[speedup.reached_at(runs[(row["experiment"], s)], targets[s], c) for s in seeds]
+        seeds = [s for s in targets if (row_key(row), s) in runs]
+        reached = [[speedup.reached_at(runs[(row_key(row), s)], targets[s], c) for s in seeds]
                    for c in speedup.costs]  # fmt: skip
         costs = [statistics.fmean(r) if r and all(math.isfinite(v) for v in r) else math.nan for r in reached]
         hits = sum(math.isfinite(v) for v in reached[0]) if reached else 0
@@ -279,7 +295,7 @@ def speedup_table(suite: Suite, runs: dict) -> str:
 
 def seeds_found(suite: Suite, runs: dict) -> list[int]:
     """The suite's seeds that have a run: a partial pass (``--seeds 0``) reports what it measured."""
-    return [s for s in suite.seeds if any((row["experiment"], s) in runs for row in suite.rows)]
+    return [s for s in suite.seeds if any((row_key(row), s) in runs for row in suite.rows if "runs" not in row)]
 
 
 def report(suite: Suite, runs: dict) -> str:

@@ -190,3 +190,26 @@ def test_speedup_can_target_the_baselines_best_score(tmp_path, monkeypatch):
         assert lines[4:] == expected
     with pytest.raises(ValueError, match="speedup.target"):
         reproduce.Speedup(key="k", baseline="b", costs=[], target="mean")
+
+
+def test_a_row_can_borrow_another_suites_runs_and_is_not_run_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    _write_run(tmp_path / "outputs/reproduce/joint", "a", 0, [{"step": 0, "eval/score": 0.2}])
+    _write_run(tmp_path / "outputs/reproduce/score", "a", 0, [{"step": 3, "eval/score": 0.7}])
+    suite = Suite(
+        name="score",
+        title="Score",
+        rows=[
+            {"experiment": "a", "label": "base", "at": "start", "runs": "joint"},
+            {"experiment": "a", "label": "A"},
+        ],
+        seeds=[0, 1],
+        columns=[Column(key="eval/score", label="score")],
+    )
+    runs = reproduce.collect(suite)
+    assert reproduce.table(suite, runs).splitlines()[2:] == ["| base | 0.200 | 1 |", "| A | 0.700 | 1 |"]
+    commands = []
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda command, **_: commands.append(command))
+    suite.rows.insert(0, {"experiment": "b", "label": "base of b", "at": "start", "runs": "joint"})
+    reproduce.run(suite, [])
+    assert "experiment=a" in commands[0]
