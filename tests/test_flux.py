@@ -41,6 +41,17 @@ def test_the_ode_rollout_is_the_stock_flux_pipeline():
     torch.testing.assert_close(pipe._unpack_latents(stock, 16, 16, policy.vae_scale), ours.samples)
 
 
+def test_a_static_shift_gives_the_dance_grpo_family_grid():
+    """DanceGRPO / MixGRPO / G2RPO: sd3_time_shift(3) of linspace(1, 0, T + 1); brief g2rpo_dgpo.md 1.5 lists
+    the T = 16 grid (1.000, 0.978, 0.955, ..., 0.300, 0.167, 0)."""
+    policy = flux_policy(lora=False)
+    policy.shift = 3.0
+    t = torch.linspace(1, 0, 17, dtype=torch.float64)
+    expected = (3 * t / (1 + 2 * t)).float()
+    torch.testing.assert_close(policy.sigmas(16), expected)
+    assert [round(v, 3) for v in policy.sigmas(16)[[1, 2, 14, 15]].tolist()] == [0.978, 0.955, 0.3, 0.167]
+
+
 def test_guidance_embedding_and_true_cfg_change_the_velocity():
     policy = flux_policy(lora=False)
     cond = policy.encode(["a red cat"])

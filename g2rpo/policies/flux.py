@@ -6,7 +6,9 @@
   the pipeline's own ``_pack_latents`` / ``_unpack_latents`` / ``_prepare_latent_image_ids``.
 - **Schedule.** ``sigmas = linspace(1, 1/T, T)`` shifted by the resolution-dependent ``mu`` of
   ``calculate_shift(image tokens)`` (dynamic shifting), plus the terminal 0: exactly the pipeline's grid
-  (Flow-GRPO's FLUX rollouts use it too, brief ``flow_grpo_family.md`` 2.1).
+  (Flow-GRPO's FLUX rollouts use it too, brief ``flow_grpo_family.md`` 2.1). DanceGRPO, MixGRPO and G2RPO
+  instead shift the same grid by a fixed ``s = 3`` (their ``sd3_time_shift``: ``s t / (1 + (s - 1) t)``;
+  brief ``g2rpo_dgpo.md`` 1.5): ``shift: 3.0`` selects that, through the scheduler's static shift.
 - **Guidance.** FLUX.1-dev is guidance-distilled: the scale (3.5 in Flow-GRPO, DanceGRPO, MixGRPO and
   G2RPO) is an input embedding, ``model.guidance``, and no true CFG runs by default (algorithms' CFG 1).
   A true-CFG scale > 1 uses the empty prompt's embeddings as the negative, as ``true_cfg_scale`` does.
@@ -36,9 +38,10 @@ class FluxPolicy(TransformerPolicy):
 
     block_lists = ("transformer_blocks", "single_transformer_blocks")
 
-    def __init__(self, *args, guidance: float = 3.5, **kwargs) -> None:
+    def __init__(self, *args, guidance: float = 3.5, shift: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.guidance = guidance
+        self.shift = shift  # None: the pipeline's dynamic mu; a number: that static shift
         self.latent_size = self.resolution // self.vae_scale
         self.num_image_tokens = (self.latent_size // 2) ** 2
 
@@ -79,6 +82,10 @@ class FluxPolicy(TransformerPolicy):
 
     def sigmas(self, num_steps: int) -> Tensor:
         config = self.scheduler_config
+        unshifted = np.linspace(1.0, 1 / num_steps, num_steps)
+        if self.shift is not None:
+            static = {**config, "use_dynamic_shifting": False, "shift": self.shift}
+            return sigma_schedule(static, num_steps, sigmas=unshifted)
         mu = calculate_shift(
             self.num_image_tokens,
             config.get("base_image_seq_len", 256),
@@ -86,7 +93,7 @@ class FluxPolicy(TransformerPolicy):
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        return sigma_schedule(config, num_steps, mu=mu, sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
+        return sigma_schedule(config, num_steps, mu=mu, sigmas=unshifted)
 
     def initial_noise(
         self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
