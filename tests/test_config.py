@@ -15,7 +15,8 @@ from g2rpo.config import run_name
 
 GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
 NEEDS_DOWNLOADED_WEIGHTS = {
-    "sd3", "sd35_medium", "flux_dev", "pickscore", "clipscore", "aesthetic", "janus_pro_1b", "janus_pro_7b",
+    "sd3", "sd35_medium", "flux_dev", "pickscore", "clipscore", "aesthetic", "hps", "hps_clip", "janus_pro_1b",
+    "janus_pro_7b",
 }  # fmt: skip
 # ddp and fsdp default to GPUs; tests run them on CPU (test_distributed.py)
 NEEDS_A_GPU = {"gpu", "ddp", "fsdp"}
