@@ -12,6 +12,16 @@ from PIL import Image
 from torch import Tensor
 
 
+def _read_text(path: Path) -> str:
+    """A data file's text, or an error that says where the papers' sets are expected (never downloaded)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data.path: no file at {path}. Set data.path, or G2RPO_DATA to the folder holding the papers' "
+            "prompt sets (README, Rewards: prompt data)"
+        )
+    return path.read_text()
+
+
 class PromptDataset:
     """Prompts given inline or read from a file.
 
@@ -38,9 +48,7 @@ class PromptDataset:
 
     @staticmethod
     def _read(path: Path) -> tuple[list[str], list[dict]]:
-        if not path.is_file():
-            raise FileNotFoundError(f"data.path: no prompt file at {path}")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in _read_text(path).splitlines() if line.strip()]
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in lines]
             return [r.pop("prompt") for r in records], records
@@ -63,7 +71,7 @@ def pair_dataset(path: str, image_root: str | None = None, image_size: int = 384
     "retrieved", "similarity": float or null, ...more caption metadata}``. Images are read when a rollout needs
     them (``image_root`` prefixes relative paths; 16k images in memory would take gigabytes), but every file
     is checked here, so a missing one fails at start, not mid-run."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in _read_text(Path(path)).splitlines() if line.strip()]
     root = Path(image_root) if image_root else Path(path).parent
     prompts, metadata = [], []
     for number, record in enumerate(records, 1):

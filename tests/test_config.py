@@ -18,6 +18,8 @@ NEEDS_DOWNLOADED_WEIGHTS = {
     "sd3", "sd35_medium", "flux_dev", "pickscore", "clipscore", "aesthetic", "hps", "hps_clip", "janus_pro_1b",
     "janus_pro_7b",
 }  # fmt: skip
+# prompt files of the papers' data sets, not shipped (README, "Rewards": prompt data)
+NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file"}
 # ddp and fsdp default to GPUs; tests run them on CPU (test_distributed.py)
 NEEDS_A_GPU = {"gpu", "ddp", "fsdp"}
 # the GPU benchmark's 2.2B-parameter random model: built on the meta device here, no weights allocated
@@ -39,6 +41,9 @@ def test_every_option_composes_and_instantiates(compose_config, group, option):
     elif group in ("model", "reward") and option in NEEDS_DOWNLOADED_WEIGHTS:
         with pytest.raises(Exception, match="hf download"):
             instantiate(node)
+    elif group == "data" and option in NEEDS_DOWNLOADED_DATA:
+        with pytest.raises(Exception, match="G2RPO_DATA"):  # hydra wraps the FileNotFoundError
+            instantiate(node)
     elif group == "trainer" and option in NEEDS_A_GPU and not torch.cuda.is_available():
         with pytest.raises(Exception, match="gpu"):
             instantiate(node, logger=False)
@@ -50,9 +55,16 @@ def test_every_option_composes_and_instantiates(compose_config, group, option):
         assert instantiate(node, _convert_="object") is not None
 
 
-def test_experiment_configs_compose(compose_config):
+def test_experiment_configs_compose_and_their_data_builds(compose_config):
+    """Every preset composes, and its data config builds, or fails only on a missing prompt file (a key left
+    over from the default data group would fail here, not minutes into a GPU job)."""
     for name in options("experiment"):
-        assert compose_config(f"experiment={name}").algo is not None
+        cfg = compose_config(f"experiment={name}")
+        assert cfg.algo is not None
+        try:
+            assert len(instantiate(cfg.data)) > 0
+        except Exception as error:  # hydra wraps the FileNotFoundError; any other error fails
+            assert name.startswith("paper_") and "FileNotFoundError" in str(error), (name, error)
 
 
 def test_unknown_field_and_wrong_type_name_the_key(compose_config):

@@ -28,7 +28,7 @@ def test_jsonl_file_keeps_every_other_key_as_metadata(tmp_path):
 def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         PromptDataset()
-    with pytest.raises(FileNotFoundError, match="no prompt file"):
+    with pytest.raises(FileNotFoundError, match="no file at"):
         PromptDataset(path=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="2 prompts but 1 metadata"):
         PromptDataset(prompts=["a", "b"], metadata=[{}])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from g2rpo.shapes.geneval import GenEvalShapes, ShapesDetector, evaluate, relative_position
+from g2rpo.rewards.geneval_rules import evaluate, relative_position
+from g2rpo.shapes.geneval import GenEvalShapes, ShapesDetector
 from g2rpo.shapes.prompts import TASKS, scene_for, shapes_dataset, split
 from g2rpo.shapes.world import BACKGROUND, COLOURS, SHAPES, WorldObject, coverage, render
 
@@ -67,7 +68,7 @@ def test_dataset_is_balanced_over_tasks():
 
 
 def test_geneval_rules_on_hand_made_detections():
-    from g2rpo.shapes.geneval import Detection
+    from g2rpo.rewards.geneval_rules import Detection
 
     def det(shape, colour, x, y, size=8.0, score=0.9):
         return Detection(
@@ -120,7 +121,7 @@ def test_detector_recovers_every_object():
 
         objects = place(rng, specs)
         found = detector(render(objects))
-        assert sorted((d.shape, d.colour) for d in found) == sorted(specs)
+        assert sorted((d.name, d.colour) for d in found) == sorted(specs)
         for obj in objects:
             nearest = min(found, key=lambda d: abs(d.box[0] - obj.box[0]) + abs(d.box[1] - obj.box[1]))
             assert np.allclose(nearest.box, obj.box, atol=0.75)

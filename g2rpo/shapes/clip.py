@@ -10,7 +10,7 @@ changes the world calls for:
   circle", and a batch holds each single-object prompt several times. CLIP's one-positive-per-row loss
   (``CLIPModel(return_loss=True)``) would push true captions apart, so captions are deduplicated and each
   row's target is uniform over every caption that is true of the image by GenEval's rule (:func:`holds`:
-  :func:`g2rpo.shapes.geneval.evaluate` on the scene's ground truth): SupCon's multi-positive InfoNCE
+  :func:`g2rpo.rewards.geneval_rules.evaluate` on the scene's ground truth): SupCon's multi-positive InfoNCE
   (Khosla et al. 2020).
 * **Hard negatives.** In-batch captions rarely differ from the true one only by a binding, a count or a
   relation, so a plain CLIP learns bags of words (Yuksekgonul et al. 2023, "When and why vision-language
@@ -53,7 +53,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from g2rpo.shapes.geneval import Detection, evaluate, obj_area
+from g2rpo.rewards.geneval_rules import Detection, evaluate
+from g2rpo.shapes.geneval import obj_area
 from g2rpo.shapes.model import word_tokenizer
 from g2rpo.shapes.prompts import (
     NUMBERS,

@@ -6,55 +6,18 @@ colour is read from its most saturated pixels, its coverage map is recovered, an
 template (same centroid and area) best matches that map is chosen. The match quality is the detection's
 confidence, thresholded like GenEval's detector scores.
 
-Scoring follows GenEval's ``evaluate_images.py`` (strict, 0/1 per image) and the partial credit that
-Flow-GRPO's reward server trains on (the mean of per-requirement terms: count ``1 - |n_req - n_found| /
-n_req``, colour the same on the correctly coloured count, position 0/1).
+Scoring is GenEval's, shared with the real-model GenEval reward: ``g2rpo.rewards.geneval_rules`` (strict
+0/1 per image, and Flow-GRPO's partial credit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
-import torch
 from scipy import ndimage
 from torch import Tensor
 
+from g2rpo.rewards.geneval_rules import Detection, GenEvalReward
 from g2rpo.shapes.world import BACKGROUND, COLOURS, SHAPES, WorldObject, coverage
-
-POSITION_THRESHOLD = 0.1  # GenEval's: offsets within 10% of the summed box sizes do not count
-
-
-def relative_position(box_a: Sequence[float], box_b: Sequence[float]) -> set[str]:
-    """The relations of box A to box B (xyxy, y down), by GenEval's rule."""
-    boxes = np.array([box_a, box_b], dtype=np.float64).reshape(2, 2, 2)
-    center_a, center_b = boxes.mean(axis=-2)
-    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
-    offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
-
-
-@dataclass(frozen=True)
-class Detection:
-    shape: str
-    colour: str
-    box: tuple[float, float, float, float]
-    score: float
-    area: float
 
 
 class ShapesDetector:
@@ -125,92 +88,12 @@ def _fit(shape: str, cx: float, cy: float, area: float) -> WorldObject:
     return WorldObject(shape, "", cx, cy - size / 6, size)
 
 
-@dataclass(frozen=True)
-class Judgement:
-    correct: bool
-    score: float
-    reason: str
-
-
-def evaluate(detections: Sequence[Detection], metadata: dict) -> Judgement:
-    """GenEval's rule for one image (``correct``) and the partial credit (``score``)."""
-    by_class: dict[str, list[Detection]] = {}
-    for detection in detections:  # already by decreasing confidence, as GenEval's lists are
-        by_class.setdefault(detection.shape, []).append(detection)
-    correct, reasons, terms = True, [], []
-    matched_groups: list[list[Detection] | None] = []
-    for req in metadata.get("include", []):
-        name, count = req["class"], req["count"]
-        every = by_class.get(name, [])
-        found = every[:count]
-        matched = True
-        terms.append(max(0.0, 1 - abs(count - len(every)) / count))
-        if len(found) < count:
-            correct = matched = False
-            reasons.append(f"expected {name}>={count}, found {len(found)}")
-            if "color" in req:
-                terms.append(0.0)
-            if "position" in req:
-                terms.append(0.0)
-        else:
-            if "color" in req:
-                colours = [d.colour for d in found]
-                terms.append(max(0.0, 1 - abs(count - colours.count(req["color"])) / count))
-                if colours.count(req["color"]) < count:
-                    correct = matched = False
-                    reasons.append(f"expected {req['color']} {name}>={count}, found {colours}")
-            if "position" in req:
-                relation, target = req["position"]
-                holds = (
-                    matched
-                    and matched_groups[target] is not None
-                    and all(
-                        relation in relative_position(d.box, t.box)
-                        for d in found
-                        for t in matched_groups[target]
-                    )
-                )
-                terms.append(float(holds))
-                if not holds:
-                    correct = matched = False
-                    reasons.append(f"expected {name} {relation} target {target}")
-        matched_groups.append(found if matched else None)
-    for req in metadata.get("exclude", []):
-        name, count = req["class"], req["count"]
-        if len(by_class.get(name, [])) >= count:
-            correct = False
-            reasons.append(f"expected {name}<{count}, found {len(by_class[name])}")
-    return Judgement(correct, float(np.mean(terms)) if terms else float(correct), "; ".join(reasons))
-
-
-class GenEvalShapes:
-    """The ``geneval_shapes`` reward: partial credit (``strict=False``, Flow-GRPO's training reward) or
-    GenEval's 0/1 accuracy. Prompts without GenEval metadata score NaN (not scored, not zero)."""
+class GenEvalShapes(GenEvalReward):
+    """The ``geneval_shapes`` reward: GenEval's rules over :class:`ShapesDetector`'s detections."""
 
     def __init__(self, strict: bool = False, detector: ShapesDetector | None = None) -> None:
         self.strict = strict
         self.detector = detector or ShapesDetector()
 
-    def judge(self, images: Tensor, metadata: Sequence[dict]) -> list[Judgement | None]:
-        return [
-            evaluate(self.detector(image), meta) if "include" in meta else None
-            for image, meta in zip(images, metadata, strict=True)
-        ]
-
-    def scores(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> dict[str, Tensor]:
-        """Both of GenEval's numbers, for evaluation tables: ``accuracy`` (strict) and ``partial``."""
-        judgements = self.judge(images, metadata)
-        nan = float("nan")
-        return {
-            "accuracy": torch.tensor([nan if j is None else float(j.correct) for j in judgements]),
-            "partial": torch.tensor([nan if j is None else j.score for j in judgements]),
-        }
-
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> Tensor:
-        judgements = self.judge(images, metadata)
-        return torch.tensor(
-            [
-                float("nan") if j is None else (float(j.correct) if self.strict else j.score)
-                for j in judgements
-            ]
-        )
+    def detect(self, image: Tensor, metadata: dict) -> list[Detection]:
+        return self.detector(image)

@@ -1,7 +1,7 @@
 """GenEval's six tasks in the shapes world: prompts in GenEval's wording, its metadata, and the splits.
 
 Metadata is GenEval's (``tag``, ``include``/``exclude`` lists of ``{class, count[, color][, position]}``),
-so the scoring rules in :mod:`g2rpo.shapes.geneval` read exactly like GenEval's ``evaluate_images.py``.
+so the scoring rules in :mod:`g2rpo.rewards.geneval_rules` read exactly like GenEval's ``evaluate_images.py``.
 
 The held-out split holds compositions that RL training never sees: a colour-shape pair per shape (in the
 ``colors`` and ``color_attr`` tasks), one count per shape, some ordered shape pairs and position relations.
@@ -153,7 +153,7 @@ def shapes_dataset(split_name: str = "train", per_task: int | None = None, seed:
 
 def scene_for(metadata: dict, rng: np.random.Generator, image_size: int = 32) -> list[WorldObject]:
     """A random scene that satisfies a prompt's metadata exactly (unspecified colours are random)."""
-    from g2rpo.shapes.geneval import relative_position  # the scoring rule decides what "left of" means
+    from g2rpo.rewards.geneval_rules import relative_position  # the scoring rule decides what "left of" means
 
     colour_names = list(COLOURS)
     specs = []

@@ -33,7 +33,7 @@ def _a(word: str) -> str:
 
 def _relation(objects: list[WorldObject], first: WorldObject, second: WorldObject) -> str | None:
     """The one relation of ``first`` to ``second`` under GenEval's rule, or None when it is ambiguous."""
-    from g2rpo.shapes.geneval import relative_position
+    from g2rpo.rewards.geneval_rules import relative_position
 
     relations = relative_position(first.box, second.box)
     return next(iter(relations)) if len(relations) == 1 else None
