@@ -80,6 +80,8 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from g2rpo.rewards.models import AestheticMLP
+
 REPO = "THUDM/ImageReward"
 CHECKPOINT_FILE = "ImageReward.pt"
 MED_CONFIG_FILE = "med_config.json"
@@ -150,29 +152,6 @@ def text_config(med_config: Mapping[str, Any] | None = None, encoder_width: int 
     )
 
 
-class ImageRewardHead(nn.Module):
-    """ImageReward's ``MLP(768)``: the aesthetic head's layout, input the text encoder's width.
-
-    Linear layers at ``layers.{0,2,4,6,7}``, dropouts (inactive at inference) between, no activations.
-    """
-
-    def __init__(self, input_size: int = 768) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.layers(features).squeeze(-1)
-
-
 class ImageRewardModel(nn.Module):
     """``vision_model`` (ViT), ``text_encoder`` (BERT with cross-attention) and ``mlp``; ``forward`` is ``score``.
 
@@ -190,7 +169,7 @@ class ImageRewardModel(nn.Module):
             )
         self.vision_model = BlipVisionModel(vision)
         self.text_encoder = BlipTextModel(text, add_pooling_layer=False)
-        self.mlp = ImageRewardHead(text.hidden_size)
+        self.mlp = AestheticMLP(text.hidden_size)  # ImageReward's MLP: the aesthetic head's layout
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Standardised rewards ``[B]`` of normalised 224 px images and their prompts' token ids."""
@@ -321,19 +300,20 @@ def convert_image_reward_state_dict(
 ) -> dict[str, Tensor]:
     """``ImageReward.pt``'s state dict renamed to ``ImageRewardModel``'s keys.
 
-    ============================================  ==================================================
-    ImageReward checkpoint                        ``ImageRewardModel``
-    ============================================  ==================================================
-    ``blip.visual_encoder.cls_token``             ``vision_model.embeddings.class_embedding``
-    ``blip.visual_encoder.pos_embed``             ``vision_model.embeddings.position_embedding``
-    ``blip.visual_encoder.patch_embed.proj.*``    ``vision_model.embeddings.patch_embedding.*``
-    ``blip.visual_encoder.blocks.{i}.norm1.*``    ``vision_model.encoder.layers.{i}.layer_norm1.*``
-    ``... .blocks.{i}.attn.qkv.*`` / ``attn.proj.*``  ``... .layers.{i}.self_attn.qkv.*`` / ``self_attn.projection.*``
-    ``... .blocks.{i}.norm2.*`` / ``mlp.fc{1,2}.*``   ``... .layers.{i}.layer_norm2.*`` / ``mlp.fc{1,2}.*``
-    ``blip.visual_encoder.norm.*``                ``vision_model.post_layernorm.*``
-    ``blip.text_encoder.{rest}``                  ``text_encoder.{rest}`` (same names)
-    ``mlp.layers.{0,2,4,6,7}.*``                  ``mlp.layers.{0,2,4,6,7}.*``
-    ============================================  ==================================================
+    ==========================================  ==================================================
+    ImageReward checkpoint                      ``ImageRewardModel``
+    ==========================================  ==================================================
+    ``blip.visual_encoder.cls_token``           ``vision_model.embeddings.class_embedding``
+    ``blip.visual_encoder.pos_embed``           ``vision_model.embeddings.position_embedding``
+    ``blip.visual_encoder.patch_embed.proj.*``  ``vision_model.embeddings.patch_embedding.*``
+    ``blip.visual_encoder.blocks.{i}.*``        ``vision_model.encoder.layers.{i}.*`` (block below)
+    ``blip.visual_encoder.norm.*``              ``vision_model.post_layernorm.*``
+    ``blip.text_encoder.*``                     ``text_encoder.*`` (the same names)
+    ``mlp.layers.{0,2,4,6,7}.*``                ``mlp.layers.{0,2,4,6,7}.*``
+    block: ``norm1`` / ``norm2``                ``layer_norm1`` / ``layer_norm2``
+    block: ``attn.qkv`` / ``attn.proj``         ``self_attn.qkv`` / ``self_attn.projection``
+    block: ``mlp.fc1`` / ``mlp.fc2``            ``mlp.fc1`` / ``mlp.fc2``
+    ==========================================  ==================================================
 
     Raises ``ValueError`` naming the keys no rule covers (unexpected), the keys a complete model needs that
     are absent (missing: for ``model``'s depths, or else for the depths the checkpoint's own layer indices
@@ -384,7 +364,11 @@ def convert_image_reward_state_dict(
 # --- loading ----------------------------------------------------------------------------------------------
 
 
-def how_to_download(target: str | None) -> str:
+def _shown(path: str | Path | None) -> str:
+    return repr(None if path is None else str(path))
+
+
+def how_to_download(target: str | Path | None) -> str:
     """The commands that fetch ImageReward's files (the missing-files message)."""
     return (
         "Download them once with\n"
@@ -393,7 +377,7 @@ def how_to_download(target: str | None) -> str:
     )
 
 
-def how_to_download_tokenizer(target: str | None) -> str:
+def how_to_download_tokenizer(target: str | Path | None) -> str:
     """The command that fetches ``bert-base-uncased``'s tokenizer files (config and vocabulary only)."""
     return (
         "Download them once with\n"
@@ -413,7 +397,7 @@ def load_image_reward_model(
     directory = Path(path) if path is not None else None
     for name in (CHECKPOINT_FILE, MED_CONFIG_FILE):
         if directory is None or not (directory / name).is_file():
-            raise FileNotFoundError(f"ImageReward: no {name} in {str(path)!r}. " + how_to_download(path))
+            raise FileNotFoundError(f"ImageReward: no {name} in {_shown(path)}. " + how_to_download(path))
     vision = vision if vision is not None else vision_config()
     med = json.loads((directory / MED_CONFIG_FILE).read_text())
     model = ImageRewardModel(vision, text_config(med, encoder_width=vision.hidden_size))
@@ -441,7 +425,7 @@ def load_tokenizer(path: str | Path | None) -> PreTrainedTokenizerBase:
     if directory is None or not any((directory / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
         # checked here: from_pretrained on a folder without them silently builds a 5-token vocabulary
         raise FileNotFoundError(
-            f"ImageReward: no bert-base-uncased tokenizer (vocab.txt / tokenizer.json) in {str(path)!r}. "
+            f"ImageReward: no bert-base-uncased tokenizer (vocab.txt / tokenizer.json) in {_shown(path)}. "
             + how_to_download_tokenizer(path)
         )
     return add_blip_tokens(BertTokenizer.from_pretrained(directory, local_files_only=True))
@@ -468,7 +452,7 @@ def image_processor(size: int = 224) -> CLIPImageProcessorPil:
 
 
 class ImageReward:
-    """The ImageReward score (standardised, roughly -2 to 2) of each image for its prompt.
+    """The ImageReward score of each image for its prompt (standardised with ImageReward's mean and std).
 
     ``path``: a local directory with ``ImageReward.pt`` and ``med_config.json`` of ``THUDM/ImageReward``;
     ``tokenizer_path``: a local copy of ``bert-base-uncased``'s tokenizer files. ``model`` / ``tokenizer``

@@ -173,12 +173,13 @@ class ClipScore(_ImageTextSimilarity):
 
 
 class AestheticMLP(nn.Module):
-    """The improved aesthetic predictor's head (``simple_inference.py``); the key names match its weights."""
+    """The improved aesthetic predictor's head (``simple_inference.py``); the key names match its weights.
+    ImageReward's ``MLP(768)`` has the same layout, on the text encoder's width (``imagereward.py``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_size: int = 768) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(768, 1024),
+            nn.Linear(input_size, 1024),
             nn.Dropout(0.2),
             nn.Linear(1024, 128),
             nn.Dropout(0.2),
