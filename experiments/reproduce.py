@@ -29,16 +29,16 @@ from g2rpo.loggers import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "experiments" / "suites"
 RESULTS = ROOT / "experiments" / "results"
-REDUCERS = ("first", "first_mean", "last", "max", "mean_last", "sum")
+REDUCERS = ("count", "first", "first_mean", "last", "max", "mean_last", "sum")
 
 
 @dataclass
 class Column:
     key: str  # a metrics.jsonl key
     label: str
-    reduce: str = (
-        "last"  # first | last | max | sum | first_mean / mean_last (mean of the first / last `window`)
-    )
+    # first | last | max | sum | count (records that have the key) | first_mean / mean_last (mean of the
+    # first / last `window`)
+    reduce: str = "last"
     window: int = 5
     format: str = ".3f"
 
@@ -50,6 +50,8 @@ class Column:
 
     def summarise(self, records: list[dict]) -> float:
         values = [r[self.key] for r in records if self.key in r and math.isfinite(r[self.key])]
+        if self.reduce == "count":
+            return float(len(values))
         if not values:
             return math.nan
         if self.reduce == "first":
@@ -230,11 +232,7 @@ def plot(suite: Suite, runs: dict, path: Path) -> None:
         for row in suite.rows:
             if row.get("at") == "start":
                 continue
-            series = [
-                curve.series(runs[(row_key(row), s)])
-                for s in suite.seeds
-                if (row_key(row), s) in runs
-            ]
+            series = [curve.series(runs[(row_key(row), s)]) for s in suite.seeds if (row_key(row), s) in runs]
             series = [(x, y) for x, y in series if y]
             if not series:
                 continue
@@ -295,7 +293,9 @@ def speedup_table(suite: Suite, runs: dict) -> str:
 
 def seeds_found(suite: Suite, runs: dict) -> list[int]:
     """The suite's seeds that have a run: a partial pass (``--seeds 0``) reports what it measured."""
-    return [s for s in suite.seeds if any((row_key(row), s) in runs for row in suite.rows if "runs" not in row)]
+    return [
+        s for s in suite.seeds if any((row_key(row), s) in runs for row in suite.rows if "runs" not in row)
+    ]
 
 
 def report(suite: Suite, runs: dict) -> str:

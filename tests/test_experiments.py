@@ -213,3 +213,13 @@ def test_a_row_can_borrow_another_suites_runs_and_is_not_run_again(tmp_path, mon
     suite.rows.insert(0, {"experiment": "b", "label": "base of b", "at": "start", "runs": "joint"})
     reproduce.run(suite, [])
     assert "experiment=a" in commands[0]
+
+
+def test_count_reducer_counts_the_records_that_have_the_key():
+    records = [
+        {"step": 0, "eval/score": 0.1},
+        {"step": 0, "time/iteration_s": 2.0},
+        {"step": 1, "time/iteration_s": 9.0},
+    ]
+    assert Column(key="time/iteration_s", label="it", reduce="count").summarise(records) == 2
+    assert Column(key="missing", label="none", reduce="count").summarise(records) == 0
