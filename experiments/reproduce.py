@@ -19,6 +19,7 @@ import math
 import statistics
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,7 +248,7 @@ def plot(suite: Suite, runs: dict, path: Path) -> None:
         axis.set_ylabel(curve.label or curve.key)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(suite.title, fontsize=10)
+    figure.suptitle(textwrap.fill(suite.title, 100 * len(suite.curves)), fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
