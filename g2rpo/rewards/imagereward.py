@@ -80,6 +80,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from g2rpo.rewards.conversion import check_fits, listed
 from g2rpo.rewards.models import AestheticMLP
 
 REPO = "THUDM/ImageReward"
@@ -116,7 +117,6 @@ MED_CONFIG: dict[str, Any] = {
     "pad_token_id": 0,
     "add_cross_attention": True,
 }
-_SHOWN = 12  # keys listed per kind in an error message
 
 
 def vision_config(**overrides: Any) -> BlipVisionConfig:
@@ -289,12 +289,6 @@ def _depth(names: set[str], pattern: str) -> int:
     return max(indices, default=-1) + 1
 
 
-def _listed(keys: Sequence[str] | set[str]) -> str:
-    shown = sorted(keys)[:_SHOWN]
-    more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
-    return ", ".join(shown) + more
-
-
 def convert_image_reward_state_dict(
     state_dict: Mapping[str, Tensor], model: ImageRewardModel | None = None
 ) -> dict[str, Tensor]:
@@ -332,9 +326,9 @@ def convert_image_reward_state_dict(
     if missing or unexpected:
         problems = []
         if missing:
-            problems.append(f"missing {len(missing)} key(s): {_listed(missing)}")
+            problems.append(f"missing {len(missing)} key(s): {listed(missing)}")
         if unexpected:
-            problems.append(f"unexpected {len(unexpected)} key(s): {_listed(unexpected)}")
+            problems.append(f"unexpected {len(unexpected)} key(s): {listed(unexpected)}")
         raise ValueError(
             f"not an ImageReward checkpoint for {depths[0]} ViT blocks and {depths[1]} text layers ("
             + "; ".join(problems)
@@ -342,22 +336,7 @@ def convert_image_reward_state_dict(
         )
     converted = {_target(name): state_dict[name] for name in sorted(given)}
     if model is not None:
-        own = model.state_dict()
-        if set(own) != set(converted):  # a transformers layout this module does not know
-            raise ValueError(
-                f"ImageRewardModel expects other keys: missing {_listed(set(own) - set(converted))}; "
-                f"unexpected {_listed(set(converted) - set(own))}"
-            )
-        wrong = [
-            f"{name}: model {tuple(own[name].shape)}, checkpoint {tuple(tensor.shape)}"
-            for name, tensor in converted.items()
-            if own[name].shape != tensor.shape
-        ]
-        if wrong:
-            raise ValueError(
-                f"the checkpoint does not fit the model ({len(wrong)} shape mismatch(es)): "
-                + "; ".join(wrong[:_SHOWN])
-            )
+        check_fits(converted, model.state_dict(), "ImageRewardModel", "model")
     return converted
 
 

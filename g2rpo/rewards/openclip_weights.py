@@ -61,6 +61,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
+from g2rpo.rewards.conversion import check_fits, listed
+
 #: a residual block's tensors copied as they are: open_clip name -> ``CLIPEncoderLayer`` name
 _BLOCK = {
     "ln_1": "layer_norm1",
@@ -73,7 +75,6 @@ _BLOCK = {
 _TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
 #: buffers open_clip may carry that have no counterpart (the text tower's causal mask)
 _IGNORED = {"attn_mask"}
-_SHOWN = 12  # keys listed per kind in an error message
 
 
 def _copied(config: CLIPConfig) -> dict[str, str]:
@@ -119,12 +120,6 @@ def _fused(config: CLIPConfig) -> dict[str, str]:
     return names
 
 
-def _listed(keys: set[str]) -> str:
-    shown = sorted(keys)[:_SHOWN]
-    more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
-    return ", ".join(shown) + more
-
-
 def convert_open_clip_state_dict(state_dict: dict[str, Tensor], config: CLIPConfig) -> CLIPModel:
     """A ``CLIPModel`` built from ``config`` holding an open_clip state dict's weights (float32).
 
@@ -139,9 +134,9 @@ def convert_open_clip_state_dict(state_dict: dict[str, Tensor], config: CLIPConf
     if missing or unexpected:
         problems = []
         if missing:
-            problems.append(f"missing {len(missing)} key(s): {_listed(missing)}")
+            problems.append(f"missing {len(missing)} key(s): {listed(missing)}")
         if unexpected:
-            problems.append(f"unexpected {len(unexpected)} key(s): {_listed(unexpected)}")
+            problems.append(f"unexpected {len(unexpected)} key(s): {listed(unexpected)}")
         raise ValueError(
             "not an open_clip CLIP state dict in OpenAI's layout for this config ("
             + "; ".join(problems)
@@ -158,21 +153,7 @@ def convert_open_clip_state_dict(state_dict: dict[str, Tensor], config: CLIPConf
     own = model.state_dict()
     buffers = {name for name, _ in model.named_buffers()}  # persistent ones stay as built
     converted.update({name: own[name] for name in buffers & set(own) if name not in converted})
-    if set(own) != set(converted):  # a transformers layout this module does not know
-        raise ValueError(
-            f"transformers' CLIPModel expects other keys: missing {_listed(set(own) - set(converted))}; "
-            f"unexpected {_listed(set(converted) - set(own))}"
-        )
-    wrong = [
-        f"{name}: config {tuple(own[name].shape)}, checkpoint {tuple(tensor.shape)}"
-        for name, tensor in converted.items()
-        if own[name].shape != tensor.shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"the checkpoint does not fit the config ({len(wrong)} shape mismatch(es)): "
-            + "; ".join(wrong[:_SHOWN])
-        )
+    check_fits(converted, own, "transformers' CLIPModel", "config")
     model.load_state_dict(converted, strict=True)
     return model
 
