@@ -35,3 +35,13 @@ def check_fits(converted: Mapping[str, Tensor], own: Mapping[str, Tensor], modul
             f"the checkpoint does not fit the {source} ({len(wrong)} shape mismatch(es)): "
             + "; ".join(wrong[:SHOWN])
         )
+
+
+def check_keys(given: set[str], expected: set[str], what: str, hint: str = "") -> None:
+    """``ValueError`` unless a checkpoint's keys are exactly ``expected``: "``what`` (missing ...;
+    unexpected ...)``hint``"."""
+    missing, unexpected = expected - given, given - expected
+    problems = [f"{kind} {len(keys)} key(s): {listed(keys)}" for kind, keys in
+                (("missing", missing), ("unexpected", unexpected)) if keys]  # fmt: skip
+    if problems:
+        raise ValueError(f"{what} (" + "; ".join(problems) + ")" + hint)

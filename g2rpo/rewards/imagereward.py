@@ -80,7 +80,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-from g2rpo.rewards.conversion import check_fits, listed
+from g2rpo.rewards.conversion import check_fits, check_keys
 from g2rpo.rewards.models import AestheticMLP
 
 REPO = "THUDM/ImageReward"
@@ -322,18 +322,11 @@ def convert_image_reward_state_dict(
             _depth(given, re.escape(_TEXT) + r"encoder\.layer\.(\d+)\."),
         )
     expected = _expected(*depths)
-    missing, unexpected = expected - given, given - expected
-    if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} key(s): {listed(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {len(unexpected)} key(s): {listed(unexpected)}")
-        raise ValueError(
-            f"not an ImageReward checkpoint for {depths[0]} ViT blocks and {depths[1]} text layers ("
-            + "; ".join(problems)
-            + ")"
-        )
+    check_keys(
+        given,
+        expected,
+        f"not an ImageReward checkpoint for {depths[0]} ViT blocks and {depths[1]} text layers",
+    )
     converted = {_target(name): state_dict[name] for name in sorted(given)}
     if model is not None:
         check_fits(converted, model.state_dict(), "ImageRewardModel", "model")

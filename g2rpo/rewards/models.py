@@ -101,13 +101,17 @@ class _ClipReward:
         processor: CLIPProcessor | None = None,
     ) -> None:
         if model is None:
-            model = load_clip(path, self.model_repo)
+            model = self.load_model(path)
         if processor is None:
             processor = load_processor(processor_path or path, self.processor_repo)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.processor = processor
+
+    def load_model(self, path: str | None) -> CLIPModel:
+        """The CLIP from ``path`` (a subclass whose weights need converting first says how)."""
+        return load_clip(path, self.model_repo)
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """L2-normalised image embeddings of ``[B, 3, H, W]`` images in [0, 1]."""

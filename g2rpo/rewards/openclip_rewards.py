@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import CLIPModel, CLIPProcessor
+from transformers import CLIPModel
 
 from g2rpo.rewards.models import _ClipReward
 
@@ -51,26 +51,6 @@ class _OpenClipCosine(_ClipReward):
     converter_flags: str = ""
     processor_repo = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
-    def __init__(
-        self,
-        path: str | None = None,
-        processor_path: str | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
-        model: CLIPModel | None = None,
-        processor: CLIPProcessor | None = None,
-    ) -> None:
-        if model is None:
-            model = self._load(path)
-        super().__init__(
-            path=path,
-            processor_path=processor_path,
-            device=device,
-            dtype=dtype,
-            model=model,
-            processor=processor,
-        )
-
     @classmethod
     def how_to_convert(cls, target: str | None) -> str:
         """The commands that make the converted directory ``target`` (the missing-weights message)."""
@@ -85,7 +65,7 @@ class _OpenClipCosine(_ClipReward):
             "and point the reward's path at it (or set G2RPO_WEIGHTS to the folder that holds it)."
         )
 
-    def _load(self, path: str | None) -> CLIPModel:
+    def load_model(self, path: str | None) -> CLIPModel:
         name = type(self).__name__
         if path is None or not Path(path).is_dir():
             raise FileNotFoundError(

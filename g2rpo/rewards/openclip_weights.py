@@ -61,7 +61,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-from g2rpo.rewards.conversion import check_fits, listed
+from g2rpo.rewards.conversion import check_fits, check_keys
 
 #: a residual block's tensors copied as they are: open_clip name -> ``CLIPEncoderLayer`` name
 _BLOCK = {
@@ -130,19 +130,13 @@ def convert_open_clip_state_dict(state_dict: dict[str, Tensor], config: CLIPConf
     copied, fused = _copied(config), _fused(config)
     given = set(state_dict) - _IGNORED
     expected = set(copied) | set(fused) | set(_TRANSPOSED)
-    missing, unexpected = expected - given, given - expected
-    if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} key(s): {listed(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {len(unexpected)} key(s): {listed(unexpected)}")
-        raise ValueError(
-            "not an open_clip CLIP state dict in OpenAI's layout for this config ("
-            + "; ".join(problems)
-            + "). Only the default text tower (token_embedding, transformer, ln_final, text_projection) "
-            "is supported, and the layer counts come from the config."
-        )
+    check_keys(
+        given,
+        expected,
+        "not an open_clip CLIP state dict in OpenAI's layout for this config",
+        ". Only the default text tower (token_embedding, transformer, ln_final, text_projection) is supported, "
+        "and the layer counts come from the config.",
+    )
     converted = {copied[name]: state_dict[name] for name in copied}
     converted.update({target: state_dict[name].t() for name, target in _TRANSPOSED.items()})
     for name, target in fused.items():
