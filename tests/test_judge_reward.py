@@ -72,23 +72,25 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             server.release.wait(server.delay_s)
             if status is not None:
-                self._send(status, {"error": {"message": f"scripted HTTP {status}"}})
+                reply = status, {"error": {"message": f"scripted HTTP {status}"}}
             elif self.headers.get("Authorization") != f"Bearer {KEY}":
-                self._send(401, {"error": {"message": "invalid API key"}})
+                reply = 401, {"error": {"message": "invalid API key"}}
             elif self.path != "/v1/chat/completions":
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
+                reply = 404, {"error": {"message": f"no route {self.path}"}}
             else:
-                self._answer(json.loads(body))
+                reply = self._answer(json.loads(body))
         finally:
+            # Leave the in-flight count before answering: once the client has its reply it may send the
+            # next request, which must not be counted beside this finished one.
             with server.lock:
                 server.in_flight -= 1
+        self._send(*reply)
 
-    def _answer(self, payload: dict[str, Any]) -> None:
+    def _answer(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         try:
             caption, size = self._check(payload)
         except (AssertionError, KeyError, ValueError, OSError) as error:
-            self._send(400, {"error": {"message": f"bad request: {error!r}"}})
-            return
+            return 400, {"error": {"message": f"bad request: {error!r}"}}
         with self.server.lock:
             self.server.payloads.append(payload)
             self.server.image_sizes.append(size)
@@ -99,7 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             index = int(re.fullmatch(r"prompt (\d+)", caption).group(1))
             content = f"The caption says {caption!r}; the image shows it well.\nFinal Score: {index % 5 + 1}"
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
 
     @staticmethod
     def _check(payload: dict[str, Any]) -> tuple[str, tuple[int, int]]:
