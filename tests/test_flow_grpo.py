@@ -47,6 +47,17 @@ def test_rollout_records_trajectories_and_log_probs(policy, algo):
     torch.testing.assert_close(rollout.latents, again.latents, rtol=0, atol=0)
 
 
+def test_same_latent_shares_the_initial_noise_within_each_group_only(policy, algo):
+    batch = _batch()
+    start = algo.rollout(policy, batch, iteration_generator(0, 0)).latents[:, 0]
+    assert len({tuple(x.flatten()[:8].tolist()) for x in start}) == 8  # default: independent per sample
+    shared = FlowGRPO(num_steps=6, rollout_batch_size=4, same_latent=True)
+    rollout = shared.rollout(policy, batch, iteration_generator(0, 0))
+    start = rollout.latents[:, 0]
+    assert (start[:4] == start[0]).all() and (start[4:] == start[4]).all() and (start[0] != start[4]).any()
+    assert (rollout.latents[:4, 1] != rollout.latents[0, 1]).flatten(1).any(1)[1:].all()  # then they branch
+
+
 def test_ratio_is_one_and_clipped_loss_equals_unclipped_before_an_update(policy, algo):
     batch = _batch()
     rollout = algo.rollout(policy, batch, iteration_generator(0, 0))

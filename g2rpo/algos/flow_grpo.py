@@ -11,7 +11,11 @@
    plus ``beta KL(pi_theta || pi_ref)``, ``beta = 0.04``, in the official mean-difference form
    (:func:`g2rpo.sampling.transition_kl`); the reference is the model with LoRA disabled
    (:class:`g2rpo.algos.stepwise.StepwiseGRPO`).
-5. **Updates.** One pass over the rollout split into 2 minibatches (official sizing
+5. **Initial noise.** Independent per sample by default; ``same_latent`` (official option added 2025-07-28,
+   True in its ``clipscore_sd3`` config) gives every member of a group one ``x_1``, so rewards within a
+   group differ only through the trained SDE noise. The official code shares it among copies of a prompt
+   drawn in the same sampling batch; here the group is the unit, as in DanceGRPO's ``init_same_noise``.
+6. **Updates.** One pass over the rollout split into 2 minibatches (official sizing
    ``grad_accum = batches // 2``): the first is exactly on-policy, the second slightly off-policy.
 
 Flow-CPS (``sde_type: cps``, ``noise_level: 0.8``) swaps in the coefficients-preserving step.
@@ -33,6 +37,7 @@ class FlowGRPO(StepwiseGRPO):
     """Defaults: the official SD3.5-M GenEval config (``config/grpo.py`` + ``config/base.py``)."""
 
     timestep_fraction: float = 0.99  # trains the first int(T * fraction) steps, in order
+    same_latent: bool = False  # one x_1 per group (official config.sample.same_latent)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,7 +56,8 @@ class FlowGRPO(StepwiseGRPO):
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> SDERollout:
         train_steps = torch.arange(self.num_train_steps).expand(len(batch), -1)
+        initial = self.group_initial_noise(policy, batch, generator) if self.same_latent else None
         return self.sample(
             policy, batch, generator, noise_levels=torch.full((self.num_steps,), self.noise_level),
-            train_steps=train_steps,
+            train_steps=train_steps, initial_noise=initial,
         )  # fmt: skip
