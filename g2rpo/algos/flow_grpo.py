@@ -13,7 +13,7 @@
    (:class:`g2rpo.algos.stepwise.StepwiseGRPO`).
 5. **Initial noise.** Independent per sample by default; ``same_latent`` (official option added 2025-07-28,
    True in its ``clipscore_sd3`` config) gives every member of a group one ``x_1``, so rewards within a
-   group differ only through the trained SDE noise. The official code shares it among copies of a prompt
+   group differ only through the SDE noise of its steps. The official code shares it among copies of a prompt
    drawn in the same sampling batch; here the group is the unit, as in DanceGRPO's ``init_same_noise``.
 6. **Updates.** One pass over the rollout split into 2 minibatches (official sizing
    ``grad_accum = batches // 2``): the first is exactly on-policy, the second slightly off-policy.
