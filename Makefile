@@ -1,26 +1,49 @@
 # g2rpo: `make run` trains the embedded default on CPU, `make test` runs the suite.
-# Both create .venv on first use. On a GPU machine install a CUDA build instead:
+# Both create .venv on first use from the committed lock (requirements/lock.txt), so an upstream release
+# cannot change what is installed. On a GPU machine install a CUDA build of torch instead; everything else
+# still comes from the lock:
 #   make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" run
 PYTHON ?= python3
 VENV   ?= .venv
-TORCH  ?= torch==2.13.0
+LOCK   := requirements/lock.txt
+TORCH  ?= $(shell grep -m1 '^torch==' requirements/torch.txt)
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LATEST := .venv-latest
+LOCKER := .venv-lock
+PIP_TOOLS := pip-tools==7.7.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all bench bench-gpu reproduce base-model unified-model reward-model lint format clean
+.PHONY: help install lock test-latest run test test-all bench bench-gpu reproduce base-model unified-model reward-model lint format clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-13s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, so that no dependency resolves it to a multi-GB CUDA build on CPU machines
 	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e ".[dev]"
+	# then everything else at the locked versions; the lock's own torch line (the CPU build) is left out
+	grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt
+	$(PY) -m pip install -r $(VENV)/lock-without-torch.txt
+	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip check
 	touch $@
 
-install: $(STAMP) ## Create .venv and install g2rpo with its dev extras
+install: $(STAMP) ## Create .venv and install g2rpo with its dev extras, at the versions in requirements/lock.txt
+
+lock: ## Re-resolve requirements/lock.txt after a dependency change in pyproject.toml; ARGS=--upgrade takes the newest releases
+	test -x $(LOCKER)/bin/pip-compile || ($(PYTHON) -m venv $(LOCKER) && $(LOCKER)/bin/python -m pip install $(PIP_TOOLS))
+	$(LOCKER)/bin/pip-compile --output-file $(LOCK) $(ARGS) pyproject.toml
+
+test-latest: ## Drift check, not in CI: a fresh .venv-latest with the newest releases pyproject.toml allows, then the suite
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install $(TORCH)
+	$(LATEST)/bin/python -m pip install -e ".[dev]"
+	$(LATEST)/bin/python -m pip check
+	$(LATEST)/bin/python requirements/drift.py $(LOCK)
+	$(LATEST)/bin/python -m pytest -m "not slow" --deselect tests/test_lock.py::test_the_environment_is_the_lock $(ARGS)
 
 run: $(STAMP) ## Train Flow-GRPO on the shapes world, with held-out GenEval tables before/after; make run ARGS="seed=1"
 	$(PY) -m g2rpo.run experiment=quickstart $(ARGS)

@@ -1,0 +1,41 @@
+"""Print how this environment's packages differ from the lock: the report `make test-latest` opens with.
+
+Run by the environment's own python, so it sees what pip installed there: ``python requirements/drift.py
+requirements/lock.txt``. It reports and exits 0; the test suite after it is what passes or fails.
+"""
+
+import re
+import sys
+from importlib.metadata import distributions
+
+
+def canonical(name: str) -> str:
+    """PEP 503 name, so ``PyYAML`` and ``pyyaml``, ``typing_extensions`` and ``typing-extensions`` match."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pins(lock_path: str) -> dict[str, str]:
+    pinned = {}
+    with open(lock_path) as lock:
+        for line in lock:
+            match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
+            if match:
+                pinned[canonical(match[1])] = match[2]
+    return pinned
+
+
+def main(lock_path: str) -> None:
+    locked = pins(lock_path)
+    installed = {canonical(d.metadata["Name"]): d.version for d in distributions()}
+    for not_locked in ("g2rpo", "pip"):  # the project itself, and the installer the venv came with
+        installed.pop(not_locked, None)
+    changed = [f"  {n}: {locked[n]} -> {v}" for n, v in sorted(installed.items()) if n in locked and v != locked[n]]
+    added = [f"  {n}: {v} (not in the lock)" for n, v in sorted(installed.items()) if n not in locked]
+    missing = [f"  {n}: {v} -> not installed" for n, v in sorted(locked.items()) if n not in installed]
+    print(f"Differences from {lock_path}: {len(changed)} changed, {len(added)} added, {len(missing)} not installed")
+    for line in changed + added + missing:
+        print(line)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,60 @@
+"""The committed lock is what `make install` puts in .venv: it must cover pyproject.toml and be what ran."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import distributions
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from requirements.drift import canonical, pins
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements" / "lock.txt"
+
+
+def declared() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+
+
+def test_every_declared_dependency_is_pinned_within_its_range():
+    """Fails after a dependency edit in pyproject.toml without `make lock`."""
+    locked = pins(str(LOCK))
+    for requirement in declared():
+        name = canonical(requirement.name)
+        assert name in locked, f"{requirement.name} is in pyproject.toml but not in {LOCK.name}: run `make lock`"
+        version = Version(locked[name])
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{LOCK.name} pins {requirement.name}=={version}, outside pyproject.toml's {requirement}: run `make lock`"
+        )
+
+
+def test_the_lock_resolves_against_the_torch_make_installs():
+    torch_pin = re.search(r"^torch==(\S+)", (ROOT / "requirements" / "torch.txt").read_text(), re.M)[1]
+    assert Version(pins(str(LOCK))["torch"]).public == torch_pin
+
+
+def test_the_lock_names_no_machine_specific_index():
+    """pip-compile copies this machine's find-links and index URLs unless told not to (pyproject's [tool.pip-tools])."""
+    options = [line for line in LOCK.read_text().splitlines() if line.startswith("-")]
+    assert options == []
+
+
+def test_the_environment_is_the_lock():
+    """The suite ran on the locked versions, so the lock is a set that passed. torch is compared without its
+    build label (a CUDA build stands in for the CPU one on GPU machines). `make test-latest` deselects this."""
+    installed = {canonical(d.metadata["Name"]): d.version for d in distributions()}
+    differing = {
+        name: (version, installed.get(name))
+        for name, version in pins(str(LOCK)).items()
+        if installed.get(name) is None or Version(installed[name]).public != Version(version).public
+    }
+    assert differing == {}, f"installed versions differ from {LOCK.name} (locked, installed): {differing}; run `make install`"
