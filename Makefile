@@ -78,12 +78,12 @@ reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weig
 	$(PY) -m g2rpo.shapes.clip --steps $(REWARD_STEPS) --out g2rpo/shapes/weights/shapes_score
 
 lint: $(STAMP) ## Ruff lint and format check
-	$(PY) -m ruff check g2rpo experiments tests
-	$(PY) -m ruff format --check g2rpo experiments tests
+	$(PY) -m ruff check g2rpo experiments tests requirements
+	$(PY) -m ruff format --check g2rpo experiments tests requirements
 
 format: $(STAMP) ## Apply ruff fixes and formatting
-	$(PY) -m ruff check --fix g2rpo experiments tests
-	$(PY) -m ruff format g2rpo experiments tests
+	$(PY) -m ruff check --fix g2rpo experiments tests requirements
+	$(PY) -m ruff format g2rpo experiments tests requirements
 
 clean: ## Remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache

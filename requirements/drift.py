@@ -29,10 +29,14 @@ def main(lock_path: str) -> None:
     installed = {canonical(d.metadata["Name"]): d.version for d in distributions()}
     for not_locked in ("g2rpo", "pip"):  # the project itself, and the installer the venv came with
         installed.pop(not_locked, None)
-    changed = [f"  {n}: {locked[n]} -> {v}" for n, v in sorted(installed.items()) if n in locked and v != locked[n]]
+    changed = [
+        f"  {n}: {locked[n]} -> {v}" for n, v in sorted(installed.items()) if n in locked and v != locked[n]
+    ]
     added = [f"  {n}: {v} (not in the lock)" for n, v in sorted(installed.items()) if n not in locked]
     missing = [f"  {n}: {v} -> not installed" for n, v in sorted(locked.items()) if n not in installed]
-    print(f"Differences from {lock_path}: {len(changed)} changed, {len(added)} added, {len(missing)} not installed")
+    print(
+        f"Differences from {lock_path}: {len(changed)} changed, {len(added)} added, {len(missing)} not installed"
+    )
     for line in changed + added + missing:
         print(line)
 
