@@ -43,6 +43,8 @@ test-latest: ## Drift check, not in CI: a fresh .venv-latest with the newest rel
 	$(LATEST)/bin/python -m pip install -e ".[dev]"
 	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python requirements/drift.py $(LOCK)
+	@echo "Held back by a bound in pyproject.toml, a dependency's bound or the torch pin (newest on the index):"
+	-$(LATEST)/bin/python -m pip list --outdated --exclude-editable
 	$(LATEST)/bin/python -m pytest -m "not slow" --deselect tests/test_lock.py::test_the_environment_is_the_lock $(ARGS)
 
 run: $(STAMP) ## Train Flow-GRPO on the shapes world, with held-out GenEval tables before/after; make run ARGS="seed=1"
