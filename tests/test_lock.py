@@ -39,9 +39,14 @@ def test_every_declared_dependency_is_pinned_within_its_range():
         )
 
 
-def test_the_lock_resolves_against_the_torch_make_installs():
+def test_the_lock_resolves_against_the_cpu_torch_make_installs():
+    """pip-compile on a machine without the CPU wheel resolves PyPI's CUDA build, whose nvidia-* and triton
+    pins would then install gigabytes on every CPU machine."""
+    locked = pins(str(LOCK))
     torch_pin = re.search(r"^torch==(\S+)", (ROOT / "requirements" / "torch.txt").read_text(), re.M)[1]
-    assert Version(pins(str(LOCK))["torch"]).public == torch_pin
+    assert Version(locked["torch"]).public == torch_pin
+    assert Version(locked["torch"]).local == "cpu"
+    assert [name for name in locked if name.startswith("nvidia-") or name == "triton"] == []
 
 
 def test_the_lock_names_no_machine_specific_index():
