@@ -8,10 +8,12 @@ import re
 import sys
 from importlib.metadata import distributions
 
+from packaging.utils import canonicalize_name
 
-def canonical(name: str) -> str:
-    """PEP 503 name, so ``PyYAML`` and ``pyyaml``, ``typing_extensions`` and ``typing-extensions`` match."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+
+def installed() -> dict[str, str]:
+    """Every distribution in this environment by its PEP 503 name (``typing_extensions`` -> ``typing-extensions``)."""
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
 
 
 def pins(lock_path: str) -> dict[str, str]:
@@ -20,20 +22,20 @@ def pins(lock_path: str) -> dict[str, str]:
         for line in lock:
             match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
             if match:
-                pinned[canonical(match[1])] = match[2]
+                pinned[canonicalize_name(match[1])] = match[2]
     return pinned
 
 
 def main(lock_path: str) -> None:
     locked = pins(lock_path)
-    installed = {canonical(d.metadata["Name"]): d.version for d in distributions()}
+    present = installed()
     for not_locked in ("g2rpo", "pip"):  # the project itself, and the installer the venv came with
-        installed.pop(not_locked, None)
+        present.pop(not_locked, None)
     changed = [
-        f"  {n}: {locked[n]} -> {v}" for n, v in sorted(installed.items()) if n in locked and v != locked[n]
+        f"  {n}: {locked[n]} -> {v}" for n, v in sorted(present.items()) if n in locked and v != locked[n]
     ]
-    added = [f"  {n}: {v} (not in the lock)" for n, v in sorted(installed.items()) if n not in locked]
-    missing = [f"  {n}: {v} -> not installed" for n, v in sorted(locked.items()) if n not in installed]
+    added = [f"  {n}: {v} (not in the lock)" for n, v in sorted(present.items()) if n not in locked]
+    missing = [f"  {n}: {v} -> not installed" for n, v in sorted(locked.items()) if n not in present]
     print(
         f"Differences from {lock_path}: {len(changed)} changed, {len(added)} added, {len(missing)} not installed"
     )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from importlib.metadata import distributions
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from requirements.drift import canonical, pins
+from requirements.drift import installed, pins
 
 try:
     import tomllib
@@ -29,7 +29,7 @@ def test_every_declared_dependency_is_pinned_within_its_range():
     """Fails after a dependency edit in pyproject.toml without `make lock`."""
     locked = pins(str(LOCK))
     for requirement in declared():
-        name = canonical(requirement.name)
+        name = canonicalize_name(requirement.name)
         assert name in locked, (
             f"{requirement.name} is in pyproject.toml but not in {LOCK.name}: run `make lock`"
         )
@@ -58,11 +58,11 @@ def test_the_lock_names_no_machine_specific_index():
 def test_the_environment_is_the_lock():
     """The suite ran on the locked versions, so the lock is a set that passed. torch is left out: `make
     TORCH=...` chooses it (a CUDA build on GPU machines). `make test-latest` deselects this test."""
-    installed = {canonical(d.metadata["Name"]): d.version for d in distributions()}
+    present = installed()
     differing = {
-        name: (version, installed.get(name))
+        name: (version, present.get(name))
         for name, version in pins(str(LOCK)).items()
-        if name != "torch" and installed.get(name) != version
+        if name != "torch" and present.get(name) != version
     }
     assert differing == {}, (
         f"installed versions differ from {LOCK.name} (locked, installed): {differing}; run `make install`"
