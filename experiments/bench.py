@@ -118,11 +118,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rollout_images = policy.nfe / (args.repeats + 1)  # denoiser images per rollout (CFG counts twice)
 
     sample = rollout()
-    scored = algorithm.scored_prompts(sample, batch)
+    scored = sample.scored
     rewards = RewardOutput(
         {"r": torch.randn(len(scored), generator=torch.Generator().manual_seed(0))}, {"r": 1.0}
     )
-    advantages = algorithm.advantages(rewards, scored, sample)
+    advantages = algorithm.advantages(rewards, sample)
     minibatches = algorithm.minibatches(sample, advantages, torch.Generator().manual_seed(0))
 
     def train_iteration():

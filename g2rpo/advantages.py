@@ -1,4 +1,4 @@
-"""Group-relative advantages over ``group_ids``.
+"""Group-relative advantages over a batch's :class:`~g2rpo.types.Groups`.
 
 A group is the set of samples drawn for one prompt. Group membership is an index tensor, so groups of
 different sizes (CurES allocation) and groups split across micro-batches need no special case: every
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from g2rpo.distributed import all_sum
-from g2rpo.types import RewardOutput
+from g2rpo.types import Groups, RewardOutput
 
 STD_MODES = ("group", "global", "none")
 
@@ -73,13 +73,11 @@ def segment_mean(values: Tensor, segments: Tensor, num_segments: int, weights: T
 
 
 def normalize_in_groups(
-    rewards: Tensor, group_ids: Tensor, valid: Tensor, norm: GroupNormalization
+    rewards: Tensor, groups: Groups, valid: Tensor, norm: GroupNormalization
 ) -> tuple[Tensor, Tensor]:
-    """Unclipped advantages ``[B]`` and a ``[B]`` mask of samples in groups with all-equal rewards.
-
-    ``group_ids`` must be ``0 .. G-1`` (see :func:`compute_advantages`); invalid samples count nowhere.
-    """
-    num_groups = int(group_ids.max().item()) + 1
+    """Unclipped advantages ``[B]`` and a ``[B]`` mask of samples in groups with all-equal rewards; invalid
+    samples count nowhere."""
+    group_ids, num_groups = groups.ids, groups.count
     weights = valid.to(torch.float64)
     filled = torch.where(valid, rewards, torch.zeros_like(rewards)).to(torch.float64)
     group_mean = segment_mean(filled, group_ids, num_groups, weights)
@@ -113,7 +111,7 @@ def normalize_in_groups(
     return advantages.to(rewards.dtype), zero_std
 
 
-def compute_advantages(rewards: RewardOutput, group_ids: Tensor, norm: GroupNormalization) -> Advantages:
+def compute_advantages(rewards: RewardOutput, groups: Groups, norm: GroupNormalization) -> Advantages:
     """Group-normalised advantages for a batch of rewards.
 
     ``rewards.aggregate == "reward"``: normalise the weighted reward sum (Flow-GRPO's ``avg``).
@@ -121,29 +119,27 @@ def compute_advantages(rewards: RewardOutput, group_ids: Tensor, norm: GroupNorm
     the advantages (DanceGRPO's multi-reward form, MixGRPO's ``advantage_aggr``, G2RPO). The clip is
     applied after the sum in both cases.
     """
-    _, group_ids = torch.unique(group_ids, return_inverse=True)
     scores = torch.stack([s.float() for s in rewards.scores.values()])  # [K, B]
     valid = torch.isfinite(scores).all(dim=0)
     if rewards.aggregate == "reward":
-        advantages, zero_std = normalize_in_groups(rewards.total, group_ids, valid, norm)
+        advantages, zero_std = normalize_in_groups(rewards.total, groups, valid, norm)
     else:
         advantages = torch.zeros_like(scores[0])
         zero_std = torch.ones_like(valid)
         for name, score in rewards.scores.items():
-            per_reward, flat = normalize_in_groups(score.float(), group_ids, valid, norm)
+            per_reward, flat = normalize_in_groups(score.float(), groups, valid, norm)
             advantages = advantages + rewards.weights[name] * per_reward
             zero_std = zero_std & flat
     advantages = advantages.clamp(-norm.clip, norm.clip)
     train_mask = valid & ~zero_std if norm.drop_zero_std else valid
-    num_groups = int(group_ids.max().item()) + 1
-    zero_std_groups = torch.zeros(num_groups, dtype=torch.bool).index_fill_(
-        0, group_ids[zero_std].cpu(), True
+    zero_std_groups = torch.zeros(groups.count, dtype=torch.bool).index_fill_(
+        0, groups.ids[zero_std].cpu(), True
     )
     return Advantages(
         values=advantages,
         valid=valid,
         zero_std=zero_std,
         train_mask=train_mask,
-        num_groups=num_groups,
+        num_groups=groups.count,
         num_zero_std_groups=int(zero_std_groups.sum().item()),
     )

@@ -86,36 +86,24 @@ def rank_slice(batch: PromptBatch) -> PromptBatch:
     rank, size = world()
     if size == 1:
         return batch
-    groups = torch.unique(batch.group_ids)
-    if len(groups) % size:
+    groups = batch.groups
+    if groups.count % size:
         raise ValueError(
-            f"the iteration draws {len(groups)} groups, which do not split over {size} ranks: make "
+            f"the iteration draws {groups.count} groups, which do not split over {size} ranks: make "
             "curriculum.prompts_per_iteration a multiple of the number of ranks (each rank rolls out whole groups)"
         )
-    mine = groups.chunk(size)[rank]
-    return batch.select(torch.isin(batch.group_ids, mine).nonzero().flatten())
+    mine = torch.arange(groups.count).chunk(size)[rank]
+    return batch.select(torch.isin(groups.ids, mine).nonzero().flatten())
 
 
 def gather_scored(batch: PromptBatch, rewards: RewardOutput) -> tuple[PromptBatch, RewardOutput]:
     """The whole iteration's scored prompts and rewards on every rank, in rank order (for the curriculum's
-    update and the logged reward statistics). Group ids are offset per rank, so that groups numbered
-    locally (G2RPO's per-(k, lambda) groups) stay distinct."""
+    update and the logged reward statistics); each rank's groups stay distinct (:meth:`PromptBatch.concat`)."""
     _, size = world()
     if size == 1:
         return batch, rewards
     local = (batch, {name: score.detach().cpu() for name, score in rewards.scores.items()})
     parts = gather_objects(local)
-    offset, batches = 0, []
-    for part, _ in parts:
-        batches.append(PromptBatch(part.prompts, part.metadata, part.group_ids.cpu() + offset,
-                                   part.prompt_ids.cpu(), part.sample_ids.cpu()))  # fmt: skip
-        offset += int(part.group_ids.max()) + 1 if len(part) else 0
-    merged = PromptBatch(
-        prompts=[p for b in batches for p in b.prompts],
-        metadata=[m for b in batches for m in b.metadata],
-        group_ids=torch.cat([b.group_ids for b in batches]),
-        prompt_ids=torch.cat([b.prompt_ids for b in batches]),
-        sample_ids=torch.cat([b.sample_ids for b in batches]),
-    )
+    merged = PromptBatch.concat([part for part, _ in parts])
     scores = {name: torch.cat([scores[name] for _, scores in parts]) for name in rewards.scores}
     return merged, RewardOutput(scores=scores, weights=rewards.weights, aggregate=rewards.aggregate)

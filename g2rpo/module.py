@@ -203,13 +203,13 @@ class RLModule(L.LightningModule):
         with torch.no_grad():
             rollout = self.algorithm.rollout(self.policy, prompts, sampling, iteration)
         nfe_rollout, rollout_seconds = self.policy.nfe, time.perf_counter() - clock
-        scored = self.algorithm.scored_prompts(rollout, prompts)
+        scored = rollout.scored
 
         clock = time.perf_counter()
         with torch.no_grad():
-            rewards = self.algorithm.score(self.reward, rollout, scored)
+            rewards = self.algorithm.score(self.reward, rollout)
         reward_seconds = time.perf_counter() - clock
-        advantages = self.algorithm.advantages(rewards, scored, rollout)
+        advantages = self.algorithm.advantages(rewards, rollout)
         all_scored, all_rewards = gather_scored(scored, rewards)  # every rank's, for statistics
         metrics = {
             **advantages.metrics(),
@@ -248,7 +248,7 @@ class RLModule(L.LightningModule):
         self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
         shown = slice(0, self.num_logged_images)
         # a text-only rollout (token GRPO on answers) has no image to show
-        if getattr(rollout, "images", None) is not None:
+        if rollout.images is not None:
             self.last_samples = Samples(
                 rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
             )

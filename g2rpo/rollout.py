@@ -1,6 +1,11 @@
-"""Rollouts: SDE trajectories with the sampler's per-step log-probabilities, and deterministic ODE samples."""
+"""Rollouts: SDE trajectories with the sampler's per-step log-probabilities, and deterministic ODE samples.
+
+Every sampling loop of every algorithm is here; algorithms choose the grid, the noise and what to keep.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -10,7 +15,32 @@ from torch import Tensor
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import keyed
 from g2rpo.sampling import euler_step, sde_step
-from g2rpo.types import ODERollout, PromptBatch, SDERollout
+from g2rpo.types import Conditioning, ODERollout, PromptBatch, SDERollout
+
+
+def sde_trajectory(
+    policy: FlowPolicy,
+    x: Tensor,
+    sigmas: Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    noise_levels: Tensor,
+    sde_type: str,
+    generators: list[torch.Generator],
+) -> tuple[Tensor, Tensor]:
+    """One forward chunk through the SDE from ``x``: every latent ``[b, T + 1, ...]`` and the log-prob of every
+    step ``[b, T]`` (NaN where ``noise_levels[i] == 0`` makes the step a deterministic ODE step)."""
+    trajectory, log_probs = [x], []
+    for i in range(len(sigmas) - 1):
+        v = policy.velocity(x, sigmas[i], cond, guidance_scale)
+        noise = randn_tensor(x.shape, generator=generators, device=x.device, dtype=torch.float32)
+        step = sde_step(
+            x, v, sigmas[i], sigmas[i + 1], float(noise_levels[i]), noise=noise, sde_type=sde_type
+        )
+        x = step.prev_sample
+        trajectory.append(x)
+        log_probs.append(step.log_prob)
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
 
 
 @torch.no_grad()
@@ -26,42 +56,37 @@ def sde_rollout(
     train_steps: Tensor,
     generator: torch.Generator,
     initial_noise: Tensor | None = None,
+    negative: bool = False,
 ) -> SDERollout:
     """Sample ``len(batch)`` trajectories, ``batch_size`` at a time, keeping every latent and log-prob.
 
     ``noise_levels[i]`` is the SDE noise of step ``i`` (0 makes it a deterministic ODE step with a NaN
     log-prob), so full-SDE (Flow-GRPO), constant-eta (DanceGRPO) and windowed (MixGRPO) rollouts share
-    this loop. Each prompt is encoded once and shared by its group. ``initial_noise`` (``[B, ...]``)
-    replaces the independent ``x_1`` draws, e.g. with one draw shared by each group (DanceGRPO). Sample
-    ``i``'s noise comes from its own stream keyed by ``batch.sample_ids[i]`` (``g2rpo.randomness``), so it
-    does not depend on ``batch_size`` or on the rank that samples it.
+    this loop. Each prompt is encoded once and shared by its group (``negative`` also encodes the empty
+    prompt when the rollout itself does not need it). ``initial_noise`` (``[B, ...]``) replaces the
+    independent ``x_1`` draws, e.g. with one draw shared by each group (DanceGRPO). Sample ``i``'s noise
+    comes from its own stream keyed by ``batch.sample_ids[i]`` (``g2rpo.randomness``), so it does not depend
+    on ``batch_size`` or on the rank that samples it.
     """
     prompts, cond_index = batch.unique()
-    cond = policy.encode(prompts, negative=guidance_scale > 1)
+    cond = policy.encode(prompts, negative=negative or guidance_scale > 1)
     sigmas = policy.sigmas(num_steps).to(policy.device)
     generators = keyed(generator, batch.sample_ids)
     latents, log_probs, images = [], [], []
     for chunk in torch.arange(len(batch)).split(batch_size):
-        chunk_cond = cond.select(cond_index[chunk])
         chunk_generators = [generators[i] for i in chunk.tolist()]
         x = (
             policy.initial_noise(len(chunk), chunk_generators)
             if initial_noise is None
             else initial_noise[chunk]
         )
-        trajectory, chunk_log_probs = [x], []
-        for i in range(num_steps):
-            v = policy.velocity(x, sigmas[i], chunk_cond, guidance_scale)
-            noise = randn_tensor(x.shape, generator=chunk_generators, device=x.device, dtype=torch.float32)
-            step = sde_step(
-                x, v, sigmas[i], sigmas[i + 1], float(noise_levels[i]), noise=noise, sde_type=sde_type
-            )
-            x = step.prev_sample
-            trajectory.append(x)
-            chunk_log_probs.append(step.log_prob)
-        latents.append(torch.stack(trajectory, dim=1))
-        log_probs.append(torch.stack(chunk_log_probs, dim=1))
-        images.append(policy.decode(x))
+        trajectory, chunk_log_probs = sde_trajectory(
+            policy, x, sigmas, cond.select(cond_index[chunk]), guidance_scale, noise_levels, sde_type,
+            chunk_generators,
+        )  # fmt: skip
+        latents.append(trajectory)
+        log_probs.append(chunk_log_probs)
+        images.append(policy.decode(trajectory[:, -1].contiguous()))
     return SDERollout(
         images=torch.cat(images),
         latents=torch.cat(latents),
@@ -70,7 +95,72 @@ def sde_rollout(
         train_steps=train_steps.to(policy.device),
         cond=cond,
         cond_index=cond_index.to(policy.device),
+        scored=batch,
     )
+
+
+def final_samples(rollout: SDERollout) -> ODERollout:
+    """An SDE rollout reduced to its clean end points (DGPO's Flow-SDE ablation trains on ``x_0`` alone)."""
+    return ODERollout(
+        images=rollout.images,
+        samples=rollout.latents[:, -1],
+        sigmas=rollout.sigmas,
+        cond=rollout.cond,
+        cond_index=rollout.cond_index,
+        scored=rollout.scored,
+    )
+
+
+@torch.no_grad()
+def euler_trajectory(
+    policy: FlowPolicy,
+    x: Tensor,
+    sigmas: Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    batch_size: int,
+    velocities_at: Sequence[int] = (),
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """The Euler ODE from ``x`` through ``sigmas``, ``batch_size`` rows of ``x`` (and of ``cond``) per forward:
+    every latent ``[B, T + 1, ...]``, and the velocity at each step in ``velocities_at`` (G2RPO's anchors
+    branch from them)."""
+    trajectories, velocities = [], {i: [] for i in velocities_at}
+    for chunk in torch.arange(len(x)).split(batch_size):
+        y, chunk_cond, trajectory = x[chunk], cond.select(chunk), [x[chunk]]
+        for i in range(len(sigmas) - 1):
+            v = policy.velocity(y, sigmas[i], chunk_cond, guidance_scale)
+            if i in velocities:
+                velocities[i].append(v)
+            y = euler_step(y, v, sigmas[i], sigmas[i + 1])
+            trajectory.append(y)
+        trajectories.append(torch.stack(trajectory, dim=1))
+    return torch.cat(trajectories), {i: torch.cat(v) for i, v in velocities.items()}
+
+
+@torch.no_grad()
+def ode_continue(
+    policy: FlowPolicy,
+    x: Tensor,
+    points: list[int],
+    sigmas: Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Euler ODE from ``x`` through ``sigmas[points]``, returning ``x0_hat = x - sigma v`` at the last
+    evaluated point (the last point is never evaluated); ``batch_size`` rows per forward (default: all)."""
+    if batch_size is not None and batch_size < len(x):
+        return torch.cat(
+            [
+                ode_continue(policy, x[chunk], points, sigmas, cond.select(chunk), guidance_scale)
+                for chunk in torch.arange(len(x)).split(batch_size)
+            ]
+        )
+    if len(points) < 2:
+        raise ValueError(f"a continuation needs at least two grid points, got {points}")
+    for here, there in zip(points[:-2], points[1:-1]):
+        x = euler_step(x, policy.velocity(x, sigmas[here], cond, guidance_scale), sigmas[here], sigmas[there])
+    return x - sigmas[points[-2]] * policy.velocity(x, sigmas[points[-2]], cond, guidance_scale)
 
 
 def ode_sample(
@@ -133,10 +223,10 @@ def ode_rollout(
     cond = policy.encode(prompts, negative=negative or guidance_scale > 1)
     if scheduler is None:
         sigmas = policy.sigmas(num_steps).to(policy.device)
-        timesteps = sigmas[:-1]
-    else:
+    else:  # the noise levels the scheduler's model calls see: its integer timesteps / num_train_timesteps
         scheduler.set_timesteps(num_steps, device=policy.device)
-        timesteps = scheduler.timesteps.float() / scheduler.config.num_train_timesteps
+        levels = scheduler.timesteps.float() / scheduler.config.num_train_timesteps
+        sigmas = torch.cat([levels, levels.new_zeros(1)])
     generators = keyed(generator, batch.sample_ids)
     samples, images = [], []
     for chunk in torch.arange(len(batch)).split(batch_size):
@@ -148,7 +238,7 @@ def ode_rollout(
         if scheduler is not None:
             scheduler.set_timesteps(num_steps, device=policy.device)  # a fresh multistep history
         for i in range(num_steps):
-            v = policy.velocity(x, timesteps[i], chunk_cond, guidance_scale)
+            v = policy.velocity(x, sigmas[i], chunk_cond, guidance_scale)
             if scheduler is None:
                 x = euler_step(x, v, sigmas[i], sigmas[i + 1])
             else:
@@ -158,9 +248,8 @@ def ode_rollout(
     return ODERollout(
         images=torch.cat(images),
         samples=torch.cat(samples),
-        timesteps=timesteps,
+        sigmas=sigmas,
         cond=cond,
         cond_index=cond_index.to(policy.device),
-        group_ids=batch.group_ids.to(policy.device),
-        sample_ids=batch.sample_ids,
+        scored=batch,
     )

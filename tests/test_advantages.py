@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from g2rpo.advantages import GroupNormalization, compute_advantages
-from g2rpo.types import RewardOutput
+from g2rpo.types import Groups, RewardOutput
 
 
 def advantages_of(values, groups, aggregate="reward", **norm):
     scores = values if isinstance(values, dict) else {"r": torch.tensor(values, dtype=torch.float32)}
     rewards = RewardOutput(scores=scores, weights={k: 1.0 for k in scores}, aggregate=aggregate)
-    return compute_advantages(rewards, torch.tensor(groups), GroupNormalization(**norm))
+    return compute_advantages(rewards, Groups.of(torch.tensor(groups)), GroupNormalization(**norm))
 
 
 def test_group_std_matches_hand_computation():

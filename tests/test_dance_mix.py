@@ -16,7 +16,7 @@ def _batch(groups=2, size=4):
 
 def _on_policy(algo, policy, rollout, batch):
     rewards = RewardOutput({"r": torch.arange(float(len(batch)))}, {"r": 1.0})
-    advantages = algo.advantages(rewards, batch, rollout)
+    advantages = algo.advantages(rewards, rollout)
     return [
         algo.loss(policy, rollout, advantages, TrainingUnit(torch.arange(4), column)).metrics
         for column in range(rollout.train_steps.shape[1])

@@ -12,7 +12,7 @@ from g2rpo.module import iteration_generator
 from g2rpo.randomness import keyed
 from g2rpo.rollout import flow_dpm_solver, ode_rollout
 from g2rpo.sampling import euler_step, mean_over_dims
-from g2rpo.types import PromptBatch, RewardOutput
+from g2rpo.types import Groups, PromptBatch, RewardOutput
 
 
 def _batch(groups=2, size=4):
@@ -35,7 +35,9 @@ def test_advantages_sum_to_zero_and_balance_positive_and_negative_mass(std):
     rewards = torch.rand(5 * 6, generator=torch.Generator().manual_seed(0))
     group_ids = torch.arange(5).repeat_interleave(6)
     norm = GroupNormalization(std=std, clip=1e9)  # before clamping
-    advantages = compute_advantages(RewardOutput({"r": rewards}, {"r": 1.0}), group_ids, norm).values
+    advantages = compute_advantages(
+        RewardOutput({"r": rewards}, {"r": 1.0}), Groups.of(group_ids), norm
+    ).values
     for g in range(5):
         a = advantages[group_ids == g].double()
         assert abs(a.sum()) < 1e-5
@@ -49,7 +51,7 @@ def test_group_difference_form_equals_the_signed_single_sum():
     for g in (0, 1):  # zero-mean within groups, as normalised advantages are
         advantages[group_ids == g] -= advantages[group_ids == g].mean()
     loss_theta, loss_ref = torch.rand(7, generator=generator), torch.rand(7, generator=generator)
-    logit = group_preference_logit(advantages, loss_theta, loss_ref, group_ids, beta=100.0)
+    logit = group_preference_logit(advantages, loss_theta, loss_ref, Groups.of(group_ids), beta=100.0)
     for g in (0, 1):
         a, diff = advantages[group_ids == g], (loss_theta - loss_ref)[group_ids == g]
         positive, negative = a > 0, a <= 0
@@ -78,7 +80,7 @@ def test_surrogate_gradient_is_the_bradley_terry_gradient_over_beta_b_over_g(pol
     with torch.no_grad(), policy.reference():
         loss_ref = mean_over_dims((policy.velocity(x_t, t, cond) - target) ** 2)
     loss_theta = mean_over_dims((policy.velocity(x_t, t, cond) - target) ** 2)
-    a, groups = advantages[samples], rollout.group_ids[samples]
+    a, groups = advantages[samples], rollout.scored.group_ids[samples]
     s = torch.stack([algo.beta / 4 * (a * (loss_theta - loss_ref))[groups == g].sum() for g in (0, 1)])
     bradley_terry = torch.autograd.grad(-torch.nn.functional.logsigmoid(-s).sum(), parameters)
     for exact, approx in zip(bradley_terry, surrogate):
@@ -123,7 +125,7 @@ def algo_theta_minus(algo, policy):
 def test_training_noise_levels_respect_t_min_and_are_shared_within_a_group(policy, t_min):
     algo = _algo(t_min=t_min, groups_per_forward=1, num_minibatches=1)
     rollout = algo.rollout(policy, _batch(groups=3, size=3), iteration_generator(0, 0))
-    lowest = t_min if t_min is not None else float(rollout.timesteps[algo.max_timestep_index])
+    lowest = t_min if t_min is not None else float(rollout.sigmas[algo.max_timestep_index])
     advantages = _advantages(torch.randn(9))
     for seed in range(20):
         (units,) = algo.minibatches(rollout, advantages, torch.Generator().manual_seed(seed))
@@ -131,10 +133,10 @@ def test_training_noise_levels_respect_t_min_and_are_shared_within_a_group(polic
         sigmas = sorted({u.sigma for u in units})
         assert len(sigmas) == 2 and min(sigmas) >= lowest - 1e-6
         if t_min is None:
-            allowed = rollout.timesteps[: algo.max_timestep_index + 1].tolist()
+            allowed = rollout.sigmas[: algo.max_timestep_index + 1].tolist()
             assert all(any(abs(s - a) < 1e-6 for a in allowed) for s in sigmas)
         for unit in units:
-            groups = rollout.group_ids[unit.samples]
+            groups = rollout.scored.group_ids[unit.samples]
             assert groups.unique().numel() == 1 and len(unit.samples) == 3  # a whole group
             assert (unit.noise == unit.noise[0]).all()  # one eps per group
         first_level = [u for u in units if u.sigma == units[0].sigma]

@@ -21,7 +21,7 @@ def _batch(groups=2, size=4):
 
 
 def _advantages(algo, batch, rewards):
-    return algo.advantages(RewardOutput({"r": rewards}, {"r": 1.0}), batch)
+    return algo.advantages(RewardOutput({"r": rewards}, {"r": 1.0}), SimpleNamespace(scored=batch))
 
 
 def _trained_steps(algo, batch):

@@ -5,9 +5,10 @@ import torch
 from conftest import make_policy, perturb_lora
 
 from g2rpo.algos import G2RPO
-from g2rpo.algos.g2rpo import continuation_grid, ode_continue
+from g2rpo.algos.g2rpo import continuation_grid
 from g2rpo.module import iteration_generator
 from g2rpo.randomness import GROUP, keyed
+from g2rpo.rollout import ode_continue
 from g2rpo.sampling import euler_step, sde_step
 from g2rpo.types import PromptBatch, RewardOutput, TrainingUnit
 
@@ -45,8 +46,8 @@ def test_members_share_the_anchor_up_to_sigma_k_and_differ_only_after(shared):
     policy, algo, batch, rollout = shared
     for index, k in enumerate(algo.stochastic_steps):
         # Every branch is one SDE step from its group's anchor latent at sigma_k ...
-        x_k = rollout.anchors[rollout.group_ids, k]
-        v = policy.velocity(x_k, rollout.sigmas[k], rollout.cond.select(rollout.group_ids))
+        x_k = rollout.anchors[rollout.batch.groups.ids, k]
+        v = policy.velocity(x_k, rollout.sigmas[k], rollout.cond.select(rollout.batch.groups.ids))
         step = sde_step(
             x_k,
             v,
@@ -64,7 +65,7 @@ def test_members_share_the_anchor_up_to_sigma_k_and_differ_only_after(shared):
 def test_without_step_noise_every_continuation_reproduces_the_anchor_image(policy):
     algo, batch = _algo(noise_level=1e-9, granularities=[1]), _batch()
     rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
-    anchor_images = policy.decode(rollout.anchors[:, -1])[rollout.group_ids]
+    anchor_images = policy.decode(rollout.anchors[:, -1])[rollout.batch.groups.ids]
     for block in rollout.images.split(len(batch)):  # one block of B images per stochastic step
         torch.testing.assert_close(block, anchor_images, rtol=0, atol=1e-4)
 
@@ -137,13 +138,12 @@ def _rewards(values: dict[str, torch.Tensor], weights=None) -> RewardOutput:
 def test_advantages_are_normalised_per_step_stride_and_reward_then_summed_then_clamped(policy):
     algo, batch = _algo(num_steps=4), _batch(groups=2, size=8)  # steps 0, 1, 2: all but the last
     rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
-    scored = algo.scored_prompts(rollout, batch)
     shape = (3, 2, 16)  # (k, lambda, member)
     generator = torch.Generator().manual_seed(0)
     first, second = torch.rand(shape, generator=generator), torch.rand(shape, generator=generator) * 10
     # No clamp in reach: each (k, lambda, reward) term has zero mean over every group; so has the sum.
     loose = G2RPO(**{**algo.__dict__, "advantage": {**algo.advantage.__dict__, "clip": 100.0}})
-    summed = loose.advantages(_rewards({"a": first.flatten(), "b": second.flatten()}), scored, rollout)
+    summed = loose.advantages(_rewards({"a": first.flatten(), "b": second.flatten()}), rollout)
     values = summed.values.view(3, 2, 8)
     torch.testing.assert_close(values.mean(dim=2), torch.zeros(3, 2), rtol=0, atol=1e-5)
     expected = torch.zeros(3, 16)
@@ -156,7 +156,7 @@ def test_advantages_are_normalised_per_step_stride_and_reward_then_summed_then_c
     # One outlier per group in every (k, lambda, reward): each term is 2.47 < 5, the sum 9.9 is clamped to 5.
     outlier = torch.zeros(shape)
     outlier[..., 0] = outlier[..., 8] = 1.0
-    clamped = algo.advantages(_rewards({"a": outlier.flatten(), "b": outlier.flatten()}), scored, rollout)
+    clamped = algo.advantages(_rewards({"a": outlier.flatten(), "b": outlier.flatten()}), rollout)
     assert clamped.values.view(3, 16)[:, [0, 8]].eq(5.0).all()
     term = 0.875 / (1 / 8) ** 0.5
     torch.testing.assert_close(clamped.values.view(3, 16)[:, 1], torch.full((3,), -4 * term / 7))
@@ -164,11 +164,10 @@ def test_advantages_are_normalised_per_step_stride_and_reward_then_summed_then_c
 
 def test_flat_groups_and_nan_rewards_are_counted_and_get_zero_advantage(shared):
     policy, algo, batch, rollout = shared
-    scored = algo.scored_prompts(rollout, batch)
     rewards = torch.rand(3, 2, 6, generator=torch.Generator().manual_seed(0))
     rewards[0, :, :3] = 1.0  # group 0 is flat at k = 0 for both strides
     rewards[1, 1, 4] = float("nan")  # member 4 has one unscorable image at k = 1
-    advantages = algo.advantages(_rewards({"r": rewards.flatten()}), scored, rollout)
+    advantages = algo.advantages(_rewards({"r": rewards.flatten()}), rollout)
     assert advantages.num_groups == 6 and advantages.num_zero_std_groups == 1
     assert advantages.values.view(3, 6)[0, :3].eq(0).all()
     assert not advantages.valid.view(3, 6)[1, 4] and advantages.values.view(3, 6)[1, 4] == 0
@@ -179,11 +178,11 @@ def test_minibatches_follow_the_update_schedule(shared, update_per):
     _, _, batch, rollout = shared
     algo = _algo(update_per=update_per, rollout_batch_size=4)
     rewards = torch.rand(len(rollout.images), generator=torch.Generator().manual_seed(0))
-    advantages = algo.advantages(_rewards({"r": rewards}), algo.scored_prompts(rollout, batch), rollout)
+    advantages = algo.advantages(_rewards({"r": rewards}), rollout)
     steps = algo.minibatches(rollout, advantages, torch.Generator())
     assert len(steps) == (3 if update_per == "stochastic_step" else 1)
     units = [u for step in steps for u in step]
-    assert sorted((u.column, m) for u in units for m in u.samples.tolist()) == [
+    assert sorted((u.index, m) for u in units for m in u.samples.tolist()) == [
         (k, m) for k in range(3) for m in range(6)
     ]
 
@@ -193,7 +192,7 @@ def test_broadcast_forward_equals_the_per_member_forward(policy):
     algo, per_member = _algo(), _algo(broadcast_forward=False)
     rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
     rewards = torch.rand(len(rollout.images), generator=torch.Generator().manual_seed(0))
-    advantages = algo.advantages(_rewards({"r": rewards}), algo.scored_prompts(rollout, batch), rollout)
+    advantages = algo.advantages(_rewards({"r": rewards}), rollout)
     unit = TrainingUnit(torch.arange(6), 1)
     before = algo.loss(policy, rollout, advantages, unit)
     assert before.metrics["logprob_gap"] < 1e-5 and before.metrics["clipfrac"] == 0  # on-policy: ratio 1
@@ -216,9 +215,7 @@ def test_broadcast_forward_equals_the_per_member_forward(policy):
 def test_broadcast_refuses_a_policy_with_active_dropout(shared):
     _, algo, batch, rollout = shared
     policy = make_policy()
-    advantages = algo.advantages(
-        _rewards({"r": torch.rand(len(rollout.images))}), algo.scored_prompts(rollout, batch), rollout
-    )
+    advantages = algo.advantages(_rewards({"r": torch.rand(len(rollout.images))}), rollout)
     policy.transformer.add_module("noisy", torch.nn.Dropout(0.1))
     with pytest.raises(ValueError, match="dropout"):
         algo.loss(policy, rollout, advantages, TrainingUnit(torch.arange(3), 0))

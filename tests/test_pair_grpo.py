@@ -2,6 +2,7 @@
 pair scaled, and the two sides' losses summed in one update."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from g2rpo.advantages import GroupNormalization, compute_advantages
 from g2rpo.algos import FlowGRPO, TokenGRPO
 from g2rpo.algos.base import Algorithm
-from g2rpo.algos.pair_grpo import PairGRPO, PairRollout, pair_weights, understanding_batch
+from g2rpo.algos.pair_grpo import PairGRPO, PairRewards, PairRollout, pair_weights, understanding_batch
 from g2rpo.types import LossOutput, PromptBatch, RewardOutput, TrainingUnit
 
 GROUP = GroupNormalization(std="group")
@@ -56,19 +57,18 @@ def test_pair_weights_are_one_for_aligned_pairs_and_a_function_of_similarity_for
 
 
 def scored_rollout(algo, batch, generation_rewards, answer_rewards):
+    """Stand-in side rollouts (what advantages read of them: the scored batch) and both sides' rewards."""
     rollout = PairRollout(
-        generation=None,
-        understanding=None,
-        generation_batch=batch,
-        understanding_batch=understanding_batch(batch),
+        generation=SimpleNamespace(scored=batch),
+        understanding=SimpleNamespace(scored=understanding_batch(batch)),
+        batch=batch,
         weights=pair_weights(batch.metadata, algo.weight_fn),
-        rewards={
-            "generation": RewardOutput({"geneval": generation_rewards}, {"geneval": 1.0}),
-            "understanding": RewardOutput({"answer": answer_rewards}, {"answer": 1.0}),
-        },
     )
-    scored = algo.scored_prompts(rollout, batch)
-    return rollout, scored
+    sides = {
+        "generation": RewardOutput({"geneval": generation_rewards}, {"geneval": 1.0}),
+        "understanding": RewardOutput({"answer": answer_rewards}, {"answer": 1.0}),
+    }
+    return rollout, rollout.scored, PairRewards({}, {}, sides=sides)
 
 
 def test_each_side_is_normalised_in_its_pair_group_and_every_advantage_of_a_pair_is_scaled():
@@ -76,13 +76,13 @@ def test_each_side_is_normalised_in_its_pair_group_and_every_advantage_of_a_pair
     batch = pair_batch([("aligned", None), ("retrieved", 0.81)], group_size=4)
     generation = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.0, 1.0, 0.2, 0.6])
     answers = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
-    rollout, scored = scored_rollout(algo, batch, generation, answers)
-    advantages = algo.advantages(None, scored, rollout)
+    rollout, scored, rewards = scored_rollout(algo, batch, generation, answers)
+    advantages = algo.advantages(rewards, rollout)
 
     # the scored batch: generation rows, then understanding rows, four (pair, task) groups of 4
     assert len(scored) == 16 and scored.group_ids.unique().numel() == 4
-    plain_g = compute_advantages(RewardOutput({"r": generation}, {"r": 1.0}), batch.group_ids, GROUP).values
-    plain_u = compute_advantages(RewardOutput({"r": answers}, {"r": 1.0}), batch.group_ids, GROUP).values
+    plain_g = compute_advantages(RewardOutput({"r": generation}, {"r": 1.0}), batch.groups, GROUP).values
+    plain_u = compute_advantages(RewardOutput({"r": answers}, {"r": 1.0}), batch.groups, GROUP).values
     weights = torch.tensor([1.0] * 4 + [0.9] * 4)
     assert torch.allclose(advantages.sides["generation"].values, plain_g * weights)
     assert torch.allclose(advantages.sides["understanding"].values, plain_u * weights)
@@ -96,8 +96,8 @@ def test_each_side_is_normalised_in_its_pair_group_and_every_advantage_of_a_pair
 def test_a_group_of_one_side_can_be_flat_while_the_other_trains():
     algo = algorithm("none")
     batch = pair_batch([("aligned", None)], group_size=4)
-    rollout, scored = scored_rollout(algo, batch, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.ones(4))
-    advantages = algo.advantages(None, scored, rollout)
+    rollout, _, rewards = scored_rollout(algo, batch, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.ones(4))
+    advantages = algo.advantages(rewards, rollout)
     assert advantages.sides["understanding"].train_mask.sum() == 0  # all answers right: no signal
     assert advantages.sides["generation"].train_mask.all()
     assert advantages.num_groups == 2 and advantages.num_zero_std_groups == 1
@@ -124,7 +124,7 @@ def test_one_update_sums_the_two_sides_mean_losses(side_weights):
     algo.understanding = LinearSide(answer_values, steps=[[0, 1]])
     algo.side_weights = {"generation": side_weights[0], "understanding": side_weights[1]}
     advantages = type("A", (), {"sides": {"generation": None, "understanding": None}})()
-    rollout = PairRollout(None, None, None, None, torch.ones(1))
+    rollout = PairRollout(None, None, None, torch.ones(1))
     (units,) = algo.minibatches(rollout, advantages, torch.Generator())
     parameter = torch.tensor(1.0, requires_grad=True)
     # the module's step: the mean over the step's units of each unit's loss
@@ -140,7 +140,7 @@ def test_a_side_with_nothing_to_train_leaves_the_other_alone():
     algo.generation = LinearSide(torch.tensor([1.0, 3.0]), steps=[[0, 1]])
     algo.understanding = LinearSide(torch.tensor([5.0]), steps=[])
     advantages = type("A", (), {"sides": {"generation": None, "understanding": None}})()
-    rollout = PairRollout(None, None, None, None, torch.ones(1))
+    rollout = PairRollout(None, None, None, torch.ones(1))
     (units,) = algo.minibatches(rollout, advantages, torch.Generator())
     parameter = torch.tensor(1.0, requires_grad=True)
     (sum(algo.loss(parameter, rollout, advantages, u).loss for u in units) / len(units)).backward()

@@ -99,7 +99,7 @@ def test_dgpo_training_noise_follows_the_group(policy):
             num_groups=2, num_zero_std_groups=0,
         )  # fmt: skip
         steps = algorithm.minibatches(rollout, advantages, torch.Generator().manual_seed(1))
-        return {(unit.sigma, int(rollout.sample_ids[i])): (unit.noise[j], bool(unit.text_dropped[j]))
+        return {(unit.sigma, int(rollout.scored.sample_ids[i])): (unit.noise[j], bool(unit.text_dropped[j]))
                 for step in steps for unit in step for j, i in enumerate(unit.samples.tolist())}  # fmt: skip
 
     expected, got = units(whole), units(alone)

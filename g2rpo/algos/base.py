@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
 import torch
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.rewards.base import RewardEnsemble
-from g2rpo.types import LossOutput, PromptBatch, RewardOutput, TrainingUnit
+from g2rpo.types import LossOutput, PromptBatch, RewardOutput, Rollout, TrainingUnit
+
+R = TypeVar("R", bound=Rollout)
 
 
-class Algorithm:
-    """An RL algorithm is a rollout procedure, an advantage rule and a loss.
+class Algorithm(Generic[R]):
+    """An RL algorithm is a rollout procedure, an advantage rule and a loss, typed by its rollout ``R``.
 
-    The module calls, per iteration: ``rollout`` (under ``no_grad``) -> ``score`` (by default the reward
-    ensemble over ``rollout.images`` for ``scored_prompts(...)``) -> ``advantages`` -> for each minibatch
-    of ``minibatches(...)``: ``loss`` per unit, backward, one optimiser step.
+    The module calls, per iteration: ``rollout`` (under ``no_grad``) -> ``score`` -> ``advantages`` -> for
+    each step of ``minibatches``: ``loss`` per unit, backward, one optimiser step -> ``on_optimizer_step``.
+    Only ``rollout``, ``minibatches`` and ``loss`` must be written; the rest defaults to one image per sample
+    scored by the reward ensemble and normalised in the sample's group.
     """
 
     advantage: GroupNormalization
@@ -26,35 +32,33 @@ class Algorithm:
         """Whether ``loss`` queries the frozen reference model (the policy then keeps one)."""
         return False
 
-    def rollout(self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0):
+    def rollout(
+        self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
+    ) -> R:
         """Sample for ``batch``; ``iteration`` lets a schedule move with training (MixGRPO's window)."""
         raise NotImplementedError
 
-    def scored_prompts(self, rollout, batch: PromptBatch) -> PromptBatch:
-        """The prompt of each image in ``rollout.images``: the batch itself, one image per sample, unless an
-        algorithm scores several images per sample (G2RPO's continuations)."""
-        return batch
-
-    def score(self, reward: RewardEnsemble, rollout, scored: PromptBatch) -> RewardOutput:
-        """The rewards of ``scored_prompts``: the ensemble over ``rollout.images``, unless an algorithm scores
+    def score(self, reward: RewardEnsemble, rollout: R) -> RewardOutput:
+        """The rewards of ``rollout.scored``: the ensemble over ``rollout.images``, unless an algorithm scores
         other outputs too (Pair-GRPO's text answers)."""
+        scored = rollout.scored
         return reward(rollout.images, scored.prompts, scored.metadata)
 
-    def advantages(self, rewards: RewardOutput, scored: PromptBatch, rollout=None) -> Advantages:
-        """Advantages per trained sample from the rewards of ``scored_prompts``."""
-        return compute_advantages(rewards, scored.group_ids, self.advantage)
+    def advantages(self, rewards: RewardOutput, rollout: R) -> Advantages:
+        """Advantages per trained sample, from the rewards of ``rollout.scored`` in its groups."""
+        return compute_advantages(rewards, rollout.scored.groups, self.advantage)
 
-    def rollout_metrics(self, rollout, rewards: RewardOutput) -> dict[str, float]:
+    def rollout_metrics(self, rollout: R, rewards: RewardOutput) -> dict[str, float]:
         """Algorithm-specific diagnostics of an iteration, logged with the others."""
         return {}
 
     def minibatches(
-        self, rollout, advantages: Advantages, generator: torch.Generator
+        self, rollout: R, advantages: Advantages, generator: torch.Generator
     ) -> list[list[TrainingUnit]]:
         """Training units grouped by optimiser step (outer list: one entry per step)."""
         raise NotImplementedError
 
-    def loss(self, policy: FlowPolicy, rollout, advantages: Advantages, unit: TrainingUnit) -> LossOutput:
+    def loss(self, policy: FlowPolicy, rollout: R, advantages: Advantages, unit: TrainingUnit) -> LossOutput:
         raise NotImplementedError
 
     def on_optimizer_step(self, policy: FlowPolicy) -> None:
@@ -66,6 +70,24 @@ class Algorithm:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
+
+
+def normalization(value: GroupNormalization | Mapping[str, Any]) -> GroupNormalization:
+    """``algo.advantage`` as Hydra passes it (a mapping of overrides) or as code does (the dataclass)."""
+    return GroupNormalization(**value) if isinstance(value, Mapping) else value
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"algo.{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def check_positive(config: object, *names: str, allow_zero: bool = False) -> None:
+    """``algo.<name> > 0`` (``>= 0`` with ``allow_zero``) for each of ``names``."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ValueError(f"algo.{name} must be {'>=' if allow_zero else '>'} 0, got {value}")
 
 
 def training_samples(train_mask: Tensor, multiple: int, generator: torch.Generator) -> Tensor:

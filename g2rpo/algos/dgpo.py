@@ -38,7 +38,6 @@ forwards (nor across ranks: every rank rolls out whole groups), so ``s_g`` alway
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -46,14 +45,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
-from g2rpo.algos.base import Algorithm, split_evenly
+from g2rpo.algos.base import Algorithm, check_choice, check_positive, normalization, split_evenly
 from g2rpo.distributed import sharded_like
 from g2rpo.ema import RampedEMA, swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import CHOICE, GROUP, keyed, rand_per_key
-from g2rpo.rollout import flow_dpm_solver, ode_rollout, sde_rollout
+from g2rpo.rollout import final_samples, flow_dpm_solver, ode_rollout, sde_rollout
 from g2rpo.sampling import mean_over_dims
-from g2rpo.types import Conditioning, LossOutput, ODERollout, PromptBatch, TrainingUnit
+from g2rpo.types import Conditioning, Groups, LossOutput, ODERollout, PromptBatch, TrainingUnit
 
 SAMPLERS = ("dpm_solver", "euler", "sde")
 REFERENCES = ("base", "theta_minus")
@@ -66,13 +65,13 @@ def dgpo_advantages() -> GroupNormalization:
 
 
 def group_preference_logit(
-    advantages: Tensor, loss_theta: Tensor, loss_ref: Tensor, group_ids: Tensor, beta: float
+    advantages: Tensor, loss_theta: Tensor, loss_ref: Tensor, groups: Groups, beta: float
 ) -> Tensor:
     """``s_g = beta / G sum_{i in g} A_i (L_theta_i - L_ref_i)`` for each sample's group, ``[b]``."""
-    num_groups = int(group_ids.max()) + 1
-    sums = advantages.new_zeros(num_groups).index_add_(0, group_ids, advantages * (loss_theta - loss_ref))
-    sizes = advantages.new_zeros(num_groups).index_add_(0, group_ids, torch.ones_like(advantages))
-    return (beta * sums / sizes)[group_ids]
+    ids = groups.ids.to(advantages.device)
+    sums = advantages.new_zeros(groups.count).index_add_(0, ids, advantages * (loss_theta - loss_ref))
+    sizes = advantages.new_zeros(groups.count).index_add_(0, ids, torch.ones_like(advantages))
+    return (beta * sums / sizes)[ids]
 
 
 def dsm_clip_mask(advantages: Tensor, ratio: Tensor, clip_range: float) -> Tensor:
@@ -100,13 +99,13 @@ def drop_text(cond: Conditioning, dropped: Tensor) -> Conditioning:
 class DGPOUnit(TrainingUnit):
     """Whole groups at one training noise level, with the noise each group shares."""
 
-    sigma: float = 1.0  # t of x_t = (1 - t) x_0 + t eps
+    sigma: float = 1.0  # the noise level of x_sigma = (1 - sigma) x_0 + sigma eps (the paper's t)
     noise: Tensor | None = None  # [b, C, h, w]: one eps per group, repeated for its members
     text_dropped: Tensor | None = None  # [b] bool
 
 
 @dataclass
-class DGPO(Algorithm):
+class DGPO(Algorithm[ODERollout]):
     """Defaults: the official code's GenEval/OCR config and the research brief's config sketch."""
 
     num_steps: int = 10  # rollout steps
@@ -135,21 +134,11 @@ class DGPO(Algorithm):
     advantage: GroupNormalization = field(default_factory=dgpo_advantages)
 
     def __post_init__(self) -> None:
-        if isinstance(self.advantage, Mapping):
-            self.advantage = GroupNormalization(**self.advantage)
-        if self.reference not in REFERENCES:
-            raise ValueError(
-                f"algo.reference={self.reference!r} is not valid; choose one of {', '.join(REFERENCES)}"
-            )
-        if self.sampler not in SAMPLERS:
-            raise ValueError(
-                f"algo.sampler={self.sampler!r} is not valid; choose one of {', '.join(SAMPLERS)}"
-            )
-        positive = ("num_steps", "beta", "num_train_timesteps", "clip_range", "rollout_batch_size",
-                    "groups_per_forward", "num_minibatches")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"algo.{name} must be > 0, got {getattr(self, name)}")
+        self.advantage = normalization(self.advantage)
+        check_choice("reference", self.reference, REFERENCES)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_positive(self, "num_steps", "beta", "num_train_timesteps", "clip_range", "rollout_batch_size",
+                       "groups_per_forward", "num_minibatches")  # fmt: skip
         if not 0 <= self.max_timestep_index < self.num_steps:
             raise ValueError(
                 f"algo.max_timestep_index={self.max_timestep_index} must index the {self.num_steps}-step "
@@ -202,24 +191,14 @@ class DGPO(Algorithm):
     def _sample(self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator) -> ODERollout:
         negative = self.text_dropout > 0 or self.reference_guidance_scale > 1
         if self.sampler == "sde":
-            trajectories = sde_rollout(
-                policy, batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                noise_levels=torch.full((self.num_steps,), self.sde_noise_level), sde_type="sde",
-                batch_size=self.rollout_batch_size, train_steps=torch.zeros(len(batch), 0, dtype=torch.long),
-                generator=generator,
+            return final_samples(
+                sde_rollout(
+                    policy, batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                    noise_levels=torch.full((self.num_steps,), self.sde_noise_level), sde_type="sde",
+                    batch_size=self.rollout_batch_size, train_steps=torch.zeros(len(batch), 0, dtype=torch.long),
+                    generator=generator, negative=negative,
+                )
             )  # fmt: skip
-            cond = trajectories.cond
-            if negative and cond.negative_prompt_embeds is None:
-                cond = policy.encode(batch.unique()[0], negative=True)
-            return ODERollout(
-                images=trajectories.images,
-                samples=trajectories.latents[:, -1],
-                timesteps=trajectories.sigmas[:-1],
-                cond=cond,
-                cond_index=trajectories.cond_index,
-                group_ids=batch.group_ids.to(policy.device),
-                sample_ids=batch.sample_ids,
-            )
         scheduler = None
         if self.sampler == "dpm_solver":
             shift = (
@@ -233,12 +212,12 @@ class DGPO(Algorithm):
 
     # ---- training units -----------------------------------------------------------------------------
 
-    def train_timesteps(self, rollout_timesteps: Tensor, generator: torch.Generator) -> Tensor:
+    def train_sigmas(self, rollout_sigmas: Tensor, generator: torch.Generator) -> Tensor:
         """The ``K`` noise levels of this update, all ``>= t_min`` (Timestep Clip)."""
         if self.t_min is not None:
             u = torch.rand(self.num_train_timesteps, generator=generator)
             return self.t_min + (1 - self.t_min) * u
-        allowed = rollout_timesteps[: self.max_timestep_index + 1].cpu()
+        allowed = rollout_sigmas[: self.max_timestep_index + 1].cpu()
         return allowed[torch.randperm(allowed.numel(), generator=generator)[: self.num_train_timesteps]]
 
     def minibatches(
@@ -246,21 +225,23 @@ class DGPO(Algorithm):
     ) -> list[list[DGPOUnit]]:
         """Whole groups, each at the same ``K`` noise levels with one shared ``eps`` per (level, group)."""
         train_mask = advantages.train_mask.cpu()
-        group_ids = rollout.group_ids.cpu()
+        groups = rollout.scored.groups
+        group_ids = groups.ids.cpu()
         trained_groups = torch.unique(group_ids[train_mask])
         if trained_groups.numel() == 0:
             return []
-        sigmas = self.train_timesteps(rollout.timesteps, generator)
+        sigmas = self.train_sigmas(rollout.sigmas, generator)
         # eps per (level, group) and text dropout per (level, sample) come from streams keyed by the group
         # and the sample, so a group trains on the same noise whichever rank holds it
-        num_groups = int(group_ids.max()) + 1
-        noise = torch.zeros(len(sigmas), num_groups, *rollout.samples.shape[1:])
-        for group, group_generator in zip(trained_groups.tolist(), keyed(generator, trained_groups, GROUP)):
+        noise = torch.zeros(len(sigmas), groups.count, *rollout.samples.shape[1:])
+        keys = groups.keys.cpu()[trained_groups]
+        for group, group_generator in zip(trained_groups.tolist(), keyed(generator, keys, GROUP)):
             noise[:, group] = randn_tensor(
                 (len(sigmas), *rollout.samples.shape[1:]), generator=group_generator
             )
         dropped = (
-            self.text_dropout > rand_per_key(keyed(generator, rollout.sample_ids, CHOICE), len(sigmas)).T
+            self.text_dropout
+            > rand_per_key(keyed(generator, rollout.scored.sample_ids, CHOICE), len(sigmas)).T
         )
         order = trained_groups[torch.randperm(trained_groups.numel(), generator=generator)]
         members = [(train_mask & (group_ids == g)).nonzero().flatten() for g in order.tolist()]
@@ -283,8 +264,8 @@ class DGPO(Algorithm):
         self, policy: FlowPolicy, rollout: ODERollout, advantages: Advantages, unit: DGPOUnit
     ) -> LossOutput:
         samples = unit.samples.to(rollout.samples.device)
-        x0, eps, t = rollout.samples[samples], unit.noise.to(rollout.samples.device), unit.sigma
-        x_t = (1 - t) * x0 + t * eps
+        x0, eps, sigma = rollout.samples[samples], unit.noise.to(rollout.samples.device), unit.sigma
+        x_t = (1 - sigma) * x0 + sigma * eps
         target = eps - x0
         cond = drop_text(rollout.cond.select(rollout.cond_index[samples]), unit.text_dropped)
         adv = advantages.values[samples].float()
@@ -294,16 +275,17 @@ class DGPO(Algorithm):
         with torch.no_grad():
             if self.clip_dsm:
                 with self._theta_minus_weights(policy):
-                    loss_old = mean_over_dims((policy.velocity(x_t, t, cond) - target) ** 2)
+                    loss_old = mean_over_dims((policy.velocity(x_t, sigma, cond) - target) ** 2)
             theta_minus = self.reference == "theta_minus"
             with self._theta_minus_weights(policy) if theta_minus else policy.reference():
-                v_ref = policy.velocity(x_t, t, cond, self.reference_guidance_scale)
+                v_ref = policy.velocity(x_t, sigma, cond, self.reference_guidance_scale)
             loss_ref = mean_over_dims((v_ref - target) ** 2)
 
-        v = policy.velocity(x_t, t, cond)
+        v = policy.velocity(x_t, sigma, cond)
         loss_theta = mean_over_dims((v - target) ** 2)
-        _, local_groups = torch.unique(rollout.group_ids[samples], return_inverse=True)
-        logit = group_preference_logit(adv, loss_theta.detach(), loss_ref, local_groups, self.beta)
+        logit = group_preference_logit(
+            adv, loss_theta.detach(), loss_ref, rollout.scored.groups.select(unit.samples), self.beta
+        )
         gate = torch.sigmoid(logit)
         trained = loss_theta
         if self.clip_dsm:
@@ -320,7 +302,7 @@ class DGPO(Algorithm):
             preference_logit=logit.mean(),
             denoising_loss=loss_theta.detach().mean(),
             denoising_loss_ref=loss_ref.mean(),
-            sigma=torch.tensor(t),
+            sigma=torch.tensor(sigma),
         )
         return LossOutput(loss=loss, metrics=metrics)
 

@@ -38,20 +38,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
-from g2rpo.algos.base import Algorithm
+from g2rpo.algos.base import Algorithm, check_choice, normalization
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import GROUP, keyed
-from g2rpo.sampling import euler_step, sde_step
-from g2rpo.types import Conditioning, LossOutput, PromptBatch, RewardOutput, TrainingUnit
+from g2rpo.rollout import euler_trajectory, ode_continue
+from g2rpo.sampling import sde_step
+from g2rpo.types import Groups, LossOutput, PromptBatch, RewardOutput, SingularRollout, TrainingUnit
 
 FINAL_IMAGE_RULES = ("last_x0_pred", "append_zero")
 UPDATE_PER = ("stochastic_step", "iteration")
@@ -73,48 +72,8 @@ def continuation_grid(k: int, stride: int, num_steps: int, final_image: str = "l
     return points
 
 
-@torch.no_grad()
-def ode_continue(
-    policy: FlowPolicy,
-    x: Tensor,
-    points: list[int],
-    sigmas: Tensor,
-    cond: Conditioning,
-    guidance_scale: float,
-) -> Tensor:
-    """Euler ODE through ``sigmas[points]``; returns ``x0_hat = x - sigma v`` at the last evaluated point."""
-    for j, (here, there) in enumerate(zip(points, points[1:])):
-        v = policy.velocity(x, sigmas[here], cond, guidance_scale)
-        if j == len(points) - 2:
-            return x - sigmas[here] * v
-        x = euler_step(x, v, sigmas[here], sigmas[there])
-    raise ValueError(f"a continuation needs at least two grid points, got {points}")
-
-
 @dataclass
-class SingularRollout:
-    """Anchors per group, one SDE branch per (stochastic step, member), and the continuations' images.
-
-    Members are the samples of the prompt batch (``group_ids`` gives each one's group, so groups may
-    differ in size); images are ordered ``(k, lambda, member)``.
-    """
-
-    images: Tensor  # [K * L * B, 3, H, W] continuation images
-    scored: PromptBatch  # the prompt of each image; group_ids index (k, lambda, group)
-    anchors: Tensor  # [P, T + 1, C, h, w] deterministic trajectory of each group
-    branches: Tensor  # [K, B, C, h, w] x^i_{k+1}: the SDE step from anchors[group, k]
-    log_probs: Tensor  # [K, B] log pi_old(branch | anchor)
-    sigmas: Tensor  # [T + 1]
-    stochastic_steps: Tensor  # [K] grid indices k
-    group_ids: Tensor  # [B] the group (anchor) of each member
-    cond: Conditioning  # one row per group
-
-    def __len__(self) -> int:
-        return self.branches.shape[1]
-
-
-@dataclass
-class G2RPO(Algorithm):
+class G2RPO(Algorithm[SingularRollout]):
     """Defaults: the official FLUX launch scripts (``finetune_g2rpo_hps.sh``), paper values in comments."""
 
     num_steps: int = 16  # T
@@ -131,8 +90,7 @@ class G2RPO(Algorithm):
     advantage: GroupNormalization = field(default_factory=g2rpo_advantages)
 
     def __post_init__(self) -> None:
-        if isinstance(self.advantage, Mapping):
-            self.advantage = GroupNormalization(**self.advantage)
+        self.advantage = normalization(self.advantage)
         if self.num_steps < 2:
             raise ValueError(f"algo.num_steps must be >= 2, got {self.num_steps}")
         if self.stochastic_steps is None:
@@ -152,11 +110,8 @@ class G2RPO(Algorithm):
             or len(set(self.granularities)) != len(self.granularities)
         ):
             raise ValueError(f"algo.granularities={self.granularities} must be distinct strides >= 1")
-        for name, valid in (("final_image", FINAL_IMAGE_RULES), ("update_per", UPDATE_PER)):
-            if getattr(self, name) not in valid:
-                raise ValueError(
-                    f"algo.{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}"
-                )
+        check_choice("final_image", self.final_image, FINAL_IMAGE_RULES)
+        check_choice("update_per", self.update_per, UPDATE_PER)
         if self.noise_level <= 0 or self.clip_range <= 0 or self.rollout_batch_size < 1:
             raise ValueError("algo.noise_level, algo.clip_range and algo.rollout_batch_size must be > 0")
 
@@ -166,107 +121,72 @@ class G2RPO(Algorithm):
     def rollout(
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> SingularRollout:
-        groups, group_ids = torch.unique(batch.group_ids, return_inverse=True)
-        num_groups = int(group_ids.max()) + 1
-        first = torch.full((num_groups,), len(batch)).scatter_reduce(
-            0, group_ids, torch.arange(len(batch)), reduce="amin"
-        )
-        group_prompts = [batch.prompts[i] for i in first.tolist()]
-        if any(batch.prompts[i] != group_prompts[g] for i, g in enumerate(group_ids.tolist())):
+        groups = batch.groups
+        group_prompts = [batch.prompts[i] for i in groups.first.tolist()]
+        if any(batch.prompts[i] != group_prompts[g] for i, g in enumerate(groups.ids.tolist())):
             raise ValueError("G2RPO needs one prompt per group: its members share the anchor trajectory")
         cond = policy.encode(group_prompts, negative=self.guidance_scale > 1)
         sigmas = policy.sigmas(self.num_steps).to(policy.device)
-        steps = torch.tensor(self.stochastic_steps)
-        device_groups = group_ids.to(policy.device)
+        members = groups.ids.to(policy.device)
 
         # The anchor: one ODE trajectory per group from its shared initial noise; keep the velocities at M.
-        x = policy.initial_noise(num_groups, keyed(generator, groups, GROUP))
-        anchors, anchor_velocities = [x], {}
-        for i in range(self.num_steps):
-            v = torch.cat(
-                [
-                    policy.velocity(x[c], sigmas[i], cond.select(c), self.guidance_scale)
-                    for c in torch.arange(num_groups).split(self.rollout_batch_size)
-                ]
-            )
-            if i in self.stochastic_steps:
-                anchor_velocities[i] = v
-            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
-            anchors.append(x)
-        anchors = torch.stack(anchors, dim=1)
+        anchors, anchor_velocities = euler_trajectory(
+            policy, policy.initial_noise(groups.count, keyed(generator, groups.keys, GROUP)), sigmas, cond,
+            self.guidance_scale, self.rollout_batch_size, velocities_at=self.stochastic_steps,
+        )  # fmt: skip
 
-        member_cond = cond.select(group_ids)
+        # One SDE step per member from its group's anchor at k, then every stride's ODE continuation.
+        member_cond = cond.select(members)
         member_generators = keyed(generator, batch.sample_ids)
-        branches, log_probs, images, scored_groups = [], [], [], []
-        for index, k in enumerate(self.stochastic_steps):
-            x_k = anchors[device_groups, k]
+        branches, log_probs, images = [], [], []
+        for k in self.stochastic_steps:
+            x_k = anchors[members, k]
             noise = randn_tensor(
                 x_k.shape, generator=member_generators, device=x_k.device, dtype=torch.float32
             )
             step = sde_step(
-                x_k,
-                anchor_velocities[k][device_groups],
-                sigmas[k],
-                sigmas[k + 1],
-                self.noise_level,
-                noise=noise,
+                x_k, anchor_velocities[k][members], sigmas[k], sigmas[k + 1], self.noise_level, noise=noise
             )
             branches.append(step.prev_sample)
             log_probs.append(step.log_prob)
-            for level, stride in enumerate(self.granularities):
+            for stride in self.granularities:
                 points = continuation_grid(k, stride, self.num_steps, self.final_image)
-                x0 = torch.cat(
-                    [
-                        ode_continue(
-                            policy,
-                            step.prev_sample[c],
-                            points,
-                            sigmas,
-                            member_cond.select(c),
-                            self.guidance_scale,
-                        )  # fmt: skip
-                        for c in torch.arange(len(batch)).split(self.rollout_batch_size)
-                    ]
-                )
+                x0 = ode_continue(
+                    policy, step.prev_sample, points, sigmas, member_cond, self.guidance_scale,
+                    self.rollout_batch_size,
+                )  # fmt: skip
                 images.append(policy.decode(x0))
-                scored_groups.append((index * len(self.granularities) + level) * num_groups + group_ids)
 
-        repeats = len(self.stochastic_steps) * len(self.granularities)
-        scored = PromptBatch(
-            prompts=batch.prompts * repeats,
-            metadata=batch.metadata * repeats,
-            group_ids=torch.cat(scored_groups),
-            prompt_ids=batch.prompt_ids.repeat(repeats),
-        )
         return SingularRollout(
             images=torch.cat(images),
-            scored=scored,
+            scored=batch.repeat(len(self.stochastic_steps) * len(self.granularities)),
+            batch=batch,
             anchors=anchors,
             branches=torch.stack(branches),
             log_probs=torch.stack(log_probs),
             sigmas=sigmas,
-            stochastic_steps=steps,
-            group_ids=device_groups,
+            stochastic_steps=torch.tensor(self.stochastic_steps),
+            num_granularities=len(self.granularities),
             cond=cond,
         )
 
-    def scored_prompts(self, rollout: SingularRollout, batch: PromptBatch) -> PromptBatch:
-        return rollout.scored
-
     # -- 2. Multi-Granularity Advantage Integration ---------------------------------------------------
 
-    def advantages(self, rewards: RewardOutput, scored: PromptBatch, rollout: SingularRollout) -> Advantages:
+    def advantages(self, rewards: RewardOutput, rollout: SingularRollout) -> Advantages:
         """Normalise per (k, lambda, group) and reward, sum over lambda and rewards, clamp: ``[K * B]``."""
-        shape = (len(self.stochastic_steps), len(self.granularities), len(rollout))
         unclamped = dataclasses.replace(self.advantage, clip=math.inf, drop_zero_std=False)
-        per_image = compute_advantages(rewards, scored.group_ids, unclamped)
-        valid = per_image.valid.view(shape).all(dim=1)
-        zero_std = per_image.zero_std.view(shape).all(dim=1)
-        values = per_image.values.view(shape).sum(dim=1).clamp(-self.advantage.clip, self.advantage.clip)
+        per_image = compute_advantages(rewards, rollout.scored.groups, unclamped)
+        valid = rollout.per_image(per_image.valid).all(dim=1)
+        zero_std = rollout.per_image(per_image.zero_std).all(dim=1)
+        values = (
+            rollout.per_image(per_image.values).sum(dim=1).clamp(-self.advantage.clip, self.advantage.clip)
+        )
         values = torch.where(valid, values, torch.zeros_like(values))
         train_mask = valid & ~zero_std if self.advantage.drop_zero_std else valid
-        groups = rollout.group_ids.cpu()
-        varied = torch.zeros(shape[0], int(groups.max()) + 1).index_add_(1, groups, (~zero_std).float().cpu())
+        groups = rollout.batch.groups
+        varied = torch.zeros(len(zero_std), groups.count).index_add_(
+            1, groups.ids.cpu(), (~zero_std).float().cpu()
+        )
         return Advantages(
             values=values.flatten(),
             valid=valid.flatten(),
@@ -278,8 +198,7 @@ class G2RPO(Algorithm):
 
     def rollout_metrics(self, rollout: SingularRollout, rewards: RewardOutput) -> dict[str, float]:
         """Mean total reward per granularity (coarser continuations usually score lower)."""
-        shape = (len(self.stochastic_steps), len(self.granularities), len(rollout))
-        totals = rewards.total.view(shape)
+        totals = rollout.per_image(rewards.total)
         return {
             f"reward/stride_{stride}/mean": totals[:, level].nanmean().item()
             for level, stride in enumerate(self.granularities)
@@ -306,9 +225,9 @@ class G2RPO(Algorithm):
         self, policy: FlowPolicy, rollout: SingularRollout, advantages: Advantages, unit: TrainingUnit
     ) -> LossOutput:
         members = unit.samples.to(rollout.branches.device)
-        k = int(rollout.stochastic_steps[unit.column])
+        k = int(rollout.stochastic_steps[unit.index])
         sigma, sigma_next = rollout.sigmas[k], rollout.sigmas[k + 1]
-        groups = rollout.group_ids[members]
+        groups = rollout.batch.groups.ids.to(members.device)[members]
         guidance = self.guidance_scale if self.train_cfg else 1.0
         if self.broadcast_forward:
             active = [
@@ -319,20 +238,20 @@ class G2RPO(Algorithm):
                     "algo.broadcast_forward=true needs a deterministic training forward, but the policy has "
                     f"{len(active)} active dropout layer(s): set their p to 0 or algo.broadcast_forward=false"
                 )
-            unique, inverse = torch.unique(groups, return_inverse=True)
-            x = rollout.anchors[unique, k]
-            v = policy.velocity(x, sigma, rollout.cond.select(unique), guidance)[inverse]
-            x = x[inverse]
+            local = Groups.of(groups)  # the groups present, each once: keys index the anchors
+            x = rollout.anchors[local.keys, k]
+            v = policy.velocity(x, sigma, rollout.cond.select(local.keys), guidance)[local.ids]
+            x = x[local.ids]
         else:
             x = rollout.anchors[groups, k]
             v = policy.velocity(x, sigma, rollout.cond.select(groups), guidance)
         transition = sde_step(
-            x, v, sigma, sigma_next, self.noise_level, prev_sample=rollout.branches[unit.column, members]
+            x, v, sigma, sigma_next, self.noise_level, prev_sample=rollout.branches[unit.index, members]
         )
-        flat = unit.column * len(rollout) + members
+        flat = unit.index * len(rollout) + members
         policy_loss, metrics = clipped_surrogate(
             transition.log_prob,
-            rollout.log_probs[unit.column, members],
+            rollout.log_probs[unit.index, members],
             advantages.values[flat.to(advantages.values.device)],
             self.clip_range,
         )

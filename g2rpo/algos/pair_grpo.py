@@ -26,6 +26,7 @@ tokens. The paper leaves token vs sequence aggregation open (``understanding.agg
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,10 +38,9 @@ from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.algos.token_grpo import TokenGRPO
 from g2rpo.pairing import WEIGHT_FNS, pair_weight
-from g2rpo.policies.tokens import TokenRollout
 from g2rpo.rewards.answer import AnswerMatch
 from g2rpo.rewards.base import RewardEnsemble
-from g2rpo.types import LossOutput, PromptBatch, RewardOutput, TrainingUnit
+from g2rpo.types import LossOutput, PromptBatch, RewardOutput, Rollout, TokenRollout, TrainingUnit
 
 SIDES = ("generation", "understanding")
 
@@ -77,21 +77,32 @@ def understanding_batch(batch: PromptBatch) -> PromptBatch:
 
 @dataclass
 class PairRollout:
-    """Both sides' rollouts of one iteration, and (once scored) each side's rewards."""
+    """Both sides' rollouts of one iteration. Scored: the generation side's outputs, then the answers; a
+    side's groups are (pair, task) groups."""
 
-    generation: Any  # SDERollout (flow side) or TokenRollout (image tokens)
-    understanding: TokenRollout
-    generation_batch: PromptBatch
-    understanding_batch: PromptBatch
+    generation: Rollout  # SDERollout or SingularRollout (flow side), TokenRollout (image tokens)
+    understanding: TokenRollout  # its ``scored`` holds each sample's question (:func:`understanding_batch`)
+    batch: PromptBatch  # the sampled pairs, one entry per group member
     weights: Tensor  # [B] w_p of each sample's pair
-    rewards: dict[str, RewardOutput] = field(default_factory=dict)
 
     @property
     def images(self) -> Tensor:
         return self.generation.images
 
+    @property
+    def scored(self) -> PromptBatch:
+        return PromptBatch.concat([self.generation.scored, self.understanding.scored])
+
     def __len__(self) -> int:
-        return len(self.generation_batch)
+        return len(self.batch)
+
+
+@dataclass
+class PairRewards(RewardOutput):
+    """One ``pair`` score over the scored outputs (what the module logs and the curriculum sees) and each
+    side's own rewards, which its advantages are computed from."""
+
+    sides: dict[str, RewardOutput] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,18 +122,11 @@ class PairUnit(TrainingUnit):
 
 def weighted(advantages: Advantages, weights: Tensor) -> Advantages:
     """``A~ = w_p A`` (eq. 3); which samples train is unchanged."""
-    return Advantages(
-        values=advantages.values * weights.to(advantages.values),
-        valid=advantages.valid,
-        zero_std=advantages.zero_std,
-        train_mask=advantages.train_mask,
-        num_groups=advantages.num_groups,
-        num_zero_std_groups=advantages.num_zero_std_groups,
-    )
+    return dataclasses.replace(advantages, values=advantages.values * weights.to(advantages.values))
 
 
 @dataclass
-class PairGRPO(Algorithm):
+class PairGRPO(Algorithm[PairRollout]):
     """PairUni's defaults: sqrt weighting, beta 0, group-std advantages per side, losses summed 1:1."""
 
     generation: Any = None  # an Algorithm over images: FlowGRPO (flow models) or TokenGRPO(task=image)
@@ -154,52 +158,37 @@ class PairGRPO(Algorithm):
     def rollout(
         self, policy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> PairRollout:
-        questions = understanding_batch(batch)
         return PairRollout(
             generation=self.generation.rollout(policy, batch, generator, iteration),
-            understanding=self.understanding.rollout(policy, questions, generator, iteration),
-            generation_batch=batch,
-            understanding_batch=questions,
+            understanding=self.understanding.rollout(
+                policy, understanding_batch(batch), generator, iteration
+            ),
+            batch=batch,
             weights=pair_weights(batch.metadata, self.weight_fn),
         )
 
-    def _generation_scored(self, rollout: PairRollout) -> PromptBatch:
-        return self.generation.scored_prompts(rollout.generation, rollout.generation_batch)
-
-    def scored_prompts(self, rollout: PairRollout, batch: PromptBatch) -> PromptBatch:
-        """The generation side's scored images, then the answers; a side's groups are (pair, task) groups."""
-        return PromptBatch.concat([self._generation_scored(rollout), rollout.understanding_batch])
-
-    def score(self, reward: RewardEnsemble, rollout: PairRollout, scored: PromptBatch) -> RewardOutput:
-        """Images by the reward ensemble, answers by ``answer_reward``; each side's rewards are kept for its
-        advantages, and one ``pair`` score (generation rows, then understanding rows) goes to the module."""
-        images = self._generation_scored(rollout)
-        answers = rollout.understanding_batch
-        rollout.rewards = {
-            "generation": reward(rollout.images, images.prompts, images.metadata),
+    def score(self, reward: RewardEnsemble, rollout: PairRollout) -> PairRewards:
+        """Images by the reward ensemble (the generation side's own rule), answers by ``answer_reward``."""
+        answers = rollout.understanding
+        sides = {
+            "generation": self.generation.score(reward, rollout.generation),
             "understanding": RewardOutput(
-                scores={"answer": self.answer_reward(rollout.understanding.texts, answers.metadata).float()},
+                scores={"answer": self.answer_reward(answers.texts, answers.scored.metadata).float()},
                 weights={"answer": 1.0},
             ),
         }
-        total = torch.cat([rollout.rewards[side].total.cpu() for side in SIDES])
-        return RewardOutput(scores={"pair": total}, weights={"pair": 1.0})
+        total = torch.cat([sides[side].total.cpu() for side in SIDES])
+        return PairRewards(scores={"pair": total}, weights={"pair": 1.0}, sides=sides)
 
-    def advantages(
-        self, rewards: RewardOutput, scored: PromptBatch, rollout: PairRollout = None
-    ) -> PairAdvantages:
+    def advantages(self, rewards: PairRewards, rollout: PairRollout) -> PairAdvantages:
         """Each side normalised in its own groups by its own rule, then scaled by the pair weights."""
         sides = {
-            "generation": self.generation.advantages(
-                rollout.rewards["generation"], self._generation_scored(rollout), rollout.generation
-            ),
-            "understanding": self.understanding.advantages(
-                rollout.rewards["understanding"], rollout.understanding_batch, rollout.understanding
-            ),
+            side: getattr(self, side).advantages(rewards.sides[side], getattr(rollout, side))
+            for side in SIDES
         }
         # a side may score several outputs per sample (G2RPO): their pair is the sample's
         scored_weights = {
-            "generation": pair_weights(self._generation_scored(rollout).metadata, self.weight_fn),
+            "generation": pair_weights(rollout.generation.scored.metadata, self.weight_fn),
             "understanding": rollout.weights,
         }
         sides = {side: weighted(sides[side], scored_weights[side]) for side in SIDES}
@@ -213,27 +202,27 @@ class PairGRPO(Algorithm):
             sides=sides,
         )
 
-    def rollout_metrics(self, rollout: PairRollout, rewards: RewardOutput) -> dict[str, float]:
+    def rollout_metrics(self, rollout: PairRollout, rewards: PairRewards) -> dict[str, float]:
         metrics = {
             f"reward/generation/{key.split('/', 1)[1]}": value
-            for key, value in rollout.rewards["generation"].metrics().items()
+            for key, value in rewards.sides["generation"].metrics().items()
         }
-        correct = rollout.rewards["understanding"].total.cpu()
+        correct = rewards.sides["understanding"].total.cpu()
         metrics["reward/understanding/accuracy"] = correct.nanmean().item()
-        qtypes = [meta["qtype"] for meta in rollout.understanding_batch.metadata]
+        qtypes = [meta["qtype"] for meta in rollout.understanding.scored.metadata]
         for qtype in dict.fromkeys(qtypes):
             rows = torch.tensor([q == qtype for q in qtypes])
             metrics[f"reward/understanding/{qtype}"] = correct[rows].nanmean().item()
         metrics["pair/weight_mean"] = rollout.weights.mean().item()
         metrics["pair/aligned_frac"] = sum(
-            meta["pair"]["kind"] == "aligned" for meta in rollout.generation_batch.metadata
+            meta["pair"]["kind"] == "aligned" for meta in rollout.batch.metadata
         ) / len(rollout)
         for side in SIDES:
             metrics.update(
                 {
                     f"{side}/{key}": value
                     for key, value in getattr(self, side)
-                    .rollout_metrics(getattr(rollout, side), rollout.rewards[side])
+                    .rollout_metrics(getattr(rollout, side), rewards.sides[side])
                     .items()
                 }
             )
@@ -256,7 +245,7 @@ class PairGRPO(Algorithm):
                 [
                     PairUnit(
                         unit.samples,
-                        unit.column,
+                        unit.index,
                         side=side,
                         scale=self.side_weights[side] * total / len(units),
                     )  # fmt: skip
@@ -272,7 +261,7 @@ class PairGRPO(Algorithm):
             policy,
             getattr(rollout, unit.side),
             advantages.sides[unit.side],
-            TrainingUnit(unit.samples, unit.column),
+            TrainingUnit(unit.samples, unit.index),
         )
         metrics = {f"{unit.side}/{key}": value for key, value in out.metrics.items()}
         if "logprob_gap" in out.metrics:  # the module's on-policy check reads it, whichever side

@@ -9,14 +9,20 @@ minibatching are the same. Each subclass is one file that reads like its paper.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
-from g2rpo.algos.base import Algorithm, split_evenly, training_samples
+from g2rpo.algos.base import (
+    Algorithm,
+    check_choice,
+    check_positive,
+    normalization,
+    split_evenly,
+    training_samples,
+)
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import GROUP, keyed
@@ -26,7 +32,7 @@ from g2rpo.types import LossOutput, PromptBatch, SDERollout, TrainingUnit
 
 
 @dataclass
-class StepwiseGRPO(Algorithm):
+class StepwiseGRPO(Algorithm[SDERollout]):
     """Fields every per-step GRPO variant has; defaults are Flow-GRPO's (subclasses restate their own)."""
 
     num_steps: int = 10  # T in rollouts
@@ -43,18 +49,10 @@ class StepwiseGRPO(Algorithm):
     advantage: GroupNormalization = field(default_factory=GroupNormalization)
 
     def __post_init__(self) -> None:
-        if isinstance(self.advantage, Mapping):
-            self.advantage = GroupNormalization(**self.advantage)
-        if self.sde_type not in SDE_TYPES:
-            raise ValueError(
-                f"algo.sde_type={self.sde_type!r} is not valid; choose one of {', '.join(SDE_TYPES)}"
-            )
-        for name in ("noise_level", "beta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"algo.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"algo.{name} must be > 0, got {getattr(self, name)}")
+        self.advantage = normalization(self.advantage)
+        check_choice("sde_type", self.sde_type, SDE_TYPES)
+        check_positive(self, "noise_level", "beta", allow_zero=True)
+        check_positive(self, "clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches")
         if self.noise_level == 0:
             raise ValueError("algo.noise_level=0 makes rollouts deterministic: there is no policy to improve")
         if self.guidance_scale > 1 and not self.train_cfg:
@@ -97,8 +95,10 @@ class StepwiseGRPO(Algorithm):
     ) -> Tensor:
         """One ``x_1`` per group, repeated for its members (DanceGRPO's ``init_same_noise``); each group's
         draw is keyed by its id, so it does not depend on the rank that samples it."""
-        groups, members = torch.unique(batch.group_ids, return_inverse=True)
-        return policy.initial_noise(len(groups), keyed(generator, groups, GROUP))[members.to(policy.device)]
+        groups = batch.groups
+        return policy.initial_noise(groups.count, keyed(generator, groups.keys, GROUP))[
+            groups.ids.to(policy.device)
+        ]
 
     def minibatches(
         self, rollout: SDERollout, advantages: Advantages, generator: torch.Generator
@@ -120,7 +120,7 @@ class StepwiseGRPO(Algorithm):
         self, policy: FlowPolicy, rollout: SDERollout, advantages: Advantages, unit: TrainingUnit
     ) -> LossOutput:
         samples = unit.samples.to(rollout.latents.device)
-        step = rollout.train_steps[samples, unit.column]
+        step = rollout.train_steps[samples, unit.index]
         x, x_next = rollout.latents[samples, step], rollout.latents[samples, step + 1]
         sigma, sigma_next = rollout.sigmas[step], rollout.sigmas[step + 1]
         cond = rollout.cond.select(rollout.cond_index[samples])

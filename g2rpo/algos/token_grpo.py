@@ -19,7 +19,7 @@ so the ratio is exactly 1 before the first update (logged as ``logprob_gap``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +27,18 @@ import torch
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
-from g2rpo.algos.base import Algorithm, split_evenly, training_samples
+from g2rpo.algos.base import (
+    Algorithm,
+    check_choice,
+    check_positive,
+    normalization,
+    split_evenly,
+    training_samples,
+)
 from g2rpo.data import read_image
-from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy, TokenRollout
+from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy
 from g2rpo.randomness import TOKEN, keyed
-from g2rpo.types import LossOutput, PromptBatch, TrainingUnit
+from g2rpo.types import LossOutput, PromptBatch, TokenRollout, TrainingUnit
 
 AGGREGATIONS = ("token", "sequence")
 
@@ -107,7 +114,7 @@ def token_inputs(task: str, batch: PromptBatch) -> dict:
 
 
 @dataclass
-class TokenGRPO(Algorithm):
+class TokenGRPO(Algorithm[TokenRollout]):
     """Defaults: PairUni's (temperature 1, beta 0, group std), with PPO's clip 0.2 (DeepSeekMath)."""
 
     task: str = "answer"  # answer (text out) | image (an autoregressive model's image tokens)
@@ -125,27 +132,15 @@ class TokenGRPO(Algorithm):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.advantage, Mapping):
-            self.advantage = GroupNormalization(**self.advantage)
-        if self.task not in TOKEN_TASKS:
-            raise ValueError(f"algo.task={self.task!r} is not valid; choose one of {', '.join(TOKEN_TASKS)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"algo.aggregation={self.aggregation!r} is not valid; choose one of {', '.join(AGGREGATIONS)}"
-            )
+        self.advantage = normalization(self.advantage)
+        check_choice("task", self.task, TOKEN_TASKS)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
         if self.temperature <= 0:
             raise ValueError(f"algo.temperature must be > 0 for sampling, got {self.temperature}")
-        for name in (
-            "clip_range",
-            "rollout_batch_size",
-            "num_inner_epochs",
-            "num_minibatches",
-            "max_new_tokens",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"algo.{name} must be > 0, got {getattr(self, name)}")
-        if self.beta < 0:
-            raise ValueError(f"algo.beta must be >= 0, got {self.beta}")
+        check_positive(
+            self, "clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches", "max_new_tokens"
+        )
+        check_positive(self, "beta", allow_zero=True)
 
     @property
     def uses_reference(self) -> bool:
@@ -173,7 +168,7 @@ class TokenGRPO(Algorithm):
                     guidance_scale=guidance,
                 )
             )
-        return TokenRollout.cat(chunks)
+        return dataclasses.replace(TokenRollout.cat(chunks), scored=batch)
 
     def minibatches(
         self, rollout: TokenRollout, advantages: Advantages, generator: torch.Generator

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from g2rpo.data import PromptDataset
-from g2rpo.types import PromptBatch, RewardOutput
+from g2rpo.types import Groups, PromptBatch, RewardOutput
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Curriculum:
 
     def update(self, batch: PromptBatch, rewards: RewardOutput) -> dict[str, float]:
         """Learn from the iteration's rewards; returns metrics to log."""
-        return {"curriculum/all_equal_frac": all_equal_fraction(batch.group_ids, rewards.total)}
+        return {"curriculum/all_equal_frac": all_equal_fraction(batch.groups, rewards.total)}
 
     def diagnostics(self) -> dict[str, Tensor]:
         """Per-prompt state worth plotting (W&B histograms), keyed by name; empty if there is none."""
@@ -55,13 +55,12 @@ class Curriculum:
         pass
 
 
-def all_equal_fraction(group_ids: Tensor, rewards: Tensor) -> float:
+def all_equal_fraction(groups: Groups, rewards: Tensor) -> float:
     """The fraction of groups whose finite rewards are all equal: groups that carry no learning signal
     (GRPO gives them zero advantage), i.e. rollouts wasted on prompts that are too easy or too hard."""
-    _, groups = torch.unique(group_ids.cpu(), return_inverse=True)
+    ids = groups.ids.cpu()
     rewards = rewards.detach().float().cpu()
     finite = torch.isfinite(rewards)
-    num_groups = int(groups.max()) + 1
-    high = torch.full((num_groups,), -torch.inf).scatter_reduce(0, groups[finite], rewards[finite], "amax")
-    low = torch.full((num_groups,), torch.inf).scatter_reduce(0, groups[finite], rewards[finite], "amin")
+    high = torch.full((groups.count,), -torch.inf).scatter_reduce(0, ids[finite], rewards[finite], "amax")
+    low = torch.full((groups.count,), torch.inf).scatter_reduce(0, ids[finite], rewards[finite], "amin")
     return float((high <= low).float().mean())

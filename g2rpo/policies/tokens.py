@@ -10,95 +10,14 @@ A policy can implement both interfaces over shared weights (a unified model): th
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from g2rpo.types import TokenRollout
+
 TOKEN_TASKS = ("answer", "image")
-
-
-def _cat(values: list[Any]) -> Any:
-    """Per-sample tensors or lists of several rollouts, concatenated (``None`` stays ``None``)."""
-    if values[0] is None:
-        return None
-    if isinstance(values[0], Tensor):
-        return torch.cat(values)
-    return [item for value in values for item in value]
-
-
-def _pad(tensor: Tensor, length: int) -> Tensor:
-    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]))
-
-
-def select_rows(value: Any, rows: Tensor) -> Any:
-    """Rows of a per-sample tensor or list (``None`` stays ``None``)."""
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        return value[rows.to(value.device)]
-    return [value[i] for i in rows.tolist()]
-
-
-@dataclass
-class TokenRollout:
-    """Sampled token sequences with their log-probabilities under the sampling policy.
-
-    ``inputs`` holds what the policy needs to rebuild each sample's context (``answer``: ``images`` [B, 3, H,
-    W] in [0, 1] and ``questions``; ``image``: ``prompts``), one entry per sample.
-    """
-
-    task: str  # "answer" | "image"
-    inputs: dict[str, Any]
-    tokens: Tensor  # [B, T] long, padded after the end token
-    mask: Tensor  # [B, T] bool: generated tokens, through the end token
-    log_probs: Tensor  # [B, T] fp32 log pi_old(o_t | context, o_<t), 0 where ~mask
-    texts: list[str] | None = None  # decoded answers (answer task)
-    images: Tensor | None = None  # [B, 3, H, W] in [0, 1] (image task)
-    temperature: float = 1.0  # the sampling temperature: log-probs are of the tempered distribution
-    guidance_scale: float = 1.0  # CFG of the sampling (image task); log-probs are of the guided distribution
-    extras: dict[str, Any] = field(
-        default_factory=dict
-    )  # policy-specific per-sample tensors (select()ed too)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    @classmethod
-    def cat(cls, parts: list[TokenRollout]) -> TokenRollout:
-        """Rollouts of the same task concatenated along the batch, sequences padded to the longest."""
-        if len(parts) == 1:
-            return parts[0]
-        length = max(part.tokens.shape[1] for part in parts)
-        first = parts[0]
-        return cls(
-            task=first.task,
-            inputs={key: _cat([part.inputs[key] for part in parts]) for key in first.inputs},
-            tokens=torch.cat([_pad(part.tokens, length) for part in parts]),
-            mask=torch.cat([_pad(part.mask, length) for part in parts]),
-            log_probs=torch.cat([_pad(part.log_probs, length) for part in parts]),
-            texts=_cat([part.texts for part in parts]),
-            images=_cat([part.images for part in parts]),
-            temperature=first.temperature,
-            guidance_scale=first.guidance_scale,
-            extras={key: _cat([part.extras[key] for part in parts]) for key in first.extras},
-        )
-
-    def select(self, rows: Tensor) -> TokenRollout:
-        picked = {
-            f.name: select_rows(getattr(self, f.name), rows)
-            for f in fields(self)
-            if f.name not in ("task", "inputs", "extras", "temperature", "guidance_scale")
-        }
-        return TokenRollout(
-            task=self.task,
-            temperature=self.temperature,
-            guidance_scale=self.guidance_scale,
-            inputs={key: select_rows(value, rows) for key, value in self.inputs.items()},
-            extras={key: select_rows(value, rows) for key, value in self.extras.items()},
-            **picked,
-        )
 
 
 class TokenPolicy(nn.Module):
