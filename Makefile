@@ -14,7 +14,7 @@ LOCKER := .venv-lock
 PIP_TOOLS := pip-tools==7.7.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest run test test-all bench bench-gpu reproduce base-model unified-model reward-model lint format clean
+.PHONY: help install lock test-latest run test test-all docs bench bench-gpu reproduce base-model unified-model reward-model lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -40,7 +40,7 @@ test-latest: ## Drift check, not in CI: a fresh .venv-latest with the newest rel
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install $(TORCH)
-	$(LATEST)/bin/python -m pip install -e ".[dev]"
+	$(LATEST)/bin/python -m pip install -e ".[dev,docs]"
 	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python requirements/drift.py $(LOCK)
 	@echo "Held back by a bound in pyproject.toml, a dependency's bound or the torch pin (newest on the index):"
@@ -55,6 +55,9 @@ test: $(STAMP) ## Run the test suite (fast tests; slow and GPU tests are skipped
 
 test-all: $(STAMP) ## Run every test, slow ones included
 	$(PY) -m pytest $(ARGS)
+
+docs: $(STAMP) ## Build the manual (docs/) into site/ with mkdocs --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.09M) and the shapes base (2.3M)
 	$(PY) -m experiments.bench model=tiny_sd3 $(ARGS)
@@ -88,4 +91,4 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 	$(PY) -m ruff format g2rpo experiments tests requirements
 
 clean: ## Remove run outputs and caches (keeps .venv)
-	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache site

@@ -17,7 +17,7 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(
             f"data.path: no file at {path}. Set data.path, or G2RPO_DATA to the folder holding the papers' "
-            "prompt sets (README, Rewards: prompt data)"
+            "prompt sets (docs/rewards.md, prompt data)"
         )
     return path.read_text()
 
