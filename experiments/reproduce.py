@@ -1,13 +1,15 @@
 """Run experiment suites and turn their ``metrics.jsonl`` into markdown tables and PNG curves.
 
-    python -m experiments.reproduce [SUITE ...] [--seeds 0 1] [--collect-only] [--launcher-args hydra/launcher=joblib]
+    python -m experiments.reproduce [SUITE ...] [--seeds 0 1] [--collect-only | --index-only]
+                                    [--launcher-args hydra/launcher=joblib]
 
-A suite (``experiments/suites/<name>.yaml``) names experiment configs (``conf/experiment/*.yaml``, one
-table row each), seeds, the columns to summarise, the curves to plot and optionally a speed-up table. Runs go through Hydra's
-``--multirun`` (so any Hydra launcher can run them: local, joblib, submitit/SLURM) into
+A suite (``experiments/suites/<name>.yaml``) defines its table rows, each by its Hydra overrides on top of
+the suite's own (usually ``experiment=suite/<base>``, a ``conf/experiment/suite/*.yaml``), with seeds, the
+columns to summarise, the curves to plot and optionally a speed-up table. Each row runs as one Hydra
+``--multirun`` over the seeds (so any Hydra launcher can run them: local, joblib, submitit/SLURM) into
 ``outputs/reproduce/<suite>/<overrides>``; run directories are deterministic, so re-running a suite
-resumes unfinished runs and skips finished ones. Results: ``experiments/results/<suite>.md`` and
-``.png``, and the README block between ``<!-- results:<suite>:start -->`` and ``<!-- ...:end -->``.
+resumes unfinished runs and skips finished ones. Results: ``experiments/results/<suite>.md`` and ``.png``,
+the one copy of each table, and ``experiments/results/README.md``, their index (written on every call).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from g2rpo.loggers import read_metrics
 
@@ -103,7 +106,7 @@ class Speedup:
     """Cost to reach the baseline's final score, per row: DGPO's "N x faster" measured side by side."""
 
     key: str  # the score, e.g. eval/geneval_shapes/accuracy/overall
-    baseline: str  # the experiment whose ``key`` is the target (per seed)
+    baseline: str  # the label of the row whose ``key`` is the target (per seed)
     costs: list[Curve]  # cost axes: ``x`` and ``x_label`` of each (``key`` is ignored)
     target: str = "last"  # the baseline's final score, or its best ("max": CurES's "peak accuracy")
 
@@ -121,14 +124,15 @@ class Speedup:
 class Suite:
     name: str
     title: str
-    # {experiment: <conf/experiment name>, label: <row label>[, at: start][, runs: <suite>]}; a row with
+    # {label: <row label>, overrides: [<Hydra override>, ...][, at: start][, runs: <suite>]}; a row with
     # ``runs`` reads that suite's runs (a base evaluated there, with the same evaluation) and is not run here
     rows: list[dict]
     seeds: list[int]
     columns: list[Column]
     curves: list[Curve] = field(default_factory=lambda: [Curve()])
+    summary: str = ""  # one line for the index of results
     description: str = ""
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # every row's, after the row's own
     runs: str = ""  # another suite's run directory to share (same overrides), e.g. an ablation of its rows
     speedup: Speedup | None = None
 
@@ -148,50 +152,61 @@ class Suite:
         return ROOT / "outputs" / "reproduce" / (self.runs or self.name)
 
 
-def row_key(row: dict) -> str:
-    """The row's key in ``collect``'s runs: its experiment, prefixed by the suite it borrows runs from."""
-    return f"{row['runs']}:{row['experiment']}" if "runs" in row else row["experiment"]
+def normalized(overrides: list[str]) -> tuple[str, ...]:
+    """Overrides as Hydra's sweeper passes them to a run, and so as its ``.hydra/overrides.yaml`` records
+    them (``[1, 3]`` -> ``[1,3]``, ``2.0e-3`` -> ``0.002``)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return tuple(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed)
+
+
+def row_key(row: dict) -> tuple[str, tuple[str, ...]]:
+    """The row's key in ``collect``'s runs: the suite it borrows runs from ("" for its own) and its overrides."""
+    return row.get("runs", ""), normalized(row["overrides"])
 
 
 def run(suite: Suite, launcher_args: list[str]) -> None:
-    """All rows x seeds as one Hydra multirun; finished runs resume to their end at once."""
-    experiments = ",".join(dict.fromkeys(row["experiment"] for row in suite.rows if "runs" not in row))
+    """Each row as one Hydra multirun over the seeds, its own overrides first (``collect`` reads them back
+    as those before ``seed=``); finished runs resume to their end at once."""
     seeds = ",".join(str(s) for s in suite.seeds)
-    command = [
-        sys.executable,
-        "-m",
-        "g2rpo.run",
-        "--multirun",
-        f"experiment={experiments}",
-        f"seed={seeds}",
-        f"hydra.sweep.dir={suite.output_dir}",
-        "trainer.enable_progress_bar=false",
-        *suite.overrides,
-        *launcher_args,
-    ]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+    rows = {row_key(row): row["overrides"] for row in suite.rows if "runs" not in row}
+    for overrides in rows.values():
+        command = [
+            sys.executable,
+            "-m",
+            "g2rpo.run",
+            "--multirun",
+            *overrides,
+            f"seed={seeds}",
+            f"hydra.sweep.dir={suite.output_dir}",
+            "trainer.enable_progress_bar=false",
+            *suite.overrides,
+            *launcher_args,
+        ]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
 
 
-def collect(suite: Suite) -> dict[tuple[str, int], list[dict]]:
+def collect(suite: Suite) -> dict[tuple, list[dict]]:
     """``(row_key, seed) -> metrics records`` for every finished run directory of the suite, and of the
     suites its rows borrow from."""
-    runs = _collect_dir(suite.output_dir)
+    runs = {(("", row), seed): r for (row, seed), r in _collect_dir(suite.output_dir).items()}
     for other in dict.fromkeys(row["runs"] for row in suite.rows if "runs" in row):
         borrowed = _collect_dir(ROOT / "outputs" / "reproduce" / other)
-        runs.update({(f"{other}:{experiment}", seed): r for (experiment, seed), r in borrowed.items()})
+        runs.update({((other, row), seed): r for (row, seed), r in borrowed.items()})
     return runs
 
 
-def _collect_dir(output_dir: Path) -> dict[tuple[str, int], list[dict]]:
+def _collect_dir(output_dir: Path) -> dict[tuple[tuple[str, ...], int], list[dict]]:
+    """``(row overrides, seed) -> records``: a run's row is the overrides it was given before its seed."""
     runs = {}
-    for overrides_file in sorted(output_dir.glob("*/.hydra/hydra.yaml")):
+    for overrides_file in sorted(output_dir.glob("*/.hydra/overrides.yaml")):
         run_dir = overrides_file.parent.parent
-        hydra_cfg = yaml.safe_load(overrides_file.read_text())["hydra"]
+        overrides = yaml.safe_load(overrides_file.read_text())
+        row = tuple(itertools.takewhile(lambda o: not o.startswith("seed="), overrides))
         config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         metrics = run_dir / "metrics.jsonl"
         if metrics.is_file():
-            runs[(hydra_cfg["runtime"]["choices"]["experiment"], config["seed"])] = read_metrics(metrics)
+            runs[(row, config["seed"])] = read_metrics(metrics)
     return runs
 
 
@@ -258,13 +273,16 @@ def speedup_table(suite: Suite, runs: dict) -> str:
     """Per row: the cost at which it first reaches the baseline's final (or best) score in the same seed,
     and the baseline's own cost to reach it divided by the row's ("N x faster")."""
     speedup = suite.speedup
+    baseline = row_key(
+        next(r for r in suite.rows if r["label"] == speedup.baseline and r.get("at") != "start")
+    )
     header = ["method", *[f"{c.x_label} to reach it" for c in speedup.costs],
               *[f"speed-up ({c.x_label})" for c in speedup.costs], "seeds reaching it"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    targets = {s: Column(key=speedup.key, label="", reduce=speedup.target).summarise(runs[(speedup.baseline, s)])
-               for s in suite.seeds if (speedup.baseline, s) in runs}  # fmt: skip
+    targets = {s: Column(key=speedup.key, label="", reduce=speedup.target).summarise(runs[(baseline, s)])
+               for s in suite.seeds if (baseline, s) in runs}  # fmt: skip
     baseline_costs = [
-        statistics.fmean(speedup.reached_at(runs[(speedup.baseline, s)], t, c) for s, t in targets.items())
+        statistics.fmean(speedup.reached_at(runs[(baseline, s)], t, c) for s, t in targets.items())
         if targets
         else math.nan
         for c in speedup.costs
@@ -283,11 +301,8 @@ def speedup_table(suite: Suite, runs: dict) -> str:
         ]
         lines.append("| " + " | ".join([row["label"], *cells, *ratios, f"{hits}/{len(seeds)}"]) + " |")
     target = statistics.fmean(targets.values()) if targets else math.nan
-    baseline = next(
-        r["label"] for r in suite.rows if r["experiment"] == speedup.baseline and r.get("at") != "start"
-    )
     return (
-        f"Target: {baseline}'s {'best' if speedup.target == 'max' else 'final'} `{speedup.key}` in the same "
+        f"Target: {speedup.baseline}'s {'best' if speedup.target == 'max' else 'final'} `{speedup.key}` in the same "
         f"seed (mean {target:.3f}).\n\n" + "\n".join(lines)
     )
 
@@ -299,41 +314,66 @@ def seeds_found(suite: Suite, runs: dict) -> list[int]:
     ]
 
 
-def report(suite: Suite, runs: dict) -> str:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(suite, runs, RESULTS / f"{suite.name}.png")
-    overrides = " ".join(suite.overrides)
-    command = f"python -m experiments.reproduce {suite.name}"
-    body = "\n".join(
+def definition(suite: Suite) -> str:
+    """The suite's file, its command and each row's overrides: what a reader needs to rerun one row."""
+    command = " ".join(["python -m g2rpo.run <row> seed=<seed>", *suite.overrides])
+    shared = f", in the run directories of {suite.runs}" if suite.runs else ""
+    lines = [
+        f"Suite `experiments/suites/{suite.name}.yaml`: `python -m experiments.reproduce {suite.name}` runs "
+        f"each row as `{command}`{shared}, where `<row>` is:",
+        "",
+    ]
+    for row in suite.rows:
+        overrides = f"`{' '.join(row['overrides'])}`" if row["overrides"] else "no overrides"
+        if row.get("at") == "start":
+            overrides = f"the first evaluation of {overrides}"
+        lines.append(
+            f"- {row['label']}: {overrides}" + (f" (runs of {row['runs']})" if "runs" in row else "")
+        )
+    return "\n".join(lines)
+
+
+def page(suite: Suite, results: str, seeds: list[int]) -> str:
+    """The suite's results page: what it replays, its row definitions, the tables and the curves."""
+    return "\n".join(
         [
             f"**{suite.title}**",
             "",
             suite.description.strip(),
             "",
-            table(suite, runs),
+            definition(suite),
             "",
-            *([speedup_table(suite, runs), ""] if suite.speedup else []),
-            f"Mean ± std over seeds {seeds_found(suite, runs)}. Command: `{command}`"
-            + (f" (runs with `{overrides}`)" if overrides else "")
-            + ".",
+            results,
             "",
-            f"![{suite.title}](experiments/results/{suite.name}.png)",
+            f"Mean ± std over seeds {seeds}.",
+            "",
+            f"![{suite.title}]({suite.name}.png)",
+            "",
         ]
     )
-    (RESULTS / f"{suite.name}.md").write_text(body.replace("](experiments/results/", "](") + "\n")
+
+
+def report(suite: Suite, runs: dict) -> str:
+    """Write ``experiments/results/<suite>.md`` and ``.png``; returns the page."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(suite, runs, RESULTS / f"{suite.name}.png")
+    results = table(suite, runs) + (f"\n\n{speedup_table(suite, runs)}" if suite.speedup else "")
+    body = page(suite, results, seeds_found(suite, runs))
+    (RESULTS / f"{suite.name}.md").write_text(body)
     return body
 
 
-def update_readme(name: str, body: str, readme: Path = ROOT / "README.md") -> bool:
-    """Replace the README block between this suite's markers; False if the README has no such block."""
-    start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
-    return True
+def index(suites: list[Suite]) -> str:
+    """``experiments/results/README.md``: each suite's page, with its one-line summary."""
+    lines = [
+        "# Results",
+        "",
+        "Each page is written by `python -m experiments.reproduce SUITE` from the runs of",
+        "`experiments/suites/SUITE.yaml` (this index by every call; `--index-only` writes just it).",
+        "",
+    ]
+    lines += [f"- [{s.title}]({s.name}.md)" + (f": {s.summary}" if s.summary else "") for s in suites]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -341,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("suites", nargs="*", help="suite names (default: every experiments/suites/*.yaml)")
-    parser.add_argument("--collect-only", action="store_true", help="only rebuild tables from existing runs")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--collect-only", action="store_true", help="only rebuild tables from existing runs")
+    mode.add_argument("--index-only", action="store_true", help="only rewrite experiments/results/README.md")
     parser.add_argument(
         "--seeds", nargs="+", type=int, help="run and report only these seeds (default: the suite's own)"
     )
@@ -349,17 +391,22 @@ def main(argv: list[str] | None = None) -> None:
         "--launcher-args", nargs="*", default=[], help="extra Hydra overrides, e.g. a launcher"
     )
     args = parser.parse_args(argv)
-    names = args.suites or sorted(p.stem for p in SUITES.glob("*.yaml"))
-    for name in names:
-        suite = Suite.load(SUITES / f"{name}.yaml")
+    suites = {p.stem: Suite.load(p) for p in sorted(SUITES.glob("*.yaml"))}
+    if unknown := set(args.suites) - set(suites):
+        parser.error(f"no suite {', '.join(sorted(unknown))}; choose from {', '.join(suites)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "README.md").write_text(index(list(suites.values())))
+    print("wrote experiments/results/README.md")
+    if args.index_only:
+        return
+    for name in args.suites or suites:
+        suite = suites[name]
         if args.seeds:
             suite = dataclasses.replace(suite, seeds=args.seeds)
         if not args.collect_only:
             run(suite, args.launcher_args)
-        body = report(suite, collect(suite))
-        print(body)
-        where = "README.md and " if update_readme(name, body) else ""
-        print(f"wrote {where}experiments/results/{name}.md, .png")
+        print(report(suite, collect(suite)))
+        print(f"wrote experiments/results/{name}.md, .png")
 
 
 if __name__ == "__main__":

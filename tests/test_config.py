@@ -11,6 +11,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from experiments.reproduce import SUITES, Suite
 from g2rpo.config import run_name
 
 GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
@@ -55,16 +56,27 @@ def test_every_option_composes_and_instantiates(compose_config, group, option):
         assert instantiate(node, _convert_="object") is not None
 
 
+def experiments():
+    """Every preset (``conf/experiment/**/*.yaml``, suite bases included) and every suite row (its overrides,
+    then its suite's, as ``experiments.reproduce`` runs it)."""
+    presets = sorted((CONF_DIR / "experiment").rglob("*.yaml"))
+    names = [p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix() for p in presets]
+    suites = [Suite.load(path) for path in sorted(SUITES.glob("*.yaml"))]
+    rows = [[*row["overrides"], *suite.overrides] for suite in suites for row in suite.rows]
+    return [[f"experiment={name}"] for name in names] + list(map(list, dict.fromkeys(map(tuple, rows))))
+
+
 def test_experiment_configs_compose_and_their_data_builds(compose_config):
-    """Every preset composes, and its data config builds, or fails only on a missing prompt file (a key left
-    over from the default data group would fail here, not minutes into a GPU job)."""
-    for name in options("experiment"):
-        cfg = compose_config(f"experiment={name}")
+    """Every preset and suite row composes, and its data config builds, or fails only on a missing prompt file
+    (a key left over from the default data group would fail here, not minutes into a GPU job)."""
+    for overrides in experiments():
+        cfg = compose_config(*overrides)
         assert cfg.algo is not None
         try:
             assert len(instantiate(cfg.data)) > 0
         except Exception as error:  # hydra wraps the FileNotFoundError; any other error fails
-            assert name.startswith("paper_") and "FileNotFoundError" in str(error), (name, error)
+            paper = overrides[0].startswith("experiment=paper_")
+            assert paper and "FileNotFoundError" in str(error), (overrides, error)
 
 
 def test_unknown_field_and_wrong_type_name_the_key(compose_config):
