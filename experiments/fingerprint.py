@@ -67,7 +67,7 @@ PAIRS = [
     "algo.generation.num_steps=4",
     "algo.generation.rollout_batch_size=4",
     "algo.understanding.rollout_batch_size=4",
-    "algo.understanding.advantage.drop_zero_std=false",
+    "algo.understanding.normalization.drop_zero_std=false",
 ]
 RUNS: dict[str, list[str]] = {
     "flow_grpo": [*TINY, "algo=flow_grpo"],

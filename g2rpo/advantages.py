@@ -37,10 +37,12 @@ class GroupNormalization:
 
     def __post_init__(self) -> None:
         if self.std not in STD_MODES:
-            raise ValueError(f"advantage.std={self.std!r} is not valid; choose one of {', '.join(STD_MODES)}")
+            raise ValueError(
+                f"normalization.std={self.std!r} is not valid; choose one of {', '.join(STD_MODES)}"
+            )
         if self.eps < 0 or self.clip <= 0:
             raise ValueError(
-                f"advantage.eps must be >= 0 and advantage.clip > 0 (got {self.eps}, {self.clip})"
+                f"normalization.eps must be >= 0 and normalization.clip > 0 (got {self.eps}, {self.clip})"
             )
 
 

@@ -42,7 +42,11 @@ def test_dance_defaults_follow_the_official_flux_script():
     algo = DanceGRPO()
     assert (algo.num_steps, algo.noise_level, algo.sde_type, algo.beta) == (16, 0.3, "dance", 0.0)
     assert algo.num_train_steps == 9  # 60% of the 15 trainable steps
-    assert (algo.advantage.std, algo.advantage.eps, algo.advantage.unbiased) == ("group", 1e-8, True)
+    assert (algo.normalization.std, algo.normalization.eps, algo.normalization.unbiased) == (
+        "group",
+        1e-8,
+        True,
+    )
     assert not algo.uses_reference
 
 

@@ -142,7 +142,7 @@ def test_advantages_are_normalised_per_step_stride_and_reward_then_summed_then_c
     generator = torch.Generator().manual_seed(0)
     first, second = torch.rand(shape, generator=generator), torch.rand(shape, generator=generator) * 10
     # No clamp in reach: each (k, lambda, reward) term has zero mean over every group; so has the sum.
-    loose = G2RPO(**{**algo.__dict__, "advantage": {**algo.advantage.__dict__, "clip": 100.0}})
+    loose = G2RPO(**{**algo.__dict__, "normalization": {**algo.normalization.__dict__, "clip": 100.0}})
     summed = loose.advantages(_rewards({"a": first.flatten(), "b": second.flatten()}), rollout)
     values = summed.values.view(3, 2, 8)
     torch.testing.assert_close(values.mean(dim=2), torch.zeros(3, 2), rtol=0, atol=1e-5)

@@ -40,8 +40,8 @@ def pair_batch(kinds_and_similarities, group_size):
 
 def algorithm(weight_fn="sqrt", **kwargs):
     return PairGRPO(
-        generation=FlowGRPO(advantage=GROUP, beta=0.0),
-        understanding=TokenGRPO(advantage=GROUP),
+        generation=FlowGRPO(normalization=GROUP, beta=0.0),
+        understanding=TokenGRPO(normalization=GROUP),
         weight_fn=weight_fn,
         **kwargs,
     )

@@ -35,7 +35,7 @@ PAIR_RUN = [
     "algo.generation.rollout_batch_size=4",
     "algo.understanding.rollout_batch_size=4",
     # the random tiny model rarely answers right: train flat groups too (advantage 0), so the side runs
-    "algo.understanding.advantage.drop_zero_std=false",
+    "algo.understanding.normalization.drop_zero_std=false",
 ]
 
 

@@ -25,7 +25,7 @@ class Algorithm(Generic[R]):
     scored by the reward ensemble and normalised in the sample's group.
     """
 
-    advantage: GroupNormalization
+    normalization: GroupNormalization
 
     @property
     def uses_reference(self) -> bool:
@@ -46,7 +46,7 @@ class Algorithm(Generic[R]):
 
     def advantages(self, rewards: RewardOutput, rollout: R) -> Advantages:
         """Advantages per trained sample, from the rewards of ``rollout.scored`` in its groups."""
-        return compute_advantages(rewards, rollout.scored.groups, self.advantage)
+        return compute_advantages(rewards, rollout.scored.groups, self.normalization)
 
     def rollout_metrics(self, rollout: R, rewards: RewardOutput) -> dict[str, float]:
         """Algorithm-specific diagnostics of an iteration, logged with the others."""
@@ -72,8 +72,8 @@ class Algorithm(Generic[R]):
         """Restore what ``state_dict`` returned."""
 
 
-def normalization(value: GroupNormalization | Mapping[str, Any]) -> GroupNormalization:
-    """``algo.advantage`` as Hydra passes it (a mapping of overrides) or as code does (the dataclass)."""
+def as_normalization(value: GroupNormalization | Mapping[str, Any]) -> GroupNormalization:
+    """``algo.normalization`` as Hydra passes it (a mapping of overrides) or as code does (the dataclass)."""
     return GroupNormalization(**value) if isinstance(value, Mapping) else value
 
 

@@ -34,7 +34,7 @@ from g2rpo.randomness import CHOICE, keyed, rand_per_key
 from g2rpo.types import PromptBatch, SDERollout
 
 
-def dance_advantages() -> GroupNormalization:
+def dance_normalization() -> GroupNormalization:
     return GroupNormalization(std="group", eps=1e-8, unbiased=True, clip=5.0, drop_zero_std=False)
 
 
@@ -49,7 +49,7 @@ class DanceGRPO(StepwiseGRPO):
     num_minibatches: int = 3  # 12 samples, an optimiser step every 4
     timestep_fraction: float = 0.6  # of the T - 1 trainable steps, a random subset per sample
     init_same_noise: bool = True  # one x_1 per group
-    advantage: GroupNormalization = field(default_factory=dance_advantages)
+    normalization: GroupNormalization = field(default_factory=dance_normalization)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -45,7 +45,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
-from g2rpo.algos.base import Algorithm, check_choice, check_positive, normalization, split_evenly
+from g2rpo.algos.base import Algorithm, as_normalization, check_choice, check_positive, split_evenly
 from g2rpo.distributed import sharded_like
 from g2rpo.ema import RampedEMA, swapped_in
 from g2rpo.policies.base import FlowPolicy
@@ -58,7 +58,7 @@ SAMPLERS = ("dpm_solver", "euler", "sde")
 REFERENCES = ("base", "theta_minus")
 
 
-def dgpo_advantages() -> GroupNormalization:
+def dgpo_normalization() -> GroupNormalization:
     """The brief's config sketch: the std of the whole batch (OCR/PickScore; GenEval uses the group's),
     population std + 1e-4, clamp 5. All-equal groups carry no preference and are not trained."""
     return GroupNormalization(std="global", eps=1e-4, unbiased=False, clip=5.0)
@@ -131,10 +131,10 @@ class DGPO(Algorithm[ODERollout]):
     rollout_batch_size: int = 8  # images per sampling forward
     groups_per_forward: int = 1  # whole groups per training forward (a group is never split)
     num_minibatches: int = 1  # optimiser steps per iteration (code: one, accumulating everything)
-    advantage: GroupNormalization = field(default_factory=dgpo_advantages)
+    normalization: GroupNormalization = field(default_factory=dgpo_normalization)
 
     def __post_init__(self) -> None:
-        self.advantage = normalization(self.advantage)
+        self.normalization = as_normalization(self.normalization)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("sampler", self.sampler, SAMPLERS)
         check_positive(self, "num_steps", "beta", "num_train_timesteps", "clip_range", "rollout_batch_size",

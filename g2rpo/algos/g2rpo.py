@@ -44,7 +44,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
-from g2rpo.algos.base import Algorithm, check_choice, normalization
+from g2rpo.algos.base import Algorithm, as_normalization, check_choice
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import GROUP, keyed
@@ -56,7 +56,7 @@ FINAL_IMAGE_RULES = ("last_x0_pred", "append_zero")
 UPDATE_PER = ("stochastic_step", "iteration")
 
 
-def g2rpo_advantages() -> GroupNormalization:
+def g2rpo_normalization() -> GroupNormalization:
     return GroupNormalization(std="group", eps=1e-8, unbiased=True, clip=5.0, drop_zero_std=False)
 
 
@@ -87,10 +87,10 @@ class G2RPO(Algorithm[SingularRollout]):
     broadcast_forward: bool = True  # one training forward per group at step k, broadcast to members
     train_cfg: bool = True  # recompute the guided velocity in training, as sampled
     rollout_batch_size: int = 8  # images per sampling forward; groups per training forward
-    advantage: GroupNormalization = field(default_factory=g2rpo_advantages)
+    normalization: GroupNormalization = field(default_factory=g2rpo_normalization)
 
     def __post_init__(self) -> None:
-        self.advantage = normalization(self.advantage)
+        self.normalization = as_normalization(self.normalization)
         if self.num_steps < 2:
             raise ValueError(f"algo.num_steps must be >= 2, got {self.num_steps}")
         if self.stochastic_steps is None:
@@ -174,15 +174,17 @@ class G2RPO(Algorithm[SingularRollout]):
 
     def advantages(self, rewards: RewardOutput, rollout: SingularRollout) -> Advantages:
         """Normalise per (k, lambda, group) and reward, sum over lambda and rewards, clamp: ``[K * B]``."""
-        unclamped = dataclasses.replace(self.advantage, clip=math.inf, drop_zero_std=False)
+        unclamped = dataclasses.replace(self.normalization, clip=math.inf, drop_zero_std=False)
         per_image = compute_advantages(rewards, rollout.scored.groups, unclamped)
         valid = rollout.per_image(per_image.valid).all(dim=1)
         zero_std = rollout.per_image(per_image.zero_std).all(dim=1)
         values = (
-            rollout.per_image(per_image.values).sum(dim=1).clamp(-self.advantage.clip, self.advantage.clip)
+            rollout.per_image(per_image.values)
+            .sum(dim=1)
+            .clamp(-self.normalization.clip, self.normalization.clip)
         )
         values = torch.where(valid, values, torch.zeros_like(values))
-        train_mask = valid & ~zero_std if self.advantage.drop_zero_std else valid
+        train_mask = valid & ~zero_std if self.normalization.drop_zero_std else valid
         groups = rollout.batch.groups
         varied = torch.zeros(len(zero_std), groups.count).index_add_(
             1, groups.ids.cpu(), (~zero_std).float().cpu()

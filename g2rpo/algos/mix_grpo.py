@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from g2rpo.advantages import GroupNormalization
-from g2rpo.algos.dance_grpo import dance_advantages
+from g2rpo.algos.dance_grpo import dance_normalization
 from g2rpo.algos.stepwise import StepwiseGRPO
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.types import PromptBatch, RewardOutput, SDERollout
@@ -51,7 +51,7 @@ class MixGRPO(StepwiseGRPO):
     window_strategy: str = "progressive"  # progressive | random
     roll_back: bool = True  # wrap the window to step 0 after the last start
     init_same_noise: bool = True
-    advantage: GroupNormalization = field(default_factory=dance_advantages)
+    normalization: GroupNormalization = field(default_factory=dance_normalization)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,9 +17,9 @@ from torch import Tensor
 from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import (
     Algorithm,
+    as_normalization,
     check_choice,
     check_positive,
-    normalization,
     split_evenly,
     training_samples,
 )
@@ -46,10 +46,10 @@ class StepwiseGRPO(Algorithm[SDERollout]):
     rollout_batch_size: int = 8  # images per sampling forward; also the training micro-batch
     num_inner_epochs: int = 1  # passes over each rollout
     num_minibatches: int = 2  # optimiser steps per pass
-    advantage: GroupNormalization = field(default_factory=GroupNormalization)
+    normalization: GroupNormalization = field(default_factory=GroupNormalization)
 
     def __post_init__(self) -> None:
-        self.advantage = normalization(self.advantage)
+        self.normalization = as_normalization(self.normalization)
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_positive(self, "noise_level", "beta", allow_zero=True)
         check_positive(self, "clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches")

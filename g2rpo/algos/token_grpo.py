@@ -29,9 +29,9 @@ from torch import Tensor
 from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import (
     Algorithm,
+    as_normalization,
     check_choice,
     check_positive,
-    normalization,
     split_evenly,
     training_samples,
 )
@@ -127,12 +127,12 @@ class TokenGRPO(Algorithm[TokenRollout]):
     rollout_batch_size: int = 32  # sequences per sampling call; also the training micro-batch
     num_inner_epochs: int = 1
     num_minibatches: int = 2
-    advantage: GroupNormalization = field(
+    normalization: GroupNormalization = field(
         default_factory=lambda: GroupNormalization(std="group", drop_zero_std=True)
     )
 
     def __post_init__(self) -> None:
-        self.advantage = normalization(self.advantage)
+        self.normalization = as_normalization(self.normalization)
         check_choice("task", self.task, TOKEN_TASKS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         if self.temperature <= 0:
