@@ -24,13 +24,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.aggregation import MeanMetric
 
 import g2rpo.config  # noqa: F401  (schemas and resolvers)
+from g2rpo.checkpoint import load_policy
 from g2rpo.data import PromptDataset
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.rewards.base import RewardFunction
@@ -257,25 +257,6 @@ class Evaluate(L.Callback):
         self.history = {int(k): v for k, v in state_dict["history"].items()}
 
 
-def load_checkpoint(policy: FlowPolicy, path: Path) -> None:
-    """Load a training checkpoint's trainable weights (it holds only those) into a rebuilt policy: their
-    evaluation EMA when the run kept one, as the run's own evaluations used."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint["state_dict"]
-    weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-    missing = set(weights) - set(policy.state_dict())
-    if missing:
-        raise ValueError(f"checkpoint {path} does not fit this model: unexpected keys {sorted(missing)[:5]}")
-    policy.load_state_dict(weights, strict=False)
-    if "ema" in checkpoint:
-        parameters = policy.trainable_parameters()
-        ema = EMAModel(parameters)
-        ema.load_state_dict(checkpoint["ema"])
-        if [p.shape for p in ema.shadow_params] != [p.shape for p in parameters]:
-            raise ValueError(f"checkpoint {path}: its EMA weights do not fit this model's trainable weights")
-        ema.copy_to(parameters)
-
-
 def evaluate(cfg: DictConfig) -> Evaluation:
     model_cfg = cfg.model
     if cfg.checkpoint:
@@ -291,7 +272,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     L.seed_everything(cfg.eval.seed, verbose=False)
     policy = instantiate(model_cfg)
     if cfg.checkpoint:
-        load_checkpoint(policy, Path(cfg.checkpoint))
+        load_policy(policy, Path(cfg.checkpoint))
     evaluator = instantiate(cfg.eval)
     evaluation = evaluator(policy.eval())
     title = f"{cfg.checkpoint or 'base model'} on {cfg.split_name} prompts ({evaluation.num_images} images)"
