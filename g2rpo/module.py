@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Samples:
-    """The last rollout's images, for the image-logging callback."""
+    """The rollout's first images, which ``training_step`` returns for the image-logging callback."""
 
     images: Tensor
     prompts: list[str]
@@ -104,7 +104,6 @@ class RLModule(L.LightningModule):
         self.seed = seed
         self.optimization = Optimization(max_grad_norm, logprob_tolerance, max_skipped_steps)
         self.num_logged_images = num_logged_images
-        self.last_samples: Samples | None = None
         if algorithm.uses_reference:
             policy.enable_reference()
         if ema_decay is not None and not (0.0 <= ema_decay < 1.0 and ema_update_every >= 1):
@@ -162,7 +161,7 @@ class RLModule(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
 
-    def training_step(self, batch, batch_idx: int) -> None:
+    def training_step(self, batch, batch_idx: int) -> dict[str, Samples] | None:
         iteration = self.current_epoch
         # Identical on every rank: the prompts, and the seeds of each sample's and group's own noise stream
         # (g2rpo/randomness.py), so a sample's rollout does not depend on the rank or chunk that draws it.
@@ -229,9 +228,11 @@ class RLModule(L.LightningModule):
         shown = slice(0, self.num_logged_images)
         # a text-only rollout (token GRPO on answers) has no image to show
         if getattr(rollout, "images", None) is not None:
-            self.last_samples = Samples(
-                rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
-            )
+            return {
+                "samples": Samples(
+                    rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
+                )
+            }
 
     @staticmethod
     def _check_equal_shares(samples: int) -> None:
