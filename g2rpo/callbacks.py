@@ -25,8 +25,9 @@ class Evaluate(L.Callback):
     """Held-out evaluation before training, every ``every_n_iterations``, and at the end.
 
     ``at_start: false`` skips the evaluation before training (or at a resumed iteration): rows of a table
-    that all start from one base policy need its evaluation once, not once per row. The before/after tables are printed when training ends and written to ``<run>/eval.json``; each
-    evaluation is logged as ``eval/<reward>/<task>`` at the iteration it follows.
+    that all start from one base policy need its evaluation once, not once per row. The before/after
+    tables are printed when training ends and written to ``<run>/eval.json``; each evaluation is logged as
+    ``eval/<reward>/<task>`` at the iteration it follows.
     """
 
     def __init__(
