@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 import g2rpo.config  # noqa: F401  (schemas and resolvers)
-from g2rpo.module import iteration_generator
+from g2rpo.randomness import iteration_generator
 from g2rpo.types import PromptBatch, RewardOutput
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

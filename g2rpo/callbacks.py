@@ -1,9 +1,13 @@
-"""Callbacks: sample images (PNG grid in the run dir and W&B images with prompts), policy export, and the
-curriculum's state as W&B histograms."""
+"""Callbacks: held-out evaluation, sample images (PNG grid in the run dir and W&B images with prompts),
+policy export, and the curriculum's state as W&B histograms."""
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -12,9 +16,107 @@ from diffusers.utils import make_image_grid
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from g2rpo.evaluate import Evaluation, Evaluator
+
+log = logging.getLogger(__name__)
+
+
+class Evaluate(L.Callback):
+    """Held-out evaluation before training, every ``every_n_iterations``, and at the end.
+
+    ``at_start: false`` skips the evaluation before training (or at a resumed iteration): rows of a table
+    that all start from one base policy need its evaluation once, not once per row. The before/after
+    tables are printed when training ends and written to ``<run>/eval.json``; each evaluation is logged as
+    ``eval/<reward>/<task>`` at the iteration it follows.
+    """
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        every_n_iterations: int = 10,
+        filename: str = "eval.json",
+        final_num_steps: Sequence[int] = (),
+        at_start: bool = True,
+    ) -> None:
+        self.evaluator = evaluator
+        self.at_start = at_start
+        self.every_n_iterations = every_n_iterations
+        self.filename = filename
+        self.final_num_steps = list(final_num_steps)  # also evaluate the final policy with these ODE steps
+        self.history: dict[int, dict] = {}  # iterations trained -> Evaluation.to_json()
+        self.final_by_steps: dict[int, dict] = {}  # ODE steps -> Evaluation.to_json() of the final policy
+
+    def _evaluate(self, pl_module, evaluator: Evaluator) -> Evaluation:
+        was_training = pl_module.policy.training
+        pl_module.policy.eval()
+        with pl_module.evaluation_weights():
+            evaluation = evaluator(pl_module.policy)
+        pl_module.policy.train(was_training)
+        return evaluation
+
+    def _run(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
+        if iterations in self.history:
+            return
+        evaluation = self._evaluate(pl_module, self.evaluator)
+        self.history[iterations] = evaluation.to_json()
+        for logger in trainer.loggers:
+            logger.log_metrics(evaluation.metrics(), step=iterations)
+        log.info("\n%s", evaluation.table(f"evaluation after {iterations} iterations"))
+
+    def _run_step_counts(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
+        """The final policy sampled with other step counts (robustness to the inference schedule)."""
+        for num_steps in self.final_num_steps:
+            evaluator = copy.copy(self.evaluator)
+            evaluator.num_steps = num_steps
+            evaluation = self._evaluate(pl_module, evaluator)
+            self.final_by_steps[num_steps] = evaluation.to_json()
+            for logger in trainer.loggers:
+                logger.log_metrics(evaluation.metrics(prefix=f"eval_steps{num_steps}"), step=iterations)
+            log.info("\n%s", evaluation.table(f"after {iterations} iterations, {num_steps} ODE steps"))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.at_start:
+            self._run(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        done = trainer.current_epoch + 1
+        if done % self.every_n_iterations == 0 or done == trainer.max_epochs:
+            self._run(trainer, pl_module, done)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._run(trainer, pl_module, trainer.current_epoch)
+        self._run_step_counts(trainer, pl_module, trainer.current_epoch)
+        self._report(Path(trainer.default_root_dir))
+
+    @rank_zero_only
+    def _report(self, run_dir: Path) -> None:
+        first, last = min(self.history), max(self.history)
+        before = Evaluation(**self.history[first])
+        after = Evaluation(**self.history[last])
+        lines = [after.table(f"after (iteration {last})"), ""]
+        if first != last:
+            lines[:0] = [before.table(f"before (iteration {first})"), ""]
+        for column in after.scores if first != last else ():
+            lines.append(
+                f"{column} overall: {before.scores[column]['overall']:.3f} -> {after.scores[column]['overall']:.3f} "
+                f"({after.scores[column]['overall'] - before.scores[column]['overall']:+.3f})"
+            )
+        log.info("\n%s", "\n".join(lines))
+        report = {str(k): v for k, v in self.history.items()}
+        if self.final_by_steps:
+            report["final_by_num_steps"] = {str(k): v for k, v in self.final_by_steps.items()}
+        (run_dir / self.filename).write_text(json.dumps(report, indent=2))
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {int(k): v for k, v in state_dict["history"].items()}
+
 
 class SampleImages(L.Callback):
-    """Every ``every_n_iterations``: the rollout's first images, captioned with prompt and reward."""
+    """Every ``every_n_iterations``: the rollout's first images (``training_step`` returns them as
+    ``samples``), captioned with prompt and reward."""
 
     def __init__(self, every_n_iterations: int = 10, directory: str = "images") -> None:
         self.every_n_iterations = every_n_iterations
@@ -22,7 +124,7 @@ class SampleImages(L.Callback):
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        samples = getattr(pl_module, "last_samples", None)
+        samples = outputs.get("samples")
         iteration = trainer.current_epoch
         if samples is None or iteration % self.every_n_iterations:
             return

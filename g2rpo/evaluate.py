@@ -2,7 +2,8 @@
 
 ``python -m g2rpo.evaluate`` scores the base model (``model=``) or a training checkpoint
 (``checkpoint=outputs/<run>/checkpoints/last.ckpt``, whose run's ``config.yaml`` supplies the model) and
-writes ``eval.json``; the :class:`Evaluate` callback runs the same evaluation during training.
+writes ``eval.json``; the :class:`g2rpo.callbacks.Evaluate` callback runs the same evaluation during
+training.
 
 Every image of an evaluation starts from noise fixed by ``seed``, so two models are compared on identical
 noise (a paired comparison: far less variance than fresh samples). A reward may report several named scores
@@ -13,10 +14,8 @@ overall score is the mean over tasks, as GenEval's.
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,16 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.aggregation import MeanMetric
 
 import g2rpo.config  # noqa: F401  (schemas and resolvers)
+from g2rpo.checkpoint import load_policy
 from g2rpo.data import PromptDataset
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.rewards.base import RewardFunction
 from g2rpo.rollout import ode_sample
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,117 +161,6 @@ class UnifiedEvaluator:
         return evaluation
 
 
-class Evaluate(L.Callback):
-    """Held-out evaluation before training, every ``every_n_iterations``, and at the end.
-
-    ``at_start: false`` skips the evaluation before training (or at a resumed iteration): rows of a table
-    that all start from one base policy need its evaluation once, not once per row. The before/after tables are printed when training ends and written to ``<run>/eval.json``; each
-    evaluation is logged as ``eval/<reward>/<task>`` at the iteration it follows.
-    """
-
-    def __init__(
-        self,
-        evaluator: Evaluator,
-        every_n_iterations: int = 10,
-        filename: str = "eval.json",
-        final_num_steps: Sequence[int] = (),
-        at_start: bool = True,
-    ) -> None:
-        self.evaluator = evaluator
-        self.at_start = at_start
-        self.every_n_iterations = every_n_iterations
-        self.filename = filename
-        self.final_num_steps = list(final_num_steps)  # also evaluate the final policy with these ODE steps
-        self.history: dict[int, dict] = {}  # iterations trained -> Evaluation.to_json()
-        self.final_by_steps: dict[int, dict] = {}  # ODE steps -> Evaluation.to_json() of the final policy
-
-    def _evaluate(self, pl_module, evaluator: Evaluator) -> Evaluation:
-        was_training = pl_module.policy.training
-        pl_module.policy.eval()
-        with pl_module.evaluation_weights():
-            evaluation = evaluator(pl_module.policy)
-        pl_module.policy.train(was_training)
-        return evaluation
-
-    def _run(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
-        if iterations in self.history:
-            return
-        evaluation = self._evaluate(pl_module, self.evaluator)
-        self.history[iterations] = evaluation.to_json()
-        for logger in trainer.loggers:
-            logger.log_metrics(evaluation.metrics(), step=iterations)
-        log.info("\n%s", evaluation.table(f"evaluation after {iterations} iterations"))
-
-    def _run_step_counts(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
-        """The final policy sampled with other step counts (robustness to the inference schedule)."""
-        for num_steps in self.final_num_steps:
-            evaluator = copy.copy(self.evaluator)
-            evaluator.num_steps = num_steps
-            evaluation = self._evaluate(pl_module, evaluator)
-            self.final_by_steps[num_steps] = evaluation.to_json()
-            for logger in trainer.loggers:
-                logger.log_metrics(evaluation.metrics(prefix=f"eval_steps{num_steps}"), step=iterations)
-            log.info("\n%s", evaluation.table(f"after {iterations} iterations, {num_steps} ODE steps"))
-
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        if self.at_start:
-            self._run(trainer, pl_module, trainer.current_epoch)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        done = trainer.current_epoch + 1
-        if done % self.every_n_iterations == 0 or done == trainer.max_epochs:
-            self._run(trainer, pl_module, done)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._run(trainer, pl_module, trainer.current_epoch)
-        self._run_step_counts(trainer, pl_module, trainer.current_epoch)
-        self._report(Path(trainer.default_root_dir))
-
-    @rank_zero_only
-    def _report(self, run_dir: Path) -> None:
-        first, last = min(self.history), max(self.history)
-        before = Evaluation(**self.history[first])
-        after = Evaluation(**self.history[last])
-        lines = [after.table(f"after (iteration {last})"), ""]
-        if first != last:
-            lines[:0] = [before.table(f"before (iteration {first})"), ""]
-        for column in after.scores if first != last else ():
-            lines.append(
-                f"{column} overall: {before.scores[column]['overall']:.3f} -> {after.scores[column]['overall']:.3f} "
-                f"({after.scores[column]['overall'] - before.scores[column]['overall']:+.3f})"
-            )
-        log.info("\n%s", "\n".join(lines))
-        report = {str(k): v for k, v in self.history.items()}
-        if self.final_by_steps:
-            report["final_by_num_steps"] = {str(k): v for k, v in self.final_by_steps.items()}
-        (run_dir / self.filename).write_text(json.dumps(report, indent=2))
-
-    def state_dict(self) -> dict:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.history = {int(k): v for k, v in state_dict["history"].items()}
-
-
-def load_checkpoint(policy: FlowPolicy, path: Path) -> None:
-    """Load a training checkpoint's trainable weights (it holds only those) into a rebuilt policy: their
-    evaluation EMA when the run kept one, as the run's own evaluations used."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint["state_dict"]
-    weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-    missing = set(weights) - set(policy.state_dict())
-    if missing:
-        raise ValueError(f"checkpoint {path} does not fit this model: unexpected keys {sorted(missing)[:5]}")
-    policy.load_state_dict(weights, strict=False)
-    if "ema" in checkpoint:
-        parameters = policy.trainable_parameters()
-        ema = EMAModel(parameters)
-        ema.load_state_dict(checkpoint["ema"])
-        if [p.shape for p in ema.shadow_params] != [p.shape for p in parameters]:
-            raise ValueError(f"checkpoint {path}: its EMA weights do not fit this model's trainable weights")
-        ema.copy_to(parameters)
-
-
 def evaluate(cfg: DictConfig) -> Evaluation:
     model_cfg = cfg.model
     if cfg.checkpoint:
@@ -291,7 +176,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     L.seed_everything(cfg.eval.seed, verbose=False)
     policy = instantiate(model_cfg)
     if cfg.checkpoint:
-        load_checkpoint(policy, Path(cfg.checkpoint))
+        load_policy(policy, Path(cfg.checkpoint))
     evaluator = instantiate(cfg.eval)
     evaluation = evaluator(policy.eval())
     title = f"{cfg.checkpoint or 'base model'} on {cfg.split_name} prompts ({evaluation.num_images} images)"

@@ -1,58 +1,47 @@
 """The Lightning module: one ``training_step`` is one RL iteration, and one Lightning epoch.
 
     prompts (curriculum; CurES first probes the policy) -> rollout (no_grad) -> rewards -> advantages
-    -> minibatches of loss units -> manual_backward / clip / step -> log
+    -> minibatches of loss units -> manual_backward / clip / step (g2rpo.optimization) -> log
 
 The curriculum draws prompts inside ``training_step`` because it learns from the previous iteration's
 rewards; the dataloader only paces iterations. Every random draw of an iteration comes from generators
 seeded by ``(seed, iteration)``, and each sample's and group's noise from a stream keyed by its index in
 the batch (``g2rpo.randomness``), so a run resumed from a checkpoint repeats exactly what the uninterrupted
 run would have done, whatever the rollout batch size or the number of ranks. Checkpoints hold only the
-trainable weights (the LoRA adapter or the fine-tuned transformer), their evaluation EMA, the optimiser and
-the curriculum state; frozen weights are rebuilt from the model config.
+training state (``g2rpo.checkpoint``); frozen weights are rebuilt from the model config. The module owns
+the weight averages that follow the optimiser steps: the evaluation EMA, and the algorithm's (DGPO's
+theta^-) through its ``on_optimizer_step``.
 
 Under ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``) ``configure_model`` shards the policy with
 FSDP2. Every forward of a sharded module is a collective, so every rank must run the same forwards: the
-batch must split into equal shares (equal group sizes), and a rank with fewer loss units in a minibatch
-repeats one of its own at zero weight.
+batch must split into equal shares (equal group sizes), and ``g2rpo.optimization`` pads minibatches.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
+import g2rpo.checkpoint
 from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.curriculum import Curriculum, PolicyProbe
 from g2rpo.data import PromptDataset
-from g2rpo.distributed import (
-    all_max,
-    all_sum,
-    full_tensors,
-    gather_objects,
-    gather_scored,
-    rank_slice,
-    sharded_like,
-    world,
-)
+from g2rpo.distributed import gather_objects, gather_scored, rank_slice
 from g2rpo.ema import swapped_in
+from g2rpo.optimization import Optimization
 from g2rpo.policies.base import FlowPolicy
+from g2rpo.randomness import iteration_generator
 from g2rpo.rewards.base import RewardEnsemble
 
 log = logging.getLogger(__name__)
@@ -60,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Samples:
-    """The last rollout's images, for the image-logging callback."""
+    """The rollout's first images, which ``training_step`` returns for the image-logging callback."""
 
     images: Tensor
     prompts: list[str]
@@ -81,12 +70,6 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
         )
         for key in keys
     }
-
-
-def iteration_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a well-mixed hash of ``key`` (e.g. seed, iteration[, stream])."""
-    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
 
 
 class RLModule(L.LightningModule):
@@ -110,7 +93,7 @@ class RLModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the trainable weights only (see on_save_checkpoint)
+        self.strict_loading = False  # checkpoints hold the trainable weights only (g2rpo.checkpoint)
         self.policy = policy
         self.algorithm = algorithm
         self.reward = reward
@@ -119,12 +102,8 @@ class RLModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.seed = seed
-        self.max_grad_norm = max_grad_norm
-        self.logprob_tolerance = logprob_tolerance
-        self.max_skipped_steps = max_skipped_steps
+        self.optimization = Optimization(max_grad_norm, logprob_tolerance, max_skipped_steps)
         self.num_logged_images = num_logged_images
-        self.skipped_in_a_row = 0
-        self.last_samples: Samples | None = None
         if algorithm.uses_reference:
             policy.enable_reference()
         if ema_decay is not None and not (0.0 <= ema_decay < 1.0 and ema_update_every >= 1):
@@ -182,7 +161,7 @@ class RLModule(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
 
-    def training_step(self, batch, batch_idx: int) -> None:
+    def training_step(self, batch, batch_idx: int) -> dict[str, Samples] | None:
         iteration = self.current_epoch
         # Identical on every rank: the prompts, and the seeds of each sample's and group's own noise stream
         # (g2rpo/randomness.py), so a sample's rollout does not depend on the rank or chunk that draws it.
@@ -249,9 +228,11 @@ class RLModule(L.LightningModule):
         shown = slice(0, self.num_logged_images)
         # a text-only rollout (token GRPO on answers) has no image to show
         if rollout.images is not None:
-            self.last_samples = Samples(
-                rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
-            )
+            return {
+                "samples": Samples(
+                    rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
+                )
+            }
 
     @staticmethod
     def _check_equal_shares(samples: int) -> None:
@@ -263,142 +244,17 @@ class RLModule(L.LightningModule):
                 "them: use trainer=ddp with it)."
             )
 
-    def _gradient_sync(self, enabled: bool) -> AbstractContextManager:
-        """Accumulate without the gradient all-reduce (DDP) or reduce-scatter (FSDP) until a step's last
-        backward."""
-        if enabled or world()[1] == 1:
-            return nullcontext()
-        if isinstance(self.trainer.strategy, DDPStrategy):
-            return self.trainer.strategy.block_backward_sync()
-        return self._fsdp_gradient_sync_off()
-
-    @contextmanager
-    def _fsdp_gradient_sync_off(self) -> Iterator[None]:
-        sharded = [m for m in self.policy.modules() if isinstance(m, FSDPModule)]
-        for module in sharded:
-            module.set_requires_gradient_sync(False, recurse=False)
-        try:
-            yield
-        finally:
-            for module in sharded:
-                module.set_requires_gradient_sync(True, recurse=False)
-
     def _optimize(self, rollout, advantages: Advantages, generator: torch.Generator, iteration: int) -> dict:
-        """One optimiser step per minibatch; a step whose gradient is not finite is skipped.
+        return self.optimization(self, rollout, advantages, generator, iteration)
 
-        A NaN or infinite loss makes the gradient norm non-finite, so one check per step covers both, and
-        metrics stay on the device until the end (no host sync per forward/backward).
-        """
-        optimizer = self.optimizers()
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, int] = defaultdict(int)
-        grad_norms: list[float] = []
-        steps = skipped = 0
-        minibatches = self.algorithm.minibatches(rollout, advantages, generator)
-        # Every rank takes the same optimiser steps (a rank with fewer minibatches joins with empty ones).
-        minibatches += [[]] * (all_max(len(minibatches)) - len(minibatches))
-        # FSDP: every rank runs as many forwards per step, padding with one of its units at zero weight
-        padding = next((units[0] for units in minibatches if units), None)
-        for index, units in enumerate(minibatches):
-            # The step's gradient is the mean over every rank's units; DDP and FSDP average over ranks, so
-            # each loss is scaled by world_size / (units on all ranks). Only a step's last backward syncs.
-            _, world_size = world()
-            scale = world_size / max(int(all_sum(torch.tensor([len(units)]))), 1)
-            weights = [scale] * len(units)
-            if self.sharded and (missing := all_max(len(units)) - len(units)):
-                if padding is None:
-                    raise RuntimeError(
-                        f"trainer=fsdp: rank {world()[0]} has no loss unit to train this iteration while other "
-                        "ranks do (every sample's reward was NaN?); sharded forwards need every rank"
-                    )
-                units, weights = [*units, *[padding] * missing], [*weights, *[0.0] * missing]
-            elif not units:
-                self.manual_backward(sum(p.sum() for p in self.policy.trainable_parameters()) * 0.0)
-            for position, (unit, weight) in enumerate(zip(units, weights)):
-                out = self.algorithm.loss(self.policy, rollout, advantages, unit)
-                with self._gradient_sync(position == len(units) - 1):
-                    self.manual_backward(out.loss * weight)
-                if not weight:
-                    continue
-                metrics = dict(out.metrics)
-                if index == 0 and "logprob_gap" in metrics:
-                    metrics["logprob_gap_before_update"] = metrics["logprob_gap"]
-                for key, value in metrics.items():
-                    sums[key] = sums[key] + value if key in sums else value.detach().clone()
-                    counts[key] += 1
-            grad_norm = self._clip_gradients(optimizer)
-            if math.isfinite(grad_norm):
-                optimizer.step()
-                self._update_ema()
-                self.algorithm.on_optimizer_step(self.policy)
-                steps += 1
-                grad_norms.append(grad_norm)
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped and not steps else 0
-        if skipped:
-            log.warning(
-                "iteration %d: skipped %d optimiser step(s) with a non-finite loss or gradient",
-                iteration,
-                skipped,
-            )
-        if self.skipped_in_a_row >= self.max_skipped_steps:
-            raise FloatingPointError(
-                f"{self.skipped_in_a_row} iterations in a row had only non-finite losses or gradients; stopping. "
-                "The last good checkpoint is kept: lower the learning rate or check the rewards, then re-run "
-                "the same command to resume."
-            )
-        metrics = {f"train/{key}": float(total) / counts[key] for key, total in sums.items()}
-        gap = metrics.get("train/logprob_gap_before_update", 0.0)
-        if gap > self.logprob_tolerance:
-            log.warning(
-                "iteration %d: mean |logp_old - logp| before any update is %.2e (> %.0e): rollout and training "
-                "compute different log-probs (precision, batch shape, or a non-deterministic kernel); the "
-                "ratio is not 1 on-policy",
-                iteration,
-                gap,
-                self.logprob_tolerance,
-            )
-        metrics["train/optimizer_steps"] = steps
-        metrics["train/skipped_steps"] = skipped
-        if grad_norms:
-            metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        return metrics
-
-    def _clip_gradients(self, optimizer) -> float:
-        """Unscale (fp16 AMP), clip to ``max_grad_norm`` and return the pre-clip total norm."""
-        self.trainer.precision_plugin.unscale_gradients(optimizer.optimizer)
-        max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), max_norm)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-    def _trainable_keys(self) -> set[str]:
-        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+    def after_optimizer_step(self) -> None:
+        """The weight averages follow each optimiser step: the evaluation EMA, and the algorithm's own
+        (DGPO's theta^-)."""
+        self._update_ema()
+        self.algorithm.on_optimizer_step(self.policy)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = self._trainable_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["curriculum"] = self.curriculum.state_dict()
-        # whole tensors: under FSDP each rank holds a shard, and rank 0 alone writes the file
-        if self.ema is not None:
-            checkpoint["ema"] = full_tensors(self.ema.state_dict())
-        checkpoint["algorithm"] = full_tensors(self.algorithm.state_dict())
+        g2rpo.checkpoint.save(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        weights = checkpoint.get("state_dict")  # absent under FSDP: its strategy has loaded them already
-        missing = sorted(self._trainable_keys() - weights.keys()) if weights is not None else []
-        if missing:
-            raise ValueError(
-                f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[:3]}): "
-                "it was written by a different model or LoRA configuration. Use another run directory, "
-                "or ckpt_path=null to start fresh."
-            )
-        self.curriculum.load_state_dict(checkpoint.get("curriculum", {}))
-        self.algorithm.load_state_dict(checkpoint.get("algorithm", {}))
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
-            self.ema.shadow_params = sharded_like(self.ema.shadow_params, self.policy.trainable_parameters())
-            self.ema.to(self.device)
+        g2rpo.checkpoint.restore(self, checkpoint)

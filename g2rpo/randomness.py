@@ -26,6 +26,19 @@ CHOICE = 2  # per-sample discrete choices: DanceGRPO's trained steps, DGPO's tex
 TOKEN = 3  # per-sample token sampling (token policies: answers, image codes)
 
 
+def seeded(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a well-mixed hash of ``key`` (numpy's ``SeedSequence``)."""
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0])
+    )
+
+
+def iteration_generator(seed: int, iteration: int, *stream: int) -> torch.Generator:
+    """One of an iteration's generators, identical on every rank: ``(seed, iteration)`` draws the batch and
+    rolls it out, ``(seed, iteration, 0)`` trains."""
+    return seeded(seed, iteration, *stream)
+
+
 def keyed(
     generator: torch.Generator, keys: Tensor | list[int], stream: int = SAMPLE
 ) -> list[torch.Generator]:
@@ -36,12 +49,7 @@ def keyed(
     """
     base = generator.initial_seed()
     keys = keys.tolist() if isinstance(keys, Tensor) else list(keys)
-    return [
-        torch.Generator().manual_seed(
-            int(np.random.SeedSequence([base, stream, int(key)]).generate_state(1, np.uint64)[0])
-        )
-        for key in keys
-    ]
+    return [seeded(base, stream, int(key)) for key in keys]
 
 
 def rand_per_key(generators: list[torch.Generator], *shape: int) -> Tensor:

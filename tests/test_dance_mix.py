@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from g2rpo.algos import DanceGRPO, MixGRPO
-from g2rpo.module import iteration_generator
+from g2rpo.randomness import iteration_generator
 from g2rpo.sampling import euler_step
 from g2rpo.types import PromptBatch, RewardOutput, TrainingUnit
 

@@ -8,8 +8,7 @@ from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
 from g2rpo.algos import DGPO
 from g2rpo.algos.dgpo import dsm_clip_mask, group_preference_logit
 from g2rpo.ema import swapped_in
-from g2rpo.module import iteration_generator
-from g2rpo.randomness import keyed
+from g2rpo.randomness import iteration_generator, keyed
 from g2rpo.rollout import flow_dpm_solver, ode_rollout
 from g2rpo.sampling import euler_step, mean_over_dims
 from g2rpo.types import Groups, PromptBatch, RewardOutput

@@ -10,7 +10,8 @@ from conftest import make_policy, perturb_lora
 from g2rpo.algos import FlowGRPO
 from g2rpo.curriculum import UniformCurriculum
 from g2rpo.data import PromptDataset
-from g2rpo.module import RLModule, iteration_generator
+from g2rpo.module import RLModule
+from g2rpo.randomness import iteration_generator
 from g2rpo.rewards import RewardEnsemble
 from g2rpo.types import PromptBatch, RewardOutput, TrainingUnit
 

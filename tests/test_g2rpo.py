@@ -6,8 +6,7 @@ from conftest import make_policy, perturb_lora
 
 from g2rpo.algos import G2RPO
 from g2rpo.algos.g2rpo import continuation_grid
-from g2rpo.module import iteration_generator
-from g2rpo.randomness import GROUP, keyed
+from g2rpo.randomness import GROUP, iteration_generator, keyed
 from g2rpo.rollout import ode_continue
 from g2rpo.sampling import euler_step, sde_step
 from g2rpo.types import PromptBatch, RewardOutput, TrainingUnit

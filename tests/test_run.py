@@ -7,8 +7,10 @@ import pytest
 import torch
 import yaml
 from conftest import FAST_RUN, make_policy
+from hydra.utils import instantiate
 
 from g2rpo.algos import FlowGRPO
+from g2rpo.checkpoint import load_policy
 from g2rpo.curriculum import UniformCurriculum
 from g2rpo.data import PromptDataset
 from g2rpo.loggers import read_metrics
@@ -171,6 +173,18 @@ def test_evaluation_ema_follows_flow_grpos_schedule_and_is_checkpointed(tmp_path
     for a, b in zip(resumed.ema.shadow_params, module.ema.shadow_params):
         torch.testing.assert_close(a, b)
     assert resumed.ema.optimization_step == module.ema.optimization_step
+
+
+def test_evaluation_reads_a_checkpoints_ema_weights_without_unpickling_code(compose_config):
+    cfg = compose_config(*FAST_RUN, "trainer.max_epochs=1", "module.ema_update_every=1")
+    train(cfg)
+    path = Path(cfg.run_dir) / "checkpoints/last.ckpt"
+    shadow = torch.load(path, weights_only=True)["ema"]["shadow_params"]
+    policy = instantiate(cfg.model)
+    assert not all(torch.equal(p, s) for p, s in zip(policy.trainable_parameters(), shadow))
+    load_policy(policy, path)
+    for p, s in zip(policy.trainable_parameters(), shadow, strict=True):
+        assert torch.equal(p.detach(), s)
 
 
 def test_an_invalid_ema_decay_is_rejected():

@@ -46,8 +46,7 @@ from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import Algorithm, as_normalization, check_choice, check_positive, split_evenly
-from g2rpo.distributed import sharded_like
-from g2rpo.ema import RampedEMA, swapped_in
+from g2rpo.ema import RampedEMA, restore, swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import CHOICE, GROUP, keyed, rand_per_key
 from g2rpo.rollout import final_samples, flow_dpm_solver, ode_rollout, sde_rollout
@@ -170,11 +169,9 @@ class DGPO(Algorithm[ODERollout]):
                 policy.trainable_parameters(), self.theta_minus_max_decay, self.theta_minus_ramp
             )
             if self._theta_minus_state is not None:
-                self._theta_minus.load_state_dict(self._theta_minus_state)
-                self._theta_minus.shadow_params = sharded_like(  # checkpoints hold whole tensors (FSDP)
-                    self._theta_minus.shadow_params, policy.trainable_parameters()
+                restore(
+                    self._theta_minus, self._theta_minus_state, policy.trainable_parameters(), policy.device
                 )
-                self._theta_minus.to(policy.device)
         return self._theta_minus
 
     def _theta_minus_weights(self, policy: FlowPolicy):

@@ -1,0 +1,167 @@
+"""An iteration's optimiser steps, under Lightning's manual optimisation, on one process, DDP or FSDP.
+
+The algorithm splits the rollout into minibatches of loss units; each minibatch is one optimiser step
+(``manual_backward`` per unit, clip, ``optimizer.step()`` through Lightning). Every rank takes the same
+steps and backward syncs: a rank with fewer minibatches joins with empty ones, and under FSDP, where every
+forward of a sharded module is a collective, a rank with fewer units in a minibatch repeats one of its own
+at zero weight. A step whose gradient norm is not finite is skipped: a NaN or infinite loss makes the norm
+non-finite, so one check per step covers both, and metrics stay on the device until the end (no host sync
+per forward/backward).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from g2rpo.advantages import Advantages
+from g2rpo.distributed import all_max, all_sum, world
+
+if TYPE_CHECKING:
+    from g2rpo.module import RLModule
+
+log = logging.getLogger(__name__)
+
+
+class Optimization:
+    """Runs an iteration's steps for an :class:`~g2rpo.module.RLModule`, clipping the total gradient norm to
+    ``max_grad_norm``; warns when the log-probs before any update differ from the rollout's by more than
+    ``logprob_tolerance``, and stops the run after ``max_skipped_steps`` iterations in a row whose every
+    step was skipped."""
+
+    def __init__(self, max_grad_norm: float | None, logprob_tolerance: float, max_skipped_steps: int) -> None:
+        self.max_grad_norm = max_grad_norm
+        self.logprob_tolerance = logprob_tolerance
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_in_a_row = 0
+
+    def __call__(
+        self, module: RLModule, rollout, advantages: Advantages, generator: torch.Generator, iteration: int
+    ) -> dict[str, float]:
+        """One optimiser step per minibatch; ``module.after_optimizer_step()`` after each one taken."""
+        policy, algorithm = module.policy, module.algorithm
+        optimizer = module.optimizers()
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = defaultdict(int)
+        grad_norms: list[float] = []
+        steps = skipped = 0
+        minibatches = algorithm.minibatches(rollout, advantages, generator)
+        minibatches += [[]] * (all_max(len(minibatches)) - len(minibatches))
+        padding = next((units[0] for units in minibatches if units), None)
+        for index, units in enumerate(minibatches):
+            units, weights = _weighted(units, padding, module.sharded)
+            if not units:
+                module.manual_backward(sum(p.sum() for p in policy.trainable_parameters()) * 0.0)
+            for position, (unit, weight) in enumerate(zip(units, weights)):
+                out = algorithm.loss(policy, rollout, advantages, unit)
+                with _gradient_sync(module, position == len(units) - 1):
+                    module.manual_backward(out.loss * weight)
+                if not weight:
+                    continue
+                metrics = dict(out.metrics)
+                if index == 0 and "logprob_gap" in metrics:
+                    metrics["logprob_gap_before_update"] = metrics["logprob_gap"]
+                for key, value in metrics.items():
+                    sums[key] = sums[key] + value if key in sums else value.detach().clone()
+                    counts[key] += 1
+            grad_norm = self._clip_gradients(module, optimizer)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                module.after_optimizer_step()
+                steps += 1
+                grad_norms.append(grad_norm)
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+
+        self._check_skipped(steps, skipped, iteration)
+        metrics = {f"train/{key}": float(total) / counts[key] for key, total in sums.items()}
+        self._check_logprob_gap(metrics.get("train/logprob_gap_before_update", 0.0), iteration)
+        metrics["train/optimizer_steps"] = steps
+        metrics["train/skipped_steps"] = skipped
+        if grad_norms:
+            metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _clip_gradients(self, module: RLModule, optimizer) -> float:
+        """Unscale (fp16 AMP), clip to ``max_grad_norm`` and return the pre-clip total norm."""
+        module.trainer.precision_plugin.unscale_gradients(optimizer.optimizer)
+        max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(module.policy.trainable_parameters(), max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def _check_skipped(self, steps: int, skipped: int, iteration: int) -> None:
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped and not steps else 0
+        if skipped:
+            log.warning(
+                "iteration %d: skipped %d optimiser step(s) with a non-finite loss or gradient",
+                iteration,
+                skipped,
+            )
+        if self.skipped_in_a_row >= self.max_skipped_steps:
+            raise FloatingPointError(
+                f"{self.skipped_in_a_row} iterations in a row had only non-finite losses or gradients; stopping. "
+                "The last good checkpoint is kept: lower the learning rate or check the rewards, then re-run "
+                "the same command to resume."
+            )
+
+    def _check_logprob_gap(self, gap: float, iteration: int) -> None:
+        if gap > self.logprob_tolerance:
+            log.warning(
+                "iteration %d: mean |logp_old - logp| before any update is %.2e (> %.0e): rollout and training "
+                "compute different log-probs (precision, batch shape, or a non-deterministic kernel); the "
+                "ratio is not 1 on-policy",
+                iteration,
+                gap,
+                self.logprob_tolerance,
+            )
+
+
+def _weighted(units: list, padding, sharded: bool) -> tuple[list, list[float]]:
+    """A minibatch's units and their loss weights. The step's gradient is the mean over every rank's units;
+    DDP and FSDP average over ranks, so each loss is scaled by world_size / (units on all ranks). FSDP: a
+    rank with fewer units than another repeats ``padding`` (one of its own) at zero weight."""
+    _, world_size = world()
+    scale = world_size / max(int(all_sum(torch.tensor([len(units)]))), 1)
+    weights = [scale] * len(units)
+    if sharded and (missing := all_max(len(units)) - len(units)):
+        if padding is None:
+            raise RuntimeError(
+                f"trainer=fsdp: rank {world()[0]} has no loss unit to train this iteration while other "
+                "ranks do (every sample's reward was NaN?); sharded forwards need every rank"
+            )
+        units, weights = [*units, *[padding] * missing], [*weights, *[0.0] * missing]
+    return units, weights
+
+
+def _gradient_sync(module: RLModule, enabled: bool) -> AbstractContextManager:
+    """Accumulate without the gradient all-reduce (DDP) or reduce-scatter (FSDP) until a step's last
+    backward."""
+    if enabled or world()[1] == 1:
+        return nullcontext()
+    if isinstance(module.trainer.strategy, DDPStrategy):
+        return module.trainer.strategy.block_backward_sync()
+    return _fsdp_gradient_sync_off(module.policy)
+
+
+@contextmanager
+def _fsdp_gradient_sync_off(policy: nn.Module) -> Iterator[None]:
+    sharded = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.set_requires_gradient_sync(True, recurse=False)
