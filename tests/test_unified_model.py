@@ -6,7 +6,7 @@ import torch
 from hydra.utils import instantiate
 from peft import LoraConfig
 
-from g2rpo.policies.unified import UnifiedPolicy
+from g2rpo.shapes.policy import UnifiedPolicy
 from g2rpo.randomness import TOKEN, keyed
 from g2rpo.shapes.unified import load_unified_model, unified_model
 

@@ -34,7 +34,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from g2rpo.policies.unified import UnifiedPolicy
+from g2rpo.shapes.policy import UnifiedPolicy
 from g2rpo.randomness import TOKEN, keyed
 from g2rpo.shapes import vqa
 from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit, rectified_flow_inputs
@@ -322,7 +322,7 @@ The shapes world's unified understanding and generation model (`model=shapes_uni
 `transformers` `LlamaModel` ({s["num_layers"]} layers, hidden {s["hidden_size"]}, {s["num_heads"]} heads, MLP
 {s["intermediate_size"]}; {parameters / 1e6:.2f}M parameters in all) that answers questions about 32x32 images
 token by token and draws them by flow matching from a caption, with shared weights (Transfusion, arXiv
-2408.11039; JanusFlow, arXiv 2411.07975). Code: `g2rpo/shapes/unified.py`, policy `g2rpo/policies/unified.py`.
+2408.11039; JanusFlow, arXiv 2411.07975). Code: `g2rpo/shapes/unified.py`, policy `g2rpo/shapes/policy.py`.
 
 - **Architecture**: a word-level vocabulary ({len(policy.model.tokenizer)} tokens: captions, questions, answers,
   `<|answer|>`); 4x4 pixel patches (64 image tokens) in and velocities out through linear layers, a
