@@ -77,7 +77,7 @@ unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/
 
 REWARD_STEPS := 400
 reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weights/shapes_score
-	$(PY) -m g2rpo.shapes.clip --steps $(REWARD_STEPS) --out g2rpo/shapes/weights/shapes_score
+	$(PY) -m g2rpo.shapes.training.score --steps $(REWARD_STEPS) --out g2rpo/shapes/weights/shapes_score
 
 lint: $(STAMP) ## Ruff lint and format check
 	$(PY) -m ruff check g2rpo experiments tests requirements

@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 
 from g2rpo.pairing import match_retrieved, medoids, normalize, pair_weight
 from g2rpo.shapes import pairug, vqa
-from g2rpo.shapes.clip import holds
+from g2rpo.shapes.geneval import holds
 from g2rpo.shapes.pairug import OpenAICompleter, PairDataset, Verifier, build_pairs
 from g2rpo.shapes.world import SHAPES, WorldObject
 

@@ -46,7 +46,7 @@ from g2rpo.pairing import match_retrieved, medoids, normalize
 from g2rpo.rewards.answer import normalize as normalize_text
 from g2rpo.rewards.chat import ChatClient
 from g2rpo.shapes import prompts, vqa
-from g2rpo.shapes.clip import holds
+from g2rpo.shapes.geneval import holds
 from g2rpo.shapes.world import BACKGROUND, COLOURS, SHAPES, WorldObject, render
 
 PAIRINGS = ("pairug", "aligned", "retrieved", "random", "unpaired")
@@ -290,7 +290,7 @@ def generation_items(count: int, rng: np.random.Generator) -> list[Item]:
 def encode(images: Tensor, encoder: str) -> np.ndarray:
     """L2-normalised features ``[N, D]`` of ``[N, 3, 32, 32]`` images from a frozen encoder."""
     if encoder == "shapes_clip":
-        from g2rpo.shapes.clip import ShapesScore, embed_images
+        from g2rpo.shapes.score import ShapesScore, embed_images
 
         return normalize(embed_images(ShapesScore().model, images).numpy())
     if encoder == "pixels":  # minus the background, which every image shares and would dominate the cosine

@@ -152,7 +152,7 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     from g2rpo.shapes.prompts import shapes_dataset
 
     policy = SD3Policy(load_base_model(str(directory)), resolution=32, max_sequence_length=0).eval()
-    from g2rpo.shapes.clip import ShapesScore
+    from g2rpo.shapes.score import ShapesScore
 
     rewards = {"geneval_shapes": GenEvalShapes(), "shapes_score": ShapesScore()}
     evaluation = Evaluator(shapes_dataset("heldout"), rewards)(policy)

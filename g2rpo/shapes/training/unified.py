@@ -235,9 +235,9 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     """Evaluate the export (understanding per question type; held-out GenEval-shapes as the world's
     default evaluation, ``conf/eval/shapes.yaml``), record it in ``training.json`` and write the card."""
     from g2rpo.evaluate import Evaluator
-    from g2rpo.shapes.clip import ShapesScore
     from g2rpo.shapes.geneval import GenEvalShapes
     from g2rpo.shapes.prompts import shapes_dataset
+    from g2rpo.shapes.score import ShapesScore
 
     policy = UnifiedPolicy(load_unified_model(str(directory))).eval()
     understanding = understanding_accuracy(policy)
