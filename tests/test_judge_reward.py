@@ -24,8 +24,8 @@ from PIL import Image
 
 from g2rpo.rewards import RewardEnsemble
 from g2rpo.rewards.chat import ChatClient
+from g2rpo.rewards.http import RewardServerError
 from g2rpo.rewards.judge import DEFAULT_PROMPT_TEMPLATE, VLMJudge
-from g2rpo.rewards.remote import RewardServerError
 
 KEY = "test-key"
 MODEL = "judge-model"

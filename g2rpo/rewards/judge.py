@@ -13,7 +13,7 @@ Deliberate differences from Flow-GRPO:
   "Final Score" quoted inside the judge's reasoning does not win.
 - Images are resized so that their longer side is ``image_size`` (bicubic), keeping the aspect ratio; for
   square images this is Flow-GRPO's 512x512.
-- A server that cannot answer stops the run (:class:`~g2rpo.rewards.remote.RewardServerError`) after the same
+- A server that cannot answer stops the run (:class:`~g2rpo.rewards.http.RewardServerError`) after the same
   retries as :class:`~g2rpo.rewards.remote.RemoteReward`, plus HTTP 429 (a busy inference server asks the
   client to slow down); other 4xx raise at once. Re-running the same command resumes from the checkpoint.
 """
