@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-from g2rpo.rewards.models import AestheticMLP
+from g2rpo.rewards.clip import AestheticMLP
 from g2rpo.rewards.weights.imagereward import convert_image_reward_state_dict
 
 REPO = "THUDM/ImageReward"

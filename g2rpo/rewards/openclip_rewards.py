@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 from transformers import CLIPModel
 
-from g2rpo.rewards.models import _ClipReward
+from g2rpo.rewards.clip import ClipReward
 
 _CONVERTER = "python -m g2rpo.rewards.weights.openclip"
 
 
-class _OpenClipCosine(_ClipReward):
+class _OpenClipCosine(ClipReward):
     """``cos(image, prompt)`` of a converted open_clip model; subclasses name the checkpoint to convert.
 
     ``path``: the directory the converter wrote; ``processor_path``: a local copy of
