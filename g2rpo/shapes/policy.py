@@ -91,32 +91,9 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
         empty = self.model.caption_ids([""]).expand(len(prompts), -1)
         return Conditioning(ids, pooled, empty, pooled)
 
-    def velocity(
-        self,
-        latents: Tensor,
-        sigma: Tensor | float,
-        cond: Conditioning,
-        guidance_scale: float = 1.0,
-        detach_uncond: bool = False,
-    ) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
-        images, ids = latents, cond.prompt_embeds
-        guided = guidance_scale > 1.0
-        if guided:
-            if cond.negative_prompt_embeds is None:
-                raise ValueError(
-                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
-                )
-            images, sigma = torch.cat([images, images]), torch.cat([sigma, sigma])
-            ids = torch.cat([cond.negative_prompt_embeds, ids])
-        output = self.active.velocity(ids, images, sigma).float()
-        self.nfe += images.shape[0]
-        if not guided:
-            return output
-        uncond, text = output.chunk(2)
-        if detach_uncond:
-            uncond = uncond.detach()
-        return uncond + guidance_scale * (text - uncond)
+    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        """``embeds`` are caption token ids; the model has no pooled vector."""
+        return self.active.velocity(embeds, latents, sigma)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Pixel space: latents are images in [-1, 1]."""
