@@ -263,10 +263,8 @@ class JanusPolicy(FrozenReference, TokenPolicy):
     ) -> TokenRollout:
         prompt = self.answer_prompts(inputs["images"], inputs["questions"])
         mask = prompt["attention_mask"]
-        positions = positions_of(mask)
         embeds = self.prompt_embeddings(prompt["input_ids"], prompt["pixel_values"])
-        output = self.language_model(embeds, mask, positions, use_cache=True)
-        uniforms = rand_per_key(generators, max_new_tokens).to(self.device)
+        output, positions, uniforms = self._prefill(embeds, mask, generators, max_new_tokens)
         batch = mask.shape[0]
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens, log_probs, valid = [], [], []
@@ -279,11 +277,8 @@ class JanusPolicy(FrozenReference, TokenPolicy):
             done = done | (token == self.eos_id)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            embeds = self.prompt_embeddings(token[:, None])
-            output = self.language_model(
-                embeds, mask, positions, use_cache=True, cache=output.past_key_values
+            mask, positions, output = self._extend(
+                self.prompt_embeddings(token[:, None]), mask, positions, output
             )
         tokens, valid = torch.stack(tokens, dim=1), torch.stack(valid, dim=1)
         texts = self.processor.tokenizer.batch_decode(
@@ -308,9 +303,9 @@ class JanusPolicy(FrozenReference, TokenPolicy):
     ) -> TokenRollout:
         guided = self.uses_guidance(guidance_scale, for_log_probs=False)
         ids, mask = self.image_prompts(inputs["prompts"], guided)
-        positions = positions_of(mask)
-        output = self.language_model(self.prompt_embeddings(ids), mask, positions, use_cache=True)
-        uniforms = rand_per_key(generators, self.num_image_codes).to(self.device)
+        output, positions, uniforms = self._prefill(
+            self.prompt_embeddings(ids), mask, generators, self.num_image_codes
+        )
         rows = mask.shape[0]
         codes, log_probs = [], []
         for step in range(self.num_image_codes):
@@ -322,12 +317,8 @@ class JanusPolicy(FrozenReference, TokenPolicy):
             log_probs.append(recorded.gather(-1, code[:, None]).squeeze(-1))
             if step == self.num_image_codes - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            positions = positions[:, -1:] + 1
             embeds = self.code_embeddings(code.repeat(rows // len(code))[:, None])
-            output = self.language_model(
-                embeds, mask, positions, use_cache=True, cache=output.past_key_values
-            )
+            mask, positions, output = self._extend(embeds, mask, positions, output)
         codes = torch.stack(codes, dim=1)
         return TokenRollout(
             task="image",
@@ -339,6 +330,23 @@ class JanusPolicy(FrozenReference, TokenPolicy):
             temperature=temperature,
             guidance_scale=guidance_scale,
         )
+
+    def _prefill(
+        self, embeds: Tensor, mask: Tensor, generators: list[torch.Generator], steps: int
+    ) -> tuple[Any, Tensor, Tensor]:
+        """The prompt's forward (which fills the KV cache), its positions, and ``steps`` uniforms per sample."""
+        positions = positions_of(mask)
+        output = self.language_model(embeds, mask, positions, use_cache=True)
+        return output, positions, rand_per_key(generators, steps).to(self.device)
+
+    def _extend(
+        self, embeds: Tensor, mask: Tensor, positions: Tensor, output: Any
+    ) -> tuple[Tensor, Tensor, Any]:
+        """One more token per row (``embeds`` ``[B, 1, D]``) through the cached forward."""
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        output = self.language_model(embeds, mask, positions, use_cache=True, cache=output.past_key_values)
+        return mask, positions, output
 
     @torch.no_grad()
     def decode_codes(self, codes: Tensor) -> Tensor:
