@@ -72,15 +72,15 @@ reproduce: $(STAMP) ## Run the experiment suites and regenerate the result table
 
 BASE_STEPS := 12000
 base-model: $(STAMP) ## Regenerate the shapes base model in g2rpo/shapes/weights/base (deterministic; see its README)
-	$(PY) -m g2rpo.shapes.pretrain --steps $(BASE_STEPS) --threads 2 --out g2rpo/shapes/weights/base
+	$(PY) -m g2rpo.shapes.training.base --steps $(BASE_STEPS) --threads 2 --out g2rpo/shapes/weights/base
 
 UNIFIED_STEPS := 5000
 unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/shapes/weights/unified (see its README)
-	$(PY) -m g2rpo.shapes.pretrain_unified --steps $(UNIFIED_STEPS) --out g2rpo/shapes/weights/unified
+	$(PY) -m g2rpo.shapes.training.unified --steps $(UNIFIED_STEPS) --out g2rpo/shapes/weights/unified
 
 REWARD_STEPS := 400
 reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weights/shapes_score
-	$(PY) -m g2rpo.shapes.clip --steps $(REWARD_STEPS) --out g2rpo/shapes/weights/shapes_score
+	$(PY) -m g2rpo.shapes.training.score --steps $(REWARD_STEPS) --out g2rpo/shapes/weights/shapes_score
 
 lint: $(STAMP) ## Ruff lint and format check
 	$(PY) -m ruff check g2rpo experiments tests requirements

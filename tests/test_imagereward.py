@@ -24,11 +24,11 @@ from g2rpo.rewards.imagereward import (
     ImageReward,
     ImageRewardModel,
     add_blip_tokens,
-    convert_image_reward_state_dict,
     load_image_reward_model,
     text_config,
     vision_config,
 )
+from g2rpo.rewards.weights.imagereward import convert_image_reward_state_dict
 
 VIT_WIDTH, VIT_DEPTH, VIT_HEADS, VIT_MLP, IMAGE, PATCH = 32, 2, 4, 64, 32, 8
 TEXT_WIDTH, TEXT_DEPTH, TEXT_HEADS, TEXT_MLP, POSITIONS = 24, 2, 4, 48, 40

@@ -8,7 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from g2rpo.policies.janus import Janus, JanusPolicy, load_janus, tiny_janus
+from g2rpo.policies.janus import Janus, JanusPolicy, load_janus
+from g2rpo.policies.tiny import tiny_janus
 from g2rpo.randomness import keyed
 
 

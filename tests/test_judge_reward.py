@@ -23,8 +23,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from g2rpo.rewards import RewardEnsemble
-from g2rpo.rewards.judge import VLMJudge
-from g2rpo.rewards.remote import RewardServerError
+from g2rpo.rewards.chat import ChatClient
+from g2rpo.rewards.http import RewardServerError
+from g2rpo.rewards.judge import DEFAULT_PROMPT_TEMPLATE, VLMJudge
 
 KEY = "test-key"
 MODEL = "judge-model"
@@ -147,9 +148,13 @@ def server() -> Iterator[FakeJudgeServer]:
     httpd.server_close()
 
 
-def _judge(server: FakeJudgeServer, **kwargs: Any) -> VLMJudge:
+def _judge(
+    server: FakeJudgeServer, prompt_template: str = DEFAULT_PROMPT_TEMPLATE, **kwargs: Any
+) -> VLMJudge:
     options = {"api_key": KEY, "timeout_s": 5.0, "max_retries": 2, "backoff_s": 0.01, **kwargs}
-    return VLMJudge(base_url=server.base_url, model=MODEL, **options)
+    return VLMJudge(
+        ChatClient(base_url=server.base_url, model=MODEL, **options), prompt_template=prompt_template
+    )
 
 
 def _images(count: int, size: int = 8) -> torch.Tensor:

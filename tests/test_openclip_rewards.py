@@ -19,7 +19,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from g2rpo.policies.tiny import char_tokenizer
 from g2rpo.rewards.openclip_rewards import ClipCosine, HPSv2
-from g2rpo.rewards.openclip_weights import convert_open_clip_state_dict, load_open_clip_checkpoint, main
+from g2rpo.rewards.weights.openclip import convert_open_clip_state_dict, load_open_clip_checkpoint, main
 
 WIDTH, LAYERS, HEADS, MLP = 32, 2, 4, 64
 IMAGE, PATCH, VOCAB, CONTEXT, EMBED = 32, 8, 100, 16, 24
@@ -337,10 +337,10 @@ def test_missing_weights_say_how_to_convert(tmp_path, reward_class, download, fl
         reward_class(path=absent)
     message = str(error.value)
     assert download in message and absent in message
-    assert f"python -m g2rpo.rewards.openclip_weights <download>/{reward_class.checkpoint_file} " in message
+    assert f"python -m g2rpo.rewards.weights.openclip <download>/{reward_class.checkpoint_file} " in message
     assert message.splitlines()[3].endswith(f" {absent}{flags}")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="holds no loadable weights") as error:
         reward_class(path=str(empty))
-    assert "g2rpo.rewards.openclip_weights" in str(error.value)
+    assert "g2rpo.rewards.weights.openclip" in str(error.value)

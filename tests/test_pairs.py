@@ -21,9 +21,11 @@ from omegaconf import OmegaConf
 from scipy.optimize import linear_sum_assignment
 
 from g2rpo.pairing import match_retrieved, medoids, normalize, pair_weight
+from g2rpo.rewards.chat import ChatClient
 from g2rpo.shapes import pairug, vqa
-from g2rpo.shapes.clip import holds
-from g2rpo.shapes.pairug import OpenAICompleter, PairDataset, Verifier, build_pairs
+from g2rpo.shapes.completion import OpenAICompleter, Verifier
+from g2rpo.shapes.geneval import holds
+from g2rpo.shapes.pairug import PairDataset, build_pairs
 from g2rpo.shapes.world import SHAPES, WorldObject
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "data" / "shapes_pairs.yaml"
@@ -317,13 +319,22 @@ def server() -> Iterator[FakeCompletionServer]:
     httpd.server_close()
 
 
+# the completer's client as in conf/data/shapes_pairs.yaml; 16 requests in flight overflow the fake server's
+# listen queue (connection resets)
+COMPLETER_CHAT = {"max_tokens": 256, "max_concurrency": 8, "what": "completion server"}
+
+
 def _completer_config(server: FakeCompletionServer) -> dict[str, Any]:
     return {
-        "_target_": "g2rpo.shapes.pairug.OpenAICompleter",
-        "base_url": server.base_url,
-        "model": MODEL,
-        "api_key": KEY,
-        "max_retries": 0,
+        "_target_": "g2rpo.shapes.completion.OpenAICompleter",
+        "chat": {
+            "_target_": "g2rpo.rewards.chat.ChatClient",
+            "base_url": server.base_url,
+            "model": MODEL,
+            "api_key": KEY,
+            "max_retries": 0,
+            **COMPLETER_CHAT,
+        },
     }
 
 
@@ -342,7 +353,9 @@ def test_truthful_completions_pass_the_verifier(server):
 
 def test_false_completions_are_rejected_and_counted(server):
     server.mode = "lying"
-    completer = OpenAICompleter(server.base_url, MODEL, api_key=KEY, max_retries=0)
+    completer = OpenAICompleter(
+        ChatClient(server.base_url, MODEL, api_key=KEY, max_retries=0, **COMPLETER_CHAT)
+    )
     dataset = _build(completer=completer)
     summary = dataset.summary()
     assert "aligned" not in summary["kinds"]
@@ -353,5 +366,9 @@ def test_false_completions_are_rejected_and_counted(server):
 
 def test_answers_without_json_are_rejected_as_unparsable(server):
     server.mode = "garbled"
-    dataset = _build(completer=OpenAICompleter(server.base_url, MODEL, api_key=KEY, max_retries=0))
+    dataset = _build(
+        completer=OpenAICompleter(
+            ChatClient(server.base_url, MODEL, api_key=KEY, max_retries=0, **COMPLETER_CHAT)
+        )
+    )
     assert dataset.summary()["rejected"] == {"unparsable": dataset.summary()["medoids"]}

@@ -1,4 +1,4 @@
-"""The shapes world's pretraining scripts (g2rpo/shapes/pretraining.py): batches are a function of
+"""The shapes world's pretraining scripts (g2rpo/shapes/training/loop.py): batches are a function of
 (seed, step), and a run stopped and resumed from its checkpoint ends with the same EMA export, loss curve
 and snapshots as one that was never stopped."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from g2rpo.shapes.pretrain import FlowMatchingPretraining, RenderedPairs
-from g2rpo.shapes.pretrain_unified import UnifiedBatches, UnifiedPretraining
-from g2rpo.shapes.pretraining import fit
+from g2rpo.shapes.training.base import FlowMatchingPretraining, RenderedPairs
+from g2rpo.shapes.training.loop import fit
+from g2rpo.shapes.training.unified import UnifiedBatches, UnifiedPretraining
 from g2rpo.shapes.unified import unified_model
 
 TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}

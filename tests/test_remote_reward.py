@@ -18,8 +18,9 @@ from conftest import FAST_RUN
 from hydra.utils import instantiate
 
 from g2rpo.loggers import read_metrics
-from g2rpo.rewards import JpegCompressibility, RewardEnsemble, remote
-from g2rpo.rewards.remote import RemoteReward, RewardServer, RewardServerError
+from g2rpo.rewards import JpegCompressibility, RewardEnsemble, http, remote
+from g2rpo.rewards.http import RewardServerError
+from g2rpo.rewards.remote import RemoteReward, RewardServer
 from g2rpo.run import train
 
 
@@ -89,7 +90,7 @@ def test_a_reward_slower_than_the_timeout_fails_after_max_retries_plus_one_attem
 
     images, prompts, metadata = _batch(2)
     client_kwargs = {"timeout_s": 0.2, "max_retries": 2, "backoff_s": 0.01}
-    with RewardServer(hangs) as server, caplog.at_level(logging.WARNING, logger=remote.__name__):
+    with RewardServer(hangs) as server, caplog.at_level(logging.WARNING, logger=http.__name__):
         with pytest.raises(RewardServerError, match="failed 3 attempts") as raised:
             RemoteReward(server.url, **client_kwargs)(images, prompts, metadata)
         release.set()  # the server serialises reward calls: let the queued attempts through, then count them
@@ -155,7 +156,7 @@ def test_malformed_requests_get_a_json_400_and_the_client_does_not_retry_it(monk
         client = RemoteReward(server.url, max_retries=3, backoff_s=30)  # a retry would take 30 s
         started = time.monotonic()
         with (
-            caplog.at_level(logging.WARNING, logger=remote.__name__),
+            caplog.at_level(logging.WARNING, logger=http.__name__),
             pytest.raises(RewardServerError, match="HTTP 400 .*not a base64 PNG"),
         ):
             client(*_batch(2))

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from g2rpo.policies.tiny import char_tokenizer
-from g2rpo.rewards.models import AestheticMLP, ClipScore, LaionAesthetic, PickScore
+from g2rpo.rewards.clip import AestheticMLP, ClipScore, LaionAesthetic, PickScore
 
 MAX_LENGTH = 24
 PROMPTS = ["a red cube", "a photo of a cat", "two dogs on a beach", "a blue sky"]

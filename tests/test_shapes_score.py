@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from g2rpo.rewards import RewardFunction
-from g2rpo.shapes.clip import CORRUPTIONS, ShapesScore, applicable, corrupt, holds, render_batch
+from g2rpo.shapes.geneval import holds
 from g2rpo.shapes.prompts import TASKS, scene_for, split
+from g2rpo.shapes.score import ShapesScore
+from g2rpo.shapes.training.score import CORRUPTIONS, applicable, corrupt, render_batch
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import torch
 from hydra.utils import instantiate
 from peft import LoraConfig
 
-from g2rpo.policies.unified import UnifiedPolicy
 from g2rpo.randomness import TOKEN, keyed
+from g2rpo.shapes.policy import UnifiedPolicy
 from g2rpo.shapes.unified import load_unified_model, unified_model
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -186,7 +186,7 @@ def test_tiny_config_instantiates(compose_config):
 
 
 def test_shipped_weights_load_and_answer_some_questions(compose_config):
-    from g2rpo.shapes.pretrain_unified import understanding_accuracy
+    from g2rpo.shapes.policy import understanding_accuracy
 
     policy = instantiate(compose_config("model=shapes_unified").model)
     accuracy = understanding_accuracy(policy, num_per_type=20)

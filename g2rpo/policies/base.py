@@ -35,7 +35,31 @@ class FlowPolicy(nn.Module):
         guidance_scale: float = 1.0,
         detach_uncond: bool = False,
     ) -> Tensor:
-        """fp32 velocity ``v(x, sigma)``; with ``guidance_scale > 1`` the CFG combination ``u + w (c - u)``."""
+        """fp32 velocity ``v(x, sigma)``; with ``guidance_scale > 1`` the CFG combination ``u + w (c - u)``,
+        the unconditional and conditional rows in one batched :meth:`transformer_velocity` call."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
+        hidden, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
+        guided = guidance_scale > 1.0
+        if guided:
+            if cond.negative_prompt_embeds is None:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
+                )
+            hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
+            embeds = torch.cat([cond.negative_prompt_embeds, embeds])
+            pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
+        output = self.transformer_velocity(hidden, sigma, embeds, pooled).float()
+        self.nfe += hidden.shape[0]
+        if not guided:
+            return output
+        uncond, text = output.chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
+        return uncond + guidance_scale * (text - uncond)
+
+    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        """One forward of the active denoiser (the policy's or the reference) on ``[B, C, H, W]`` latents at
+        noise levels ``sigma`` ``[B]`` with ``encode``'s embeddings, in the model's own input conventions."""
         raise NotImplementedError
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -22,20 +22,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import BPE
 from torch import Tensor
 from transformers import (
-    JanusConfig,
     JanusForConditionalGeneration,
-    JanusImageProcessorPil,
     JanusProcessor,
-    JanusVisionConfig,
-    JanusVQVAEConfig,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from g2rpo.distributed import world
 from g2rpo.policies.reference import FrozenReference
@@ -68,129 +59,6 @@ def load_janus(path: str = "deepseek-community/Janus-Pro-1B", dtype: str = "bflo
             "  or point model.janus.path at a local directory that contains config.json.\n"
             f"  ({type(error).__name__}: {error})"
         ) from error
-    return Janus(model, processor)
-
-
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-IMAGE_TOKENS = {
-    "image_token": "<image_placeholder>",
-    "boi_token": "<begin_of_image>",
-    "eoi_token": "<end_of_image>",
-}
-ROLE_TOKENS = ["<|User|>", "<|Assistant|>"]
-
-# The single-turn subset of the hub processor's chat template (transformers' convert_janus_weights_to_hf.py),
-# the only conversations the policy builds: "<|User|>: <image_placeholder>\n{question}\n\n<|Assistant|>:".
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|User|>: "
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<image_placeholder>' }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
-    "{% else %}{% set text = content['text'] %}{% if loop.first %}{% set text = text.lstrip() %}{% endif %}"
-    "{% if loop.last %}{% set text = text.rstrip() %}{% endif %}{{ text }}{% endif %}"
-    "{% endfor %}{{ '\\n\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
-)
-
-
-def tiny_janus_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (no merges) with Janus's special tokens, built offline: it encodes any text,
-    adds the begin-of-sentence token as DeepSeek's tokenizer does, and carries the image tokens
-    ``JanusProcessor`` reads (``image_token``, ``boi_token``, ``eoi_token``)."""
-    specials = [BOS, EOS, PAD, *IMAGE_TOKENS.values(), *ROLE_TOKENS]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for symbol in bytes_to_unicode().values():
-        vocab[symbol] = len(vocab)
-    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=ROLE_TOKENS,
-        extra_special_tokens=IMAGE_TOKENS,
-        padding_side="left",
-    )
-
-
-def tiny_janus(
-    seed: int = 0,
-    image_size: int = 16,
-    patch_size: int = 4,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    codebook_size: int = 64,
-) -> Janus:
-    """A randomly initialised Janus of the real architecture (Llama language model, SigLIP-style vision
-    encoder and aligner, VQ-VAE with its generation embeddings, aligner and head) at a few hundred thousand
-    parameters, with a processor built in code, as transformers' own Janus tests build theirs.
-
-    Understanding sees ``image_size`` pixel images as ``(image_size / patch_size)^2`` tokens; generation
-    samples as many VQ codes and decodes them to ``image_size`` pixel images (the VQ decoder upsamples 4x).
-    Weights depend only on ``seed`` (the global RNG is left untouched).
-    """
-    tokenizer = tiny_janus_tokenizer()
-    grid = image_size // patch_size
-    if grid * 4 != image_size:
-        raise ValueError(
-            "tiny_janus: image_size must be 4 * (image_size // patch_size) (the VQ decoder's 4x)"
-        )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    vision_config = JanusVisionConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        mlp_ratio=2.0,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=hidden_size,
-        num_image_tokens=grid * grid,
-    )
-    vq_config = JanusVQVAEConfig(
-        embed_dim=4,
-        num_embeddings=codebook_size,
-        latent_channels=8,
-        base_channels=32,  # the VQ-VAE's GroupNorms have 32 groups
-        channel_multiplier=[1, 1, 2],
-        num_res_blocks=1,
-        projection_dim=hidden_size,
-        image_token_embed_dim=hidden_size,
-    )
-    config = JanusConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        vq_config=vq_config,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = JanusForConditionalGeneration(config).eval()
-    image_processor = JanusImageProcessorPil(
-        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    processor = JanusProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=TINY_CHAT_TEMPLATE,
-        use_default_system_prompt=True,  # as the hub processors
-        num_image_tokens=grid * grid,
-    )
     return Janus(model, processor)
 
 
@@ -395,10 +263,8 @@ class JanusPolicy(FrozenReference, TokenPolicy):
     ) -> TokenRollout:
         prompt = self.answer_prompts(inputs["images"], inputs["questions"])
         mask = prompt["attention_mask"]
-        positions = positions_of(mask)
         embeds = self.prompt_embeddings(prompt["input_ids"], prompt["pixel_values"])
-        output = self.language_model(embeds, mask, positions, use_cache=True)
-        uniforms = rand_per_key(generators, max_new_tokens).to(self.device)
+        output, positions, uniforms = self._prefill(embeds, mask, generators, max_new_tokens)
         batch = mask.shape[0]
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens, log_probs, valid = [], [], []
@@ -411,11 +277,8 @@ class JanusPolicy(FrozenReference, TokenPolicy):
             done = done | (token == self.eos_id)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            embeds = self.prompt_embeddings(token[:, None])
-            output = self.language_model(
-                embeds, mask, positions, use_cache=True, cache=output.past_key_values
+            mask, positions, output = self._extend(
+                self.prompt_embeddings(token[:, None]), mask, positions, output
             )
         tokens, valid = torch.stack(tokens, dim=1), torch.stack(valid, dim=1)
         texts = self.processor.tokenizer.batch_decode(
@@ -440,9 +303,9 @@ class JanusPolicy(FrozenReference, TokenPolicy):
     ) -> TokenRollout:
         guided = self.uses_guidance(guidance_scale, for_log_probs=False)
         ids, mask = self.image_prompts(inputs["prompts"], guided)
-        positions = positions_of(mask)
-        output = self.language_model(self.prompt_embeddings(ids), mask, positions, use_cache=True)
-        uniforms = rand_per_key(generators, self.num_image_codes).to(self.device)
+        output, positions, uniforms = self._prefill(
+            self.prompt_embeddings(ids), mask, generators, self.num_image_codes
+        )
         rows = mask.shape[0]
         codes, log_probs = [], []
         for step in range(self.num_image_codes):
@@ -454,12 +317,8 @@ class JanusPolicy(FrozenReference, TokenPolicy):
             log_probs.append(recorded.gather(-1, code[:, None]).squeeze(-1))
             if step == self.num_image_codes - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            positions = positions[:, -1:] + 1
             embeds = self.code_embeddings(code.repeat(rows // len(code))[:, None])
-            output = self.language_model(
-                embeds, mask, positions, use_cache=True, cache=output.past_key_values
-            )
+            mask, positions, output = self._extend(embeds, mask, positions, output)
         codes = torch.stack(codes, dim=1)
         return TokenRollout(
             task="image",
@@ -471,6 +330,23 @@ class JanusPolicy(FrozenReference, TokenPolicy):
             temperature=temperature,
             guidance_scale=guidance_scale,
         )
+
+    def _prefill(
+        self, embeds: Tensor, mask: Tensor, generators: list[torch.Generator], steps: int
+    ) -> tuple[Any, Tensor, Tensor]:
+        """The prompt's forward (which fills the KV cache), its positions, and ``steps`` uniforms per sample."""
+        positions = positions_of(mask)
+        output = self.language_model(embeds, mask, positions, use_cache=True)
+        return output, positions, rand_per_key(generators, steps).to(self.device)
+
+    def _extend(
+        self, embeds: Tensor, mask: Tensor, positions: Tensor, output: Any
+    ) -> tuple[Tensor, Tensor, Any]:
+        """One more token per row (``embeds`` ``[B, 1, D]``) through the cached forward."""
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        output = self.language_model(embeds, mask, positions, use_cache=True, cache=output.past_key_values)
+        return mask, positions, output
 
     @torch.no_grad()
     def decode_codes(self, codes: Tensor) -> Tensor:

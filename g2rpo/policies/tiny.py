@@ -1,9 +1,10 @@
-"""Tiny SD3 and FLUX pipelines built from configs in code: no download, random but seeded weights.
+"""Tiny SD3, FLUX and Janus models built from configs in code: no download, random but seeded weights.
 
-It has the real architecture (``SD3Transformer2DModel``, optionally an ``AutoencoderKL``, two CLIP text
-encoders; T5 omitted as diffusers allows) at a few hundred thousand parameters, as diffusers' own fast tests do, so the
-code path that drives SD3.5 is the one tested here. Tokenisation is character-level: a CLIP BPE tokenizer
-with a byte vocabulary and no merges, built locally.
+They have the real architecture (``SD3Transformer2DModel``, optionally an ``AutoencoderKL``, two CLIP text
+encoders; T5 omitted as diffusers allows; Janus's Llama, vision encoder and VQ-VAE) at a few hundred thousand
+parameters, as diffusers' and transformers' own fast tests do, so the code path that drives SD3.5 or
+Janus-Pro is the one tested here. Tokenisation is byte-level: a BPE tokenizer with a byte vocabulary and no
+merges, built locally.
 """
 
 from __future__ import annotations
@@ -17,15 +18,27 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    JanusConfig,
+    JanusForConditionalGeneration,
+    JanusImageProcessorPil,
+    JanusProcessor,
+    JanusVisionConfig,
+    JanusVQVAEConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from g2rpo.policies.janus import Janus
 
 
 def char_tokenizer(max_length: int = 16) -> CLIPTokenizer:
@@ -255,3 +268,126 @@ def random_sd3_pipeline(
             tokenizer_3=None,
         )
     return pipeline.to(dtype=getattr(torch, dtype))
+
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+IMAGE_TOKENS = {
+    "image_token": "<image_placeholder>",
+    "boi_token": "<begin_of_image>",
+    "eoi_token": "<end_of_image>",
+}
+ROLE_TOKENS = ["<|User|>", "<|Assistant|>"]
+
+# The single-turn subset of the hub processor's chat template (transformers' convert_janus_weights_to_hf.py),
+# the only conversations the policy builds: "<|User|>: <image_placeholder>\n{question}\n\n<|Assistant|>:".
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|User|>: "
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image_placeholder>' }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% else %}{% set text = content['text'] %}{% if loop.first %}{% set text = text.lstrip() %}{% endif %}"
+    "{% if loop.last %}{% set text = text.rstrip() %}{% endif %}{{ text }}{% endif %}"
+    "{% endfor %}{{ '\\n\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+def tiny_janus_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (no merges) with Janus's special tokens, built offline: it encodes any text,
+    adds the begin-of-sentence token as DeepSeek's tokenizer does, and carries the image tokens
+    ``JanusProcessor`` reads (``image_token``, ``boi_token``, ``eoi_token``)."""
+    specials = [BOS, EOS, PAD, *IMAGE_TOKENS.values(), *ROLE_TOKENS]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for symbol in bytes_to_unicode().values():
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        extra_special_tokens=IMAGE_TOKENS,
+        padding_side="left",
+    )
+
+
+def tiny_janus(
+    seed: int = 0,
+    image_size: int = 16,
+    patch_size: int = 4,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    codebook_size: int = 64,
+) -> Janus:
+    """A randomly initialised Janus of the real architecture (Llama language model, SigLIP-style vision
+    encoder and aligner, VQ-VAE with its generation embeddings, aligner and head) at a few hundred thousand
+    parameters, with a processor built in code, as transformers' own Janus tests build theirs.
+
+    Understanding sees ``image_size`` pixel images as ``(image_size / patch_size)^2`` tokens; generation
+    samples as many VQ codes and decodes them to ``image_size`` pixel images (the VQ decoder upsamples 4x).
+    Weights depend only on ``seed`` (the global RNG is left untouched).
+    """
+    tokenizer = tiny_janus_tokenizer()
+    grid = image_size // patch_size
+    if grid * 4 != image_size:
+        raise ValueError(
+            "tiny_janus: image_size must be 4 * (image_size // patch_size) (the VQ decoder's 4x)"
+        )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = JanusVisionConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        mlp_ratio=2.0,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+        num_image_tokens=grid * grid,
+    )
+    vq_config = JanusVQVAEConfig(
+        embed_dim=4,
+        num_embeddings=codebook_size,
+        latent_channels=8,
+        base_channels=32,  # the VQ-VAE's GroupNorms have 32 groups
+        channel_multiplier=[1, 1, 2],
+        num_res_blocks=1,
+        projection_dim=hidden_size,
+        image_token_embed_dim=hidden_size,
+    )
+    config = JanusConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        vq_config=vq_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = JanusForConditionalGeneration(config).eval()
+    image_processor = JanusImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = JanusProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=TINY_CHAT_TEMPLATE,
+        use_default_system_prompt=True,  # as the hub processors
+        num_image_tokens=grid * grid,
+    )
+    return Janus(model, processor)

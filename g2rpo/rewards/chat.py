@@ -1,7 +1,7 @@
 """An OpenAI-compatible ``{base_url}/chat/completions`` client (vLLM, SGLang, a hosted API), shared by the
 VLM judge reward and Pair-GRPO's LLM completion of pairs.
 
-Plain HTTP through :func:`g2rpo.rewards.remote.post_with_retries` rather than the ``openai`` package: one JSON
+Plain HTTP through :func:`g2rpo.rewards.http.post_with_retries` rather than the ``openai`` package: one JSON
 POST needs no new dependency. Constructing a client contacts nothing; the first request does. The API key is
 ``api_key``, else the environment variable ``api_key_env``, else ``"EMPTY"`` (what vLLM / SGLang accept when
 started without ``--api-key``).
@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Any
 
-from g2rpo.rewards.remote import RewardServerError, post_with_retries
+from g2rpo.rewards.http import RewardServerError, post_with_retries
 
 RETRIED_STATUS = 429  # a busy server's "too many requests": retried like a 5xx
 

@@ -147,7 +147,7 @@ class GenEval(GenEvalReward):
                 raise ValueError("GenEval: give detector_config and detector_checkpoint (Mask2Former)")
             detector = MMDetDetector(detector_config, detector_checkpoint, device)
         if colours is None:
-            from g2rpo.rewards.models import load_clip, load_processor
+            from g2rpo.rewards.clip import load_clip, load_processor
 
             repo = "openai/clip-vit-large-patch14"
             colours = ColourClassifier(load_clip(clip_path, repo), load_processor(clip_path, repo), device)

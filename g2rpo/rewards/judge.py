@@ -13,7 +13,7 @@ Deliberate differences from Flow-GRPO:
   "Final Score" quoted inside the judge's reasoning does not win.
 - Images are resized so that their longer side is ``image_size`` (bicubic), keeping the aspect ratio; for
   square images this is Flow-GRPO's 512x512.
-- A server that cannot answer stops the run (:class:`~g2rpo.rewards.remote.RewardServerError`) after the same
+- A server that cannot answer stops the run (:class:`~g2rpo.rewards.http.RewardServerError`) after the same
   retries as :class:`~g2rpo.rewards.remote.RemoteReward`, plus HTTP 429 (a busy inference server asks the
   client to slow down); other 4xx raise at once. Re-running the same command resumes from the checkpoint.
 """
@@ -51,31 +51,19 @@ DEFAULT_SCORE_PATTERN = r"Final Score:\s*([0-9]+(?:\.[0-9]+)?)"
 class VLMJudge:
     """Scores each image by asking a VLM served behind ``{base_url}/chat/completions`` to grade it.
 
-    One request per image, ``max_concurrency`` in flight (inference servers batch concurrent requests
-    themselves). The reward is the parsed score divided by ``max_score``. The client is stdlib ``urllib``, as
-    in :mod:`g2rpo.rewards.remote`, rather than the ``openai`` package: one JSON POST needs no new
-    dependency. The constructor contacts nothing (configs are instantiated in tests with no server); the
-    first call does. The API key is ``api_key``, else the environment variable ``api_key_env``, else
-    ``"EMPTY"`` (what vLLM / SGLang accept when started without ``--api-key``).
+    One request per image through ``chat`` (its connection, API key, concurrency, retries and sampling
+    settings; inference servers batch concurrent requests themselves). The reward is the parsed score divided
+    by ``max_score``. The constructor contacts nothing (configs are instantiated in tests with no server); the
+    first call does.
     """
 
     def __init__(
         self,
-        base_url: str,
-        model: str,
-        api_key: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        chat: ChatClient,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         score_pattern: str = DEFAULT_SCORE_PATTERN,
         max_score: float = 5.0,
         image_size: int | None = 512,
-        max_concurrency: int = 16,
-        timeout_s: float = 120.0,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
-        temperature: float = 0.0,
-        max_tokens: int = 512,
     ) -> None:
         if "{prompt}" not in prompt_template:
             raise ValueError("VLMJudge.prompt_template must contain '{prompt}', where the caption goes")
@@ -90,20 +78,7 @@ class VLMJudge:
                 f"VLMJudge needs max_score > 0 and image_size >= 1 or null; got max_score={max_score}, "
                 f"image_size={image_size}"
             )
-        self.chat = ChatClient(
-            base_url,
-            model,
-            api_key=api_key,
-            api_key_env=api_key_env,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            max_concurrency=max_concurrency,
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-            max_backoff_s=max_backoff_s,
-            what="VLM judge",
-        )
+        self.chat = chat
         self.prompt_template = prompt_template
         self.score_pattern = pattern
         self.max_score = float(max_score)

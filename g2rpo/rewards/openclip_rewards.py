@@ -1,7 +1,7 @@
 """HPS-v2.1 and G2RPO's DFN5B CLIP score: plain cosines of OpenCLIP ViT-H-14 models.
 
 Both are open_clip checkpoints run here as transformers ``CLIPModel``s after a one-off conversion with
-``python -m g2rpo.rewards.openclip_weights`` (``open_clip_torch`` needs torchvision, which has no working
+``python -m g2rpo.rewards.weights.openclip`` (``open_clip_torch`` needs torchvision, which has no working
 CPU build in this environment). Formulas, restated from their sources:
 
 * **HPS-v2.1** (Wu et al. 2023, arXiv 2306.09341; ``tgxs002/HPSv2`` ``hpsv2/img_score.py``; the same in
@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 from transformers import CLIPModel
 
-from g2rpo.rewards.models import _ClipReward
+from g2rpo.rewards.clip import ClipReward
 
-_CONVERTER = "python -m g2rpo.rewards.openclip_weights"
+_CONVERTER = "python -m g2rpo.rewards.weights.openclip"
 
 
-class _OpenClipCosine(_ClipReward):
+class _OpenClipCosine(ClipReward):
     """``cos(image, prompt)`` of a converted open_clip model; subclasses name the checkpoint to convert.
 
     ``path``: the directory the converter wrote; ``processor_path``: a local copy of

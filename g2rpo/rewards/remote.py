@@ -24,15 +24,11 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import http.client
 import io
 import json
 import logging
 import math
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -45,16 +41,11 @@ from PIL import Image
 from torch import Tensor
 
 from g2rpo.rewards.base import RewardFunction
+from g2rpo.rewards.http import RewardServerError, post_with_retries
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 30
-# A reward server is an internal service: a site-wide http_proxy from the environment must not intercept it.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class RewardServerError(RuntimeError):
-    """The reward server could not score a batch; the run stops rather than train on missing rewards."""
 
 
 def encode_image(pixels: np.ndarray) -> str:
@@ -160,81 +151,6 @@ class RemoteReward:
         if not all(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)) for s in scores):
             raise RewardServerError(f"reward server {self.url} returned non-numeric scores: {scores[:8]}")
         return [None if s is None else float(s) for s in scores]
-
-
-def post_with_retries(
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    *,
-    what: str,
-    timeout_s: float,
-    max_retries: int,
-    backoff_s: float,
-    max_backoff_s: float,
-    retried_statuses: frozenset[int] = frozenset(),
-    stop: threading.Event | None = None,
-    hint: str = "",
-) -> bytes:
-    """POST ``body`` and return the answer, retrying what a restarted or less busy server could answer
-    (connection errors, timeouts, 5xx and ``retried_statuses``) with exponential backoff, then raising
-    :class:`RewardServerError`; another 4xx raises at once. ``stop`` (set by a failed sibling request)
-    ends the retries early. ``what`` and ``hint`` name the server and what to check in the messages."""
-    attempts = max_retries + 1
-    started = time.monotonic()
-    last_error = ""
-    for attempt in range(attempts):
-        if stop is not None and stop.is_set():
-            raise RewardServerError(f"{what} {url}: another request of the batch failed")
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with OPENER.open(request, timeout=timeout_s) as response:
-                return response.read()
-        except urllib.error.HTTPError as error:
-            message = error_message(error)
-            if error.code < 500 and error.code not in retried_statuses:
-                raise RewardServerError(
-                    f"{what} {url} rejected the request with HTTP {error.code} (not retried: resending the "
-                    f"same request would fail again{hint}): {message}"
-                ) from None
-            last_error = f"HTTP {error.code}: {message}"
-        except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut short
-            last_error = f"{type(error).__name__}: {error}"
-        if attempt + 1 < attempts:
-            delay = min(backoff_s * 2**attempt, max_backoff_s)
-            log.warning(
-                "%s %s: attempt %d of %d failed (%s); retrying in %.3g s",
-                what,
-                url,
-                attempt + 1,
-                attempts,
-                last_error,
-                delay,
-            )
-            if stop is None:
-                time.sleep(delay)
-            else:
-                stop.wait(delay)
-    raise RewardServerError(
-        f"{what} {url} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
-        f"(timeout_s={timeout_s:g}, max_retries={max_retries}); last error: {last_error}. "
-        "No score was made up: the run stops here. Once the server is back, re-run the same command to "
-        "resume from the last checkpoint."
-    )
-
-
-def error_message(error: urllib.error.HTTPError) -> str:
-    """The server's ``{"error": ...}`` message, or the raw body of a server that is not ours."""
-    try:
-        raw = error.read()
-    except (OSError, http.client.HTTPException):
-        return error.reason or ""
-    finally:
-        error.close()
-    try:
-        return str(json.loads(raw)["error"])
-    except (ValueError, KeyError, TypeError):
-        return raw[:500].decode(errors="replace") or str(error.reason)
 
 
 class RewardServer:

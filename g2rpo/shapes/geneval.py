@@ -7,16 +7,18 @@ template (same centroid and area) best matches that map is chosen. The match qua
 confidence, thresholded like GenEval's detector scores.
 
 Scoring is GenEval's, shared with the real-model GenEval reward: ``g2rpo.rewards.geneval_rules`` (strict
-0/1 per image, and Flow-GRPO's partial credit).
+0/1 per image, and Flow-GRPO's partial credit). :func:`holds` applies the same rule to a scene's ground truth.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 from torch import Tensor
 
-from g2rpo.rewards.geneval_rules import Detection, GenEvalReward
+from g2rpo.rewards.geneval_rules import Detection, GenEvalReward, evaluate
 from g2rpo.shapes.world import BACKGROUND, COLOURS, SHAPES, WorldObject, coverage
 
 
@@ -97,3 +99,9 @@ class GenEvalShapes(GenEvalReward):
 
     def detect(self, image: Tensor, metadata: dict) -> list[Detection]:
         return self.detector(image)
+
+
+def holds(objects: Sequence[WorldObject], metadata: dict) -> bool:
+    """Whether a caption is true of a scene: GenEval's rule applied to the scene's ground truth."""
+    detections = [Detection(o.shape, o.colour, o.box, 1.0, obj_area(o)) for o in objects]
+    return evaluate(detections, metadata).correct

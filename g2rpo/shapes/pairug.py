@@ -10,11 +10,11 @@ the algorithm. Here:
   scene that satisfies it (:func:`g2rpo.shapes.prompts.scene_for`), in BLIP3o's (I, C) role.
 * **Features**: a frozen image encoder, the shapes CLIP's image tower (``shapes_clip``, in ResNet-50's role)
   or a fixed random projection of the pixels (``pixels``, for fast tests).
-* **Completion**: a k-means medoid from U needs a caption, one from G a question; the paper asks GPT, here a
-  :class:`TemplateCompleter` (the :mod:`~g2rpo.shapes.vqa` templates) or an :class:`OpenAICompleter` (any
-  OpenAI-compatible server) writes them, and a :class:`Verifier` drops any completion that is not true of the
-  scene (the paper's generate-then-verify loop). Captions of held-out compositions are dropped too: they
-  would leak the held-out evaluation into RL training.
+* **Completion** (:mod:`g2rpo.shapes.completion`): a k-means medoid from U needs a caption, one from G a
+  question; the paper asks GPT, here the world's templates or any OpenAI-compatible server write them, and a
+  verifier drops any completion that is not true of the scene (the paper's generate-then-verify loop).
+  Captions of held-out compositions are dropped too: they would leak the held-out evaluation into RL
+  training.
 
 Variants (``pairing``, the rows of the paper's Table 5): ``pairug`` (aligned + retrieved), ``aligned``,
 ``retrieved``, ``random`` (pairug's items re-paired at random) and ``unpaired`` (all of U and G, each U item
@@ -35,7 +35,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,11 +42,9 @@ from torch import Tensor
 
 from g2rpo.data import PromptDataset
 from g2rpo.pairing import match_retrieved, medoids, normalize
-from g2rpo.rewards.answer import normalize as normalize_text
-from g2rpo.rewards.chat import ChatClient
 from g2rpo.shapes import prompts, vqa
-from g2rpo.shapes.clip import holds
-from g2rpo.shapes.world import BACKGROUND, COLOURS, SHAPES, WorldObject, render
+from g2rpo.shapes.completion import Completer, TemplateCompleter, Verifier
+from g2rpo.shapes.world import BACKGROUND, WorldObject, render
 
 PAIRINGS = ("pairug", "aligned", "retrieved", "random", "unpaired")
 ENCODERS = ("shapes_clip", "pixels")
@@ -55,11 +52,6 @@ PIXEL_DIMS = 128
 PIXEL_SEED = 0  # the projection is part of the encoder: fixed, whatever the build's seed
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 STREAMS = {"understanding": 0, "generation": 1, "completion": 2, "pairing": 3}
-
-# an understanding scene and its question {"question", "answer", "qtype"}
-CaptionRequest = tuple[list[WorldObject], dict]
-# a generation item's reference scene and its caption metadata
-QuestionRequest = tuple[list[WorldObject], dict]
 
 
 @dataclass
@@ -82,188 +74,6 @@ class Pair:
     gen: int
     kind: str
     similarity: float | None
-
-
-class Completer(Protocol):
-    """Writes what an item lacks: a caption for an understanding image, a question for a generation caption.
-
-    Answers are free text (``None`` when there is none); the :class:`Verifier` decides what they mean.
-    """
-
-    def captions(self, requests: Sequence[CaptionRequest], rng: np.random.Generator) -> list[str | None]: ...
-
-    def questions(
-        self, requests: Sequence[QuestionRequest], rng: np.random.Generator
-    ) -> list[tuple[str, str] | None]: ...
-
-
-class TemplateCompleter:
-    """The world's templates in GPT's role. True by construction, so the verifier rejects only captions of
-    held-out compositions and those outside the world's prompts (two same-coloured objects bound by colour)."""
-
-    def captions(self, requests: Sequence[CaptionRequest], rng: np.random.Generator) -> list[str | None]:
-        return [vqa.caption_for_scene(objects, rng)["prompt"] for objects, _ in requests]
-
-    def questions(
-        self, requests: Sequence[QuestionRequest], rng: np.random.Generator
-    ) -> list[tuple[str, str] | None]:
-        out = []
-        for objects, caption in requests:
-            qa = vqa.question_for_caption(caption, objects, rng)
-            out.append((qa["question"], qa["answer"]))
-        return out
-
-
-def describe(objects: Sequence[WorldObject]) -> str:
-    """The scene's ground truth as the text an LLM completes from (it sees no pixels)."""
-    lines = [
-        f"- {o.colour} {o.shape}, centre (x={o.cx:.1f}, y={o.cy:.1f}), size {o.size:.1f}" for o in objects
-    ]
-    return "Objects in a 32x32 image (pixel coordinates, x to the right, y downwards):\n" + "\n".join(lines)
-
-
-CAPTION_INSTRUCTIONS = (
-    '{scene}\n\nThe image comes with the question "{question}" (answer: {answer}). Write one text-to-image '
-    "prompt that is true of the image and includes the details needed to answer the question. Use exactly one "
-    "of these forms: 'a photo of a SHAPE', 'a photo of a SHAPE and a SHAPE', 'a photo of NUMBER SHAPEs', "
-    "'a photo of a COLOUR SHAPE', 'a photo of a SHAPE RELATION a SHAPE', 'a photo of a COLOUR SHAPE and a "
-    "COLOUR SHAPE', with SHAPE in {shapes}, COLOUR in {colours}, NUMBER in two, three, four and RELATION in "
-    'left of, right of, above, below (use \'an\' before a vowel). Reply with JSON only: {{"caption": "..."}}'
-)
-QUESTION_INSTRUCTIONS = (
-    '{scene}\n\nThe image was drawn for the caption "{caption}". Write one question about the entities of '
-    "the caption that the image answers, and its one-word answer. Use exactly one of these forms: 'how many "
-    "SHAPEs are there' (zero to four), 'what colour is the SHAPE', 'what shape is the COLOUR object', 'where "
-    "is the SHAPE relative to the SHAPE' (left, right, above or below), 'is there a COLOUR SHAPE' (yes or "
-    "no), with SHAPE in {shapes} and COLOUR in {colours}. Reply with JSON only: "
-    '{{"question": "...", "answer": "..."}}'
-)
-
-
-class OpenAICompleter:
-    """Completion by an LLM behind an OpenAI-compatible ``{base_url}/chat/completions`` (vLLM, SGLang, an API).
-
-    The model gets the scene's ground-truth object list as text and answers in JSON; an answer that is not
-    parsable JSON with the asked fields is ``None`` (dropped and counted by the builder). Requests go out
-    ``max_concurrency`` at a time and are retried as :func:`~g2rpo.rewards.remote.post_with_retries` does; a
-    server that cannot answer stops the build. Temperature 0 by default, so a rebuild asks the same questions.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        temperature: float = 0.0,
-        max_tokens: int = 256,
-        max_concurrency: int = 8,
-        timeout_s: float = 120.0,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
-    ) -> None:
-        self.chat = ChatClient(
-            base_url,
-            model,
-            api_key=api_key,
-            api_key_env=api_key_env,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            max_concurrency=max_concurrency,
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-            max_backoff_s=max_backoff_s,
-            what="completion server",
-        )
-
-    def __repr__(self) -> str:  # never shows the API key
-        return f"OpenAICompleter({self.chat!r})"
-
-    def captions(self, requests: Sequence[CaptionRequest], rng: np.random.Generator) -> list[str | None]:
-        texts = [
-            CAPTION_INSTRUCTIONS.format(
-                scene=describe(objects), question=qa["question"], answer=qa["answer"], **_vocabulary()
-            )
-            for objects, qa in requests
-        ]
-        answers = self._ask(texts)
-        return [a["caption"] if a is not None and _strings(a, "caption") else None for a in answers]
-
-    def questions(
-        self, requests: Sequence[QuestionRequest], rng: np.random.Generator
-    ) -> list[tuple[str, str] | None]:
-        texts = [
-            QUESTION_INSTRUCTIONS.format(scene=describe(objects), caption=caption["prompt"], **_vocabulary())
-            for objects, caption in requests
-        ]
-        return [
-            (a["question"], a["answer"]) if a is not None and _strings(a, "question", "answer") else None
-            for a in self._ask(texts)
-        ]
-
-    def _ask(self, texts: list[str]) -> list[dict | None]:
-        return [
-            _json_object(answer) if answer is not None else None for answer in self.chat.complete_all(texts)
-        ]
-
-
-def _vocabulary() -> dict[str, str]:
-    return {"shapes": ", ".join(SHAPES), "colours": ", ".join(COLOURS)}
-
-
-def _strings(answer: dict, *keys: str) -> bool:
-    return all(isinstance(answer.get(key), str) for key in keys)
-
-
-def _json_object(text: str) -> dict | None:
-    """The JSON object in a model's answer (models wrap it in prose or code fences), or None."""
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end < start:
-        return None
-    try:
-        value = json.loads(text[start : end + 1])
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-class Verifier:
-    """Accepts a completion only if it is true of the scene, reading it back into the world's terms.
-
-    A caption must be one of the world's prompts (its GenEval metadata found by its text), hold on the scene
-    by GenEval's rule, and not be a held-out composition; a question must be one the scene answers
-    unambiguously, with the ground-truth answer. Each method returns the accepted value or a rejection reason.
-    """
-
-    def __init__(self) -> None:
-        self.prompts = {m["prompt"]: m for ms in prompts.split("all").values() for m in ms}
-        self.train = {m["prompt"] for ms in prompts.split("train").values() for m in ms}
-
-    def caption(self, text: str | None, objects: list[WorldObject]) -> dict | str:
-        if text is None:
-            return "unparsable"
-        metadata = self.prompts.get(normalize_text(text, first_word=False))
-        if metadata is None:
-            return "caption_unknown"
-        if not holds(objects, metadata):
-            return "caption_false"
-        if metadata["prompt"] not in self.train:
-            return "caption_heldout"
-        return metadata
-
-    def question(self, completion: tuple[str, str] | None, objects: list[WorldObject]) -> dict | str:
-        if completion is None:
-            return "unparsable"
-        question, answer = completion
-        truth = {q["question"]: q for qs in vqa.questions(objects).values() for q in qs}
-        entry = truth.get(normalize_text(question, first_word=False))
-        if entry is None:
-            return "question_unknown"
-        if normalize_text(answer, first_word=False) != entry["answer"]:
-            return "answer_wrong"
-        return dict(entry)
 
 
 def understanding_items(count: int, rng: np.random.Generator) -> list[Item]:
@@ -290,7 +100,7 @@ def generation_items(count: int, rng: np.random.Generator) -> list[Item]:
 def encode(images: Tensor, encoder: str) -> np.ndarray:
     """L2-normalised features ``[N, D]`` of ``[N, 3, 32, 32]`` images from a frozen encoder."""
     if encoder == "shapes_clip":
-        from g2rpo.shapes.clip import ShapesScore, embed_images
+        from g2rpo.shapes.score import ShapesScore, embed_images
 
         return normalize(embed_images(ShapesScore().model, images).numpy())
     if encoder == "pixels":  # minus the background, which every image shares and would dominate the cosine

@@ -1,5 +1,6 @@
-"""Checks shared by the checkpoint converters (``openclip_weights``, ``imagereward``): a converted state dict
-must name exactly the target module's tensors, with their shapes, or the error lists what differs."""
+"""Checks shared by the checkpoint converters (:mod:`~g2rpo.rewards.weights.openclip`,
+:mod:`~g2rpo.rewards.weights.imagereward`): a converted state dict must name exactly the target module's
+tensors, with their shapes, or the error lists what differs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""CLIP-family rewards: PickScore, CLIP score and the LAION aesthetic predictor.
+"""CLIP-family rewards: PickScore, CLIP score and the LAION aesthetic predictor, on a shared :class:`ClipReward`
+base (also that of :mod:`g2rpo.rewards.openclip_rewards`).
 
 Thin adapters on transformers' ``CLIPModel`` and ``CLIPProcessor``; weights come from local directories
 only (``local_files_only=True``), never from the network. Formulas, restated from their sources:
@@ -80,7 +81,7 @@ def _normalised(features: Tensor) -> Tensor:
     return features / features.norm(p=2, dim=-1, keepdim=True)
 
 
-class _ClipReward:
+class ClipReward:
     """A frozen CLIP and its processor on ``device`` in ``dtype``; subclasses say what they score.
 
     ``model`` / ``processor`` take already-built objects (tests pass tiny random ones); otherwise they load
@@ -136,7 +137,7 @@ class _ClipReward:
         return _normalised(_features(features))
 
 
-class _ImageTextSimilarity(_ClipReward):
+class _ImageTextSimilarity(ClipReward):
     """``logit_scale.exp() * cos(image, prompt) / divisor``, one batched forward per tower."""
 
     divisor: float
@@ -216,7 +217,7 @@ def load_aesthetic_head(path: str | None) -> AestheticMLP:
     return head
 
 
-class LaionAesthetic(_ClipReward):
+class LaionAesthetic(ClipReward):
     """The LAION improved aesthetic score (about 1 to 10) of each image; prompts are not used.
 
     ``path``: a local copy of ``openai/clip-vit-large-patch14`` (its ``projection_dim`` is the head's 768);

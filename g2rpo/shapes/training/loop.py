@@ -1,5 +1,5 @@
-"""What the shapes world's two pretraining scripts share (:mod:`g2rpo.shapes.pretrain`, the base model, and
-:mod:`g2rpo.shapes.pretrain_unified`, the unified model).
+"""What the shapes world's two pretraining scripts share (:mod:`g2rpo.shapes.training.base`, the base model,
+and :mod:`g2rpo.shapes.training.unified`, the unified model).
 
 - Batches are a function of ``(seed, step)`` only (:class:`StepBatches`), so a run is deterministic on a
   given machine and thread count, and a resumed run restarts its data stream at the resumed step.
@@ -7,10 +7,13 @@
   steps and at the end.
 - A run resumes from its last Lightning checkpoint (:func:`fit`), EMA, loss curve, wall time and the
   global torch RNG (timesteps and noise) included, so a resumed run ends where an uninterrupted one does.
+- The command lines share their common options and start-up (:func:`arguments`, :func:`start`), as does
+  the shapes_score trainer (:mod:`g2rpo.shapes.training.score`).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
@@ -21,6 +24,37 @@ from diffusers.training_utils import EMAModel, compute_density_for_timestep_samp
 from torch.utils.data import DataLoader, IterableDataset
 
 log = logging.getLogger(__name__)
+
+
+def arguments(
+    doc: str, *, steps: int, lr: float, out: Path, checkpoints: Path | None = None
+) -> argparse.ArgumentParser:
+    """A parser with the options every shapes training script has (``--steps``, ``--lr``, ``--seed``,
+    ``--threads``, ``--out``) and, given a ``checkpoints`` folder, ``--export-every`` and ``--checkpoints``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=out)
+    if checkpoints is not None:
+        parser.add_argument("--export-every", type=int, default=0, help="also export snapshots every N steps")
+        parser.add_argument(
+            "--checkpoints",
+            type=Path,
+            default=checkpoints,
+            help="Lightning checkpoints (every 100 steps); an interrupted run resumes from the last one",
+        )
+    return parser
+
+
+def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, then log to the console, use ``--threads`` CPU threads and seed every generator."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, workers=True)
+    return args
 
 
 def rectified_flow_inputs(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

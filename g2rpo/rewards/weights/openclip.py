@@ -45,8 +45,8 @@ Usage (no network; CONFIG_DIR is a local copy of ``laion/CLIP-ViT-H-14-laion2B-s
 files; when it also holds the processor files they are copied into OUT_DIR, which then serves as both the
 reward's ``path`` and ``processor_path``)::
 
-    python -m g2rpo.rewards.openclip_weights HPS_v2.1_compressed.pt CONFIG_DIR OUT_DIR
-    python -m g2rpo.rewards.openclip_weights open_clip_pytorch_model.bin CONFIG_DIR OUT_DIR \\
+    python -m g2rpo.rewards.weights.openclip HPS_v2.1_compressed.pt CONFIG_DIR OUT_DIR
+    python -m g2rpo.rewards.weights.openclip open_clip_pytorch_model.bin CONFIG_DIR OUT_DIR \\
         --hidden-act quick_gelu    # DFN5B
 """
 
@@ -61,7 +61,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-from g2rpo.rewards.conversion import check_fits, check_keys
+from g2rpo.rewards.weights.checks import check_fits, check_keys
 
 #: a residual block's tensors copied as they are: open_clip name -> ``CLIPEncoderLayer`` name
 _BLOCK = {
@@ -173,9 +173,9 @@ def load_open_clip_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m g2rpo.rewards.openclip_weights CHECKPOINT CONFIG_DIR OUT_DIR [--hidden-act ...]``."""
+    """``python -m g2rpo.rewards.weights.openclip CHECKPOINT CONFIG_DIR OUT_DIR [--hidden-act ...]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m g2rpo.rewards.openclip_weights",
+        prog="python -m g2rpo.rewards.weights.openclip",
         description="Convert an open_clip ViT checkpoint (e.g. HPS_v2.1_compressed.pt, DFN5B-CLIP) into a "
         "transformers CLIPModel directory (safetensors).",
     )

@@ -7,9 +7,9 @@ here, unlike SD3's frozen pretrained ones), an EMA of the weights (diffusers' ``
 the base. Every batch is rendered from ``(seed, step)``, so the run is deterministic on a given machine and
 thread count, and a constant learning rate after warm-up makes the export at step N of a longer run
 identical to a run of N steps. An interrupted run resumes from its last Lightning checkpoint (EMA included;
-the mechanics are shared with the unified model's, :mod:`g2rpo.shapes.pretraining`).
+the mechanics are shared with the unified model's, :mod:`g2rpo.shapes.training.loop`).
 
-    python -m g2rpo.shapes.pretrain --steps 4000 --out g2rpo/shapes/weights/base
+    python -m g2rpo.shapes.training.base --steps 4000 --out g2rpo/shapes/weights/base
 """
 
 from __future__ import annotations
@@ -20,14 +20,20 @@ import json
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from g2rpo.shapes.model import shapes_pipeline
-from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit, rectified_flow_inputs
 from g2rpo.shapes.prompts import TASKS, scene_for, split
+from g2rpo.shapes.training.loop import (
+    EMAPretraining,
+    StepBatches,
+    arguments,
+    fit,
+    rectified_flow_inputs,
+    start,
+)
 from g2rpo.shapes.world import render
 
 log = logging.getLogger(__name__)
@@ -120,26 +126,15 @@ class FlowMatchingPretraining(EMAPretraining):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = arguments(
+        __doc__,
+        steps=4000,
+        lr=1e-3,
+        out=Path(__file__).parents[1] / "weights" / "base",
+        checkpoints=Path("outputs/base-model"),
     )
-    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--export-every", type=int, default=0, help="also export snapshots every N steps")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "base")
-    parser.add_argument(
-        "--checkpoints",
-        type=Path,
-        default=Path("outputs/base-model"),
-        help="Lightning checkpoints (every 100 steps); an interrupted run resumes from the last one",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    L.seed_everything(args.seed, workers=True)
+    args = start(parser, argv)
     module = FlowMatchingPretraining(
         shapes_pipeline(seed=args.seed), lr=args.lr, export_every=args.export_every, out=args.out
     )
@@ -157,7 +152,7 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     from g2rpo.shapes.prompts import shapes_dataset
 
     policy = SD3Policy(load_base_model(str(directory)), resolution=32, max_sequence_length=0).eval()
-    from g2rpo.shapes.clip import ShapesScore
+    from g2rpo.shapes.score import ShapesScore
 
     rewards = {"geneval_shapes": GenEvalShapes(), "shapes_score": ShapesScore()}
     evaluation = Evaluator(shapes_dataset("heldout"), rewards)(policy)

@@ -1,49 +1,19 @@
-"""The ``shapes_score`` reward: a tiny CLIP trained on the shapes world, in PickScore's and HPS's role.
+"""Train the ``shapes_score`` CLIP (:mod:`g2rpo.shapes.score`) from scratch on rendered (image, caption) pairs
+(``make reward-model``): CLIP's symmetric InfoNCE with truth-aware targets, hard negatives (:func:`corrupt`)
+and minimal pairs (:func:`counterfactual`), compositional tasks oversampled, images augmented. Why each: the
+shapes world's page in the docs. Batches are rendered from ``np.random.default_rng([seed, step])``, so a run
+is deterministic on a given machine and thread count.
 
-PickScore (Kirstain et al. 2023) and HPS v2 (Wu et al. 2023) are CLIP models whose reward is
-``logit_scale * cos(image, text)``. Here a transformers ``CLIPModel`` (the world's word-level tokenizer, two
-text layers, a two-layer ViT on 4x4 patches of the 32x32 pixels, width 128, ~0.8M parameters) is trained
-from scratch on rendered (image, caption) pairs by CLIP's symmetric InfoNCE (Radford et al. 2021), with the
-changes the world calls for:
-
-* **Truth-aware targets.** Captions overlap: "a photo of a circle" is true of the image of "a photo of a red
-  circle", and a batch holds each single-object prompt several times. CLIP's one-positive-per-row loss
-  (``CLIPModel(return_loss=True)``) would push true captions apart, so captions are deduplicated and each
-  row's target is uniform over every caption that is true of the image by GenEval's rule (:func:`holds`:
-  :func:`g2rpo.rewards.geneval_rules.evaluate` on the scene's ground truth): SupCon's multi-positive InfoNCE
-  (Khosla et al. 2020).
-* **Hard negatives.** In-batch captions rarely differ from the true one only by a binding, a count or a
-  relation, so a plain CLIP learns bags of words (Yuksekgonul et al. 2023, "When and why vision-language
-  models behave like bags-of-words"). As in their NegCLIP, every image also gets corrupted copies of its
-  caption (:func:`corrupt`, one kind per :data:`CORRUPTIONS`): another shape, another colour, the two colours
-  swapped, another count, the relation reversed or turned. Each is an extra text column seen by its own
-  image only (image->text direction), plus a pairwise logistic term on the true-minus-corrupted logit.
-* **Minimal pairs.** Each image also gets a counterfactual image (:func:`counterfactual`: the same scene
-  recoloured, reshaped or with its objects swapped) of which the corrupted caption is true; the 2x2 block
-  (two images, two captions) is trained both ways, so the image tower too must tell a binding apart.
-* **Compositional tasks oversampled** (:data:`TASK_WEIGHTS`): with tasks drawn uniformly, binding and
-  relations stayed at chance within the training budget (the towers settle on bags of words that the easy
-  tasks reward); drawn more often they are learnt, and the easy tasks still are.
-* **Augmentation.** The policy's samples are noisy and blurry early in RL, so training images get a random
-  Gaussian blur and Gaussian pixel noise; otherwise the score collapses off the renderer's exact pixels.
-
-Pixels enter as ``2 * image - 1`` (the base model's normalisation, not CLIP's ImageNet mean/std: the world's
-colours are its own). Batches are rendered from ``np.random.default_rng([seed, step])``, so a run is
-deterministic on a given machine and thread count. The weights ship in fp16 (1.7 MB) and load in fp32.
-
-    python -m g2rpo.shapes.clip --steps 400 --out g2rpo/shapes/weights/shapes_score
+    python -m g2rpo.shapes.training.score --steps 400 --out g2rpo/shapes/weights/shapes_score
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -51,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPModel, PreTrainedTokenizerFast
 
-from g2rpo.rewards.geneval_rules import Detection, evaluate
-from g2rpo.shapes.geneval import obj_area
-from g2rpo.shapes.model import word_tokenizer
+from g2rpo.shapes.geneval import holds
 from g2rpo.shapes.prompts import (
     NUMBERS,
     color_attr,
@@ -67,11 +35,12 @@ from g2rpo.shapes.prompts import (
     split,
     two_object,
 )
+from g2rpo.shapes.score import SCORE_MODEL_DIR, ShapesScore, embed_images, embed_text, shapes_clip, to_pixels
+from g2rpo.shapes.training.loop import arguments, start
 from g2rpo.shapes.world import COLOURS, SHAPES, WorldObject, render
 
 log = logging.getLogger(__name__)
 
-SCORE_MODEL_DIR = Path(__file__).parent / "weights" / "shapes_score"
 CORRUPTIONS = ("shape", "colour", "binding", "count", "position")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 EVAL_STREAM = 10**9  # evaluation batches use rng([seed, EVAL_STREAM + i]): no training step reaches it
@@ -83,54 +52,6 @@ TASK_WEIGHTS = {  # relative odds of drawing each task for a training image
     "position": 2.0,
     "color_attr": 2.5,
 }
-
-
-def shapes_clip(
-    seed: int = 0,
-    text_hidden_size: int = 128,
-    vision_hidden_size: int = 128,
-    text_layers: int = 2,
-    vision_layers: int = 2,
-    projection_dim: int = 128,
-    image_size: int = 32,
-    patch_size: int = 4,
-    max_length: int = 16,
-    logit_scale_init: float = 1 / 0.07,
-) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
-    """A freshly initialised shapes CLIP and its word-level tokenizer; weights depend on ``seed``.
-
-    Width matters more than depth here: at width 64 (four vision layers) the same budget learnt colours and
-    shapes but not binding, at 128 binding is learnt within a few hundred steps.
-    """
-    tokenizer = word_tokenizer(max_length)
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": text_hidden_size,
-            "intermediate_size": 4 * text_hidden_size,
-            "num_attention_heads": 4,
-            "num_hidden_layers": text_layers,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": max_length,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,  # pooled at the first end token, as CLIP's text tower
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": vision_hidden_size,
-            "intermediate_size": 4 * vision_hidden_size,
-            "num_attention_heads": 4,
-            "num_hidden_layers": vision_layers,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "num_channels": 3,
-        },
-        projection_dim=projection_dim,
-        logit_scale_init_value=math.log(logit_scale_init),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    return model, tokenizer
 
 
 def applicable(metadata: dict) -> list[str]:
@@ -213,12 +134,6 @@ def corrupt(metadata: dict, kind: str, rng: np.random.Generator) -> dict:
     raise ValueError(f"unknown task {tag!r}")
 
 
-def holds(objects: Sequence[WorldObject], metadata: dict) -> bool:
-    """Whether a caption is true of a scene: GenEval's rule applied to the scene's ground truth."""
-    detections = [Detection(o.shape, o.colour, o.box, 1.0, obj_area(o)) for o in objects]
-    return evaluate(detections, metadata).correct
-
-
 def augment(images: Tensor, rng: np.random.Generator, blur_p: float = 0.5, max_noise: float = 0.08) -> Tensor:
     """Mild corruption of ``[B, 3, H, W]`` images in [0, 1]: with probability ``blur_p`` a Gaussian blur of
     sigma in [0.3, 1] px, then Gaussian noise of a std drawn in [0, ``max_noise``], clipped to [0, 1]."""
@@ -234,11 +149,6 @@ def augment(images: Tensor, rng: np.random.Generator, blur_p: float = 0.5, max_n
     std = rng.uniform(0.0, max_noise, batch)
     noise = rng.standard_normal(images.shape) * std[:, None, None, None]
     return (x.reshape(images.shape) + torch.from_numpy(noise).to(images)).clamp(0, 1)
-
-
-def to_pixels(images: Tensor) -> Tensor:
-    """[0, 1] images to the model's input range, [-1, 1]."""
-    return images.clamp(0, 1) * 2 - 1
 
 
 def render_batch(
@@ -432,41 +342,6 @@ def _minimal_pairs_loss(
 
 
 @torch.no_grad()
-def embed_text(
-    model: CLIPModel, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], device
-) -> Tensor:
-    """Unit-norm text embeddings ``[len(prompts), D]``."""
-    text = tokenizer(
-        list(prompts),
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).to(device)
-    features = model.get_text_features(
-        input_ids=text.input_ids, attention_mask=text.attention_mask
-    ).pooler_output
-    return F.normalize(features.float(), dim=-1)
-
-
-@torch.no_grad()
-def embed_images(model: CLIPModel, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Unit-norm image embeddings ``[B, D]`` of ``[B, 3, H, W]`` images in [0, 1], resized to the model's size."""
-    size = model.config.vision_config.image_size
-    dtype = next(model.parameters()).dtype
-    chunks = []
-    for chunk in images.split(batch_size):
-        chunk = chunk.float()
-        if chunk.shape[-2:] != (size, size):
-            chunk = F.interpolate(
-                chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        features = model.get_image_features(pixel_values=to_pixels(chunk).to(dtype)).pooler_output
-        chunks.append(F.normalize(features.float(), dim=-1))
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
 def evaluate_heldout(
     model: CLIPModel,
     tokenizer: PreTrainedTokenizerFast,
@@ -577,62 +452,11 @@ class ContrastiveTraining(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class ShapesScore:
-    """The ``shapes_score`` reward: the shapes CLIP's ``logit_scale * cos(image, prompt) / scale``.
-
-    ``scale=None`` divides by the model's own logit scale, so the reward is the cosine, in [-1, 1] (true
-    captions of held-out renders average about 0.54, corrupted ones about 0.30; ``training.json`` has the
-    measured means): on the scale of the GenEval partial credit it may be mixed with. ``scale=1.0`` gives the
-    raw logit, PickScore's raw score, and a constant divides it as Flow-GRPO divides PickScore by 26. Images
-    of another size are resized to the model's 32x32; text embeddings are cached per distinct prompt.
-    """
-
-    def __init__(
-        self, path: str | Path | None = None, scale: float | None = None, batch_size: int = 256
-    ) -> None:
-        path = Path(path) if path is not None else SCORE_MODEL_DIR
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no shapes_score model at {path}: train it with `make reward-model` "
-                f"(python -m g2rpo.shapes.clip --out {path})"
-            )
-        model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)  # shipped in fp16
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-        logit_scale = float(self.model.logit_scale.exp())
-        self.multiplier = logit_scale / (logit_scale if scale is None else float(scale))
-        self.batch_size = batch_size
-        self._text: dict[str, Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> Tensor:
-        device = images.device
-        if next(self.model.parameters()).device != device:
-            self.model.to(device)
-            self._text.clear()
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if missing:
-            self._text.update(zip(missing, embed_text(self.model, self.tokenizer, missing, device)))
-        text = torch.stack([self._text[p] for p in prompts])
-        image = embed_images(self.model, images, self.batch_size)
-        return (image * text).sum(dim=-1) * self.multiplier
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=400)
+    parser = arguments(__doc__, steps=400, lr=1e-3, out=SCORE_MODEL_DIR)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches of 128 images to score")
-    parser.add_argument("--out", type=Path, default=SCORE_MODEL_DIR)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    L.seed_everything(args.seed, workers=True)
+    args = start(parser, argv)
     started = time.time()
     model, tokenizer = shapes_clip(seed=args.seed)
     module = ContrastiveTraining(model, tokenizer, steps=args.steps, lr=args.lr)

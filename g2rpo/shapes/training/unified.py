@@ -5,7 +5,7 @@ flow-matching loss and image-question-answer sequences for the language-modellin
 losses are summed (``loss = gen_weight * gen + und_weight * und``, Transfusion's lambda = 5 on the flow
 loss by default) into one update of the shared weights.
 
-- Generation: SD3's rectified flow as :mod:`g2rpo.shapes.pretrain` (velocity ``noise - x0``, logit-normal
+- Generation: SD3's rectified flow as :mod:`g2rpo.shapes.training.base` (velocity ``noise - x0``, logit-normal
   timesteps), captions of every GenEval-shapes prompt (``prompts.split("all")``) on scenes drawn by
   ``prompts.scene_for``, 10% of captions dropped to the empty caption for classifier-free guidance.
 - Understanding: next-token cross-entropy on the answer and its end token only (the question is context),
@@ -13,13 +13,13 @@ loss by default) into one update of the shared weights.
   ``vqa.sample_question``.
 
 Batches are rendered from ``(seed, step)`` and an EMA of the weights is exported, so, as for the base model
-(:mod:`g2rpo.shapes.pretraining`), the run is deterministic on a given machine and thread count and resumes
+(:mod:`g2rpo.shapes.training.loop`), the run is deterministic on a given machine and thread count and resumes
 from its last Lightning checkpoint. The learning rate is constant after warm-up until a linear cool-down over
 the last 20% of the steps, so snapshots before the cool-down do not depend on the total.
 At the end the export is evaluated: understanding accuracy per question type (greedy answers on held-out
 scenes) and held-out GenEval-shapes (ODE samples, the world's default evaluation).
 
-    python -m g2rpo.shapes.pretrain_unified --steps 3000 --out g2rpo/shapes/weights/unified
+    python -m g2rpo.shapes.training.unified --steps 3000 --out g2rpo/shapes/weights/unified
 """
 
 from __future__ import annotations
@@ -30,21 +30,24 @@ import json
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
-from g2rpo.policies.unified import UnifiedPolicy
-from g2rpo.randomness import TOKEN, keyed
 from g2rpo.shapes import vqa
-from g2rpo.shapes.pretraining import EMAPretraining, StepBatches, fit, rectified_flow_inputs
+from g2rpo.shapes.policy import HELDOUT_PER_TYPE, UnifiedPolicy, understanding_accuracy
 from g2rpo.shapes.prompts import TASKS, scene_for, split
+from g2rpo.shapes.training.loop import (
+    EMAPretraining,
+    StepBatches,
+    arguments,
+    fit,
+    rectified_flow_inputs,
+    start,
+)
 from g2rpo.shapes.unified import UnifiedModel, load_unified_model, unified_model
 from g2rpo.shapes.world import render
 
 log = logging.getLogger(__name__)
-HELDOUT_SEED = 20_240_811  # understanding evaluation scenes: a stream no training step draws from
-HELDOUT_PER_TYPE = 200
 
 
 class UnifiedBatches(StepBatches):
@@ -181,61 +184,14 @@ class UnifiedPretraining(EMAPretraining):
         log.info("exported step %d to %s", step, directory)
 
 
-def heldout_questions(num_per_type: int, seed: int, image_size: int = 32) -> list[dict]:
-    """``num_per_type`` questions of each type on fresh ``vqa.random_scene`` scenes drawn from ``seed``:
-    ``{"image" [3, H, W] in [0, 1], "question", "answer", "qtype"}``."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for qtype in vqa.QUESTION_TYPES:
-        count = 0
-        while count < num_per_type:
-            scene = vqa.random_scene(rng, image_size)
-            if not vqa.questions(scene)[qtype]:
-                continue
-            entry = vqa.sample_question(scene, rng, qtype)
-            out.append({**entry, "image": render(scene, image_size)})
-            count += 1
-    return out
-
-
-@torch.no_grad()
-def understanding_accuracy(
-    policy_or_model: UnifiedPolicy | UnifiedModel,
-    num_per_type: int = HELDOUT_PER_TYPE,
-    seed: int = HELDOUT_SEED,
-    temperature: float = 0.0,
-    batch_size: int = 250,
-) -> dict[str, float]:
-    """Exact-match accuracy of the policy's answers on held-out scenes, per question type and ``overall``
-    (the mean over types). Greedy at temperature 0; otherwise sample ``i`` draws from a stream keyed by
-    ``seed`` and ``i``, so two policies are compared on the same randomness."""
-    policy = policy_or_model if isinstance(policy_or_model, UnifiedPolicy) else UnifiedPolicy(policy_or_model)
-    items = heldout_questions(num_per_type, seed, policy.resolution)
-    generators = keyed(torch.Generator().manual_seed(seed), list(range(len(items))), TOKEN)
-    nfe, texts = policy.nfe, []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        rollout = policy.sample_tokens(
-            "answer",
-            {"images": torch.stack([i["image"] for i in chunk]), "questions": [i["question"] for i in chunk]},
-            generators[start : start + batch_size],
-            temperature=temperature,
-        )
-        texts.extend(rollout.texts)
-    policy.nfe = nfe  # evaluation cost is not training cost
-    correct: dict[str, list[bool]] = {qtype: [] for qtype in vqa.QUESTION_TYPES}
-    for item, text in zip(items, texts):
-        correct[item["qtype"]].append(vqa.answer_matches(text, item["answer"]))
-    accuracy = {qtype: float(np.mean(hits)) for qtype, hits in correct.items()}
-    accuracy["overall"] = float(np.mean(list(accuracy.values())))
-    return accuracy
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = arguments(
+        __doc__,
+        steps=3000,
+        lr=4e-3,
+        out=Path(__file__).parents[1] / "weights" / "unified",
+        checkpoints=Path("outputs/unified-model"),
     )
-    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--gen-batch", type=int, default=24)
     parser.add_argument("--und-batch", type=int, default=16)
     parser.add_argument(
@@ -246,28 +202,14 @@ def main(argv: list[str] | None = None) -> None:
         "weight the answers' gradients dominate Adam's normalisation of the shared weights",
     )
     parser.add_argument("--und-weight", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument(
         "--cooldown", type=float, default=0.2, help="fraction of the steps spent decaying lr to 0"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--intermediate-size", type=int, default=512)
-    parser.add_argument("--export-every", type=int, default=0, help="also export snapshots every N steps")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "unified")
-    parser.add_argument(
-        "--checkpoints",
-        type=Path,
-        default=Path("outputs/unified-model"),
-        help="Lightning checkpoints (every 100 steps); an interrupted run resumes from the last one",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    L.seed_everything(args.seed, workers=True)
+    args = start(parser, argv)
     sizes = {
         "hidden_size": args.hidden_size,
         "num_layers": args.num_layers,
@@ -293,9 +235,9 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     """Evaluate the export (understanding per question type; held-out GenEval-shapes as the world's
     default evaluation, ``conf/eval/shapes.yaml``), record it in ``training.json`` and write the card."""
     from g2rpo.evaluate import Evaluator
-    from g2rpo.shapes.clip import ShapesScore
     from g2rpo.shapes.geneval import GenEvalShapes
     from g2rpo.shapes.prompts import shapes_dataset
+    from g2rpo.shapes.score import ShapesScore
 
     policy = UnifiedPolicy(load_unified_model(str(directory))).eval()
     understanding = understanding_accuracy(policy)
@@ -311,7 +253,7 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     parameters = sum(p.numel() for p in policy.model.parameters())
     s = policy.model.sizes
     command = (
-        f"python -m g2rpo.shapes.pretrain_unified --steps {args.steps} --threads {args.threads} "
+        f"python -m g2rpo.shapes.training.unified --steps {args.steps} --threads {args.threads} "
         f"--out {args.out}"
     )
     understanding_rows = "\n".join(f"{k:<9} {v:.3f}" for k, v in understanding.items())
@@ -322,7 +264,7 @@ The shapes world's unified understanding and generation model (`model=shapes_uni
 `transformers` `LlamaModel` ({s["num_layers"]} layers, hidden {s["hidden_size"]}, {s["num_heads"]} heads, MLP
 {s["intermediate_size"]}; {parameters / 1e6:.2f}M parameters in all) that answers questions about 32x32 images
 token by token and draws them by flow matching from a caption, with shared weights (Transfusion, arXiv
-2408.11039; JanusFlow, arXiv 2411.07975). Code: `g2rpo/shapes/unified.py`, policy `g2rpo/policies/unified.py`.
+2408.11039; JanusFlow, arXiv 2411.07975). Code: `g2rpo/shapes/unified.py`, policy `g2rpo/shapes/policy.py`.
 
 - **Architecture**: a word-level vocabulary ({len(policy.model.tokenizer)} tokens: captions, questions, answers,
   `<|answer|>`); 4x4 pixel patches (64 image tokens) in and velocities out through linear layers, a

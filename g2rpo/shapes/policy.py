@@ -1,5 +1,6 @@
 """The unified shapes model as a policy of both kinds: a flow policy that draws images, a token policy that
-answers questions about them, over one set of weights (:mod:`g2rpo.shapes.unified`).
+answers questions about them, over one set of weights (:mod:`g2rpo.shapes.unified`); and its held-out
+understanding evaluation (:func:`understanding_accuracy`, ``eval=shapes_unified``).
 
 The flow side follows :class:`~g2rpo.policies.transformer.TransformerPolicy` (explicit CFG, fp32
 velocities, the scheduler's own sigma grid); the token side samples one-word answers as
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -25,11 +27,16 @@ from g2rpo.distributed import full_tensors, world
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.policies.reference import FrozenReference
 from g2rpo.policies.tokens import TokenPolicy, TokenRollout
+from g2rpo.randomness import TOKEN, keyed
 from g2rpo.sampling import sigma_schedule
+from g2rpo.shapes import vqa
 from g2rpo.shapes.unified import UnifiedModel
+from g2rpo.shapes.world import render
 from g2rpo.types import Conditioning
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HELDOUT_SEED = 20_240_811  # understanding evaluation scenes: a stream no training step draws from
+HELDOUT_PER_TYPE = 200
 
 
 class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
@@ -84,32 +91,9 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
         empty = self.model.caption_ids([""]).expand(len(prompts), -1)
         return Conditioning(ids, pooled, empty, pooled)
 
-    def velocity(
-        self,
-        latents: Tensor,
-        sigma: Tensor | float,
-        cond: Conditioning,
-        guidance_scale: float = 1.0,
-        detach_uncond: bool = False,
-    ) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
-        images, ids = latents, cond.prompt_embeds
-        guided = guidance_scale > 1.0
-        if guided:
-            if cond.negative_prompt_embeds is None:
-                raise ValueError(
-                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
-                )
-            images, sigma = torch.cat([images, images]), torch.cat([sigma, sigma])
-            ids = torch.cat([cond.negative_prompt_embeds, ids])
-        output = self.active.velocity(ids, images, sigma).float()
-        self.nfe += images.shape[0]
-        if not guided:
-            return output
-        uncond, text = output.chunk(2)
-        if detach_uncond:
-            uncond = uncond.detach()
-        return uncond + guidance_scale * (text - uncond)
+    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        """``embeds`` are caption token ids; the model has no pooled vector."""
+        return self.active.velocity(embeds, latents, sigma)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Pixel space: latents are images in [-1, 1]."""
@@ -263,3 +247,53 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
             raise ValueError(
                 f"{directory}: adapter weights do not fit this model: {result.unexpected_keys[:5]}"
             )
+
+
+def heldout_questions(num_per_type: int, seed: int, image_size: int = 32) -> list[dict]:
+    """``num_per_type`` questions of each type on fresh ``vqa.random_scene`` scenes drawn from ``seed``:
+    ``{"image" [3, H, W] in [0, 1], "question", "answer", "qtype"}``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for qtype in vqa.QUESTION_TYPES:
+        count = 0
+        while count < num_per_type:
+            scene = vqa.random_scene(rng, image_size)
+            if not vqa.questions(scene)[qtype]:
+                continue
+            entry = vqa.sample_question(scene, rng, qtype)
+            out.append({**entry, "image": render(scene, image_size)})
+            count += 1
+    return out
+
+
+@torch.no_grad()
+def understanding_accuracy(
+    policy_or_model: UnifiedPolicy | UnifiedModel,
+    num_per_type: int = HELDOUT_PER_TYPE,
+    seed: int = HELDOUT_SEED,
+    temperature: float = 0.0,
+    batch_size: int = 250,
+) -> dict[str, float]:
+    """Exact-match accuracy of the policy's answers on held-out scenes, per question type and ``overall``
+    (the mean over types). Greedy at temperature 0; otherwise sample ``i`` draws from a stream keyed by
+    ``seed`` and ``i``, so two policies are compared on the same randomness."""
+    policy = policy_or_model if isinstance(policy_or_model, UnifiedPolicy) else UnifiedPolicy(policy_or_model)
+    items = heldout_questions(num_per_type, seed, policy.resolution)
+    generators = keyed(torch.Generator().manual_seed(seed), list(range(len(items))), TOKEN)
+    nfe, texts = policy.nfe, []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        rollout = policy.sample_tokens(
+            "answer",
+            {"images": torch.stack([i["image"] for i in chunk]), "questions": [i["question"] for i in chunk]},
+            generators[start : start + batch_size],
+            temperature=temperature,
+        )
+        texts.extend(rollout.texts)
+    policy.nfe = nfe  # evaluation cost is not training cost
+    correct: dict[str, list[bool]] = {qtype: [] for qtype in vqa.QUESTION_TYPES}
+    for item, text in zip(items, texts):
+        correct[item["qtype"]].append(vqa.answer_matches(text, item["answer"]))
+    accuracy = {qtype: float(np.mean(hits)) for qtype, hits in correct.items()}
+    accuracy["overall"] = float(np.mean(list(accuracy.values())))
+    return accuracy
