@@ -30,8 +30,9 @@ from transformers import (
 
 from g2rpo.distributed import world
 from g2rpo.policies.reference import FrozenReference
-from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy, TokenRollout
+from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy
 from g2rpo.randomness import rand_per_key
+from g2rpo.types import TokenRollout
 
 LOGPROB_SOURCES = ("guided", "conditional")
 

@@ -26,13 +26,13 @@ from torch import Tensor
 from g2rpo.distributed import full_tensors, world
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.policies.reference import FrozenReference
-from g2rpo.policies.tokens import TokenPolicy, TokenRollout
+from g2rpo.policies.tokens import TokenPolicy
 from g2rpo.randomness import TOKEN, keyed
 from g2rpo.sampling import sigma_schedule
 from g2rpo.shapes import vqa
 from g2rpo.shapes.unified import UnifiedModel
 from g2rpo.shapes.world import render
-from g2rpo.types import Conditioning
+from g2rpo.types import Conditioning, TokenRollout
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HELDOUT_SEED = 20_240_811  # understanding evaluation scenes: a stream no training step draws from
