@@ -27,16 +27,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-TINY = [
-    "model=tiny_sd3",
-    "reward=jpeg_compressibility",
-    "data=animals",
+# two iterations of 2 prompts x 4 samples, no evaluation, no logger
+SMALL = [
     "callbacks.evaluate=null",
     "logger=none",
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
     "curriculum.prompts_per_iteration=2",
     "curriculum.group_size=4",
+]
+TINY = [
+    "model=tiny_sd3",
+    "reward=jpeg_compressibility",
+    "data=animals",
+    *SMALL,
     "algo.num_steps=4",
     "algo.rollout_batch_size=2",
 ]
@@ -58,12 +62,7 @@ PAIRS = [
     "data.encoder=pixels",
     "data.threshold=0.5",
     "reward=geneval_shapes",
-    "callbacks.evaluate=null",
-    "logger=none",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "curriculum.prompts_per_iteration=2",
-    "curriculum.group_size=4",
+    *SMALL,
     "algo.generation.num_steps=4",
     "algo.generation.rollout_batch_size=4",
     "algo.understanding.rollout_batch_size=4",

@@ -31,16 +31,10 @@ SCHEMAS = {
 
 
 def schema(cls: type) -> type:
-    """``cls`` with a ``_target_`` field pointing at itself, usable as a Hydra structured config.
-
-    An algorithm is generic over its rollout (``Algorithm[SDERollout]``); OmegaConf reads the first generic
-    base's type arguments as a ``Dict[K, V]``'s, so the schema declares no generic base of its own."""
+    """``cls`` with a ``_target_`` field pointing at itself, usable as a Hydra structured config."""
     target = f"{cls.__module__}.{cls.__qualname__}"
     return dataclasses.make_dataclass(
-        f"{cls.__name__}Config",
-        [("_target_", str, dataclasses.field(default=target))],
-        bases=(cls,),
-        namespace={"__orig_bases__": ()},
+        f"{cls.__name__}Config", [("_target_", str, dataclasses.field(default=target))], bases=(cls,)
     )
 
 

@@ -27,6 +27,13 @@ class Algorithm(Generic[R]):
 
     normalization: GroupNormalization
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # An algorithm is also its Hydra schema, and OmegaConf reads the type arguments of a structured
+        # config's first generic base as a Dict[K, V]'s (omegaconf._utils.get_dict_key_value_types): the
+        # rollout type, needed only by type checkers, is hidden from it once the class is made.
+        super().__init_subclass__(**kwargs)
+        cls.__orig_bases__ = ()
+
     @property
     def uses_reference(self) -> bool:
         """Whether ``loss`` queries the frozen reference model (the policy then keeps one)."""
@@ -104,6 +111,26 @@ def training_samples(train_mask: Tensor, multiple: int, generator: torch.Generat
     missing = min(-kept.numel() % multiple, dropped.numel())
     refill = dropped[torch.randperm(dropped.numel(), generator=generator)[:missing]]
     return torch.cat([kept, refill])
+
+
+def shuffled_minibatches(
+    train_mask: Tensor,
+    batch_size: int,
+    num_minibatches: int,
+    num_inner_epochs: int,
+    generator: torch.Generator,
+) -> list[list[Tensor]]:
+    """Sample indices per optimiser step, as micro-batches of ``batch_size``: each pass over the trained
+    samples (:func:`training_samples`) is shuffled, cut into micro-batches and split into ``num_minibatches``
+    steps (Flow-GRPO's and GRPO's updates)."""
+    samples = training_samples(train_mask, batch_size, generator)
+    if samples.numel() == 0:
+        return []
+    steps = []
+    for _ in range(num_inner_epochs):
+        order = samples[torch.randperm(samples.numel(), generator=generator)]
+        steps.extend(split_evenly(list(order.split(batch_size)), num_minibatches))
+    return steps
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

@@ -20,8 +20,7 @@ from g2rpo.algos.base import (
     as_normalization,
     check_choice,
     check_positive,
-    split_evenly,
-    training_samples,
+    shuffled_minibatches,
 )
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
@@ -104,17 +103,17 @@ class StepwiseGRPO(Algorithm[SDERollout]):
         self, rollout: SDERollout, advantages: Advantages, generator: torch.Generator
     ) -> list[list[TrainingUnit]]:
         """Shuffle samples, cut rollout-sized micro-batches, train each on every trained step in order."""
-        samples = training_samples(advantages.train_mask, self.rollout_batch_size, generator)
-        if samples.numel() == 0:
-            return []
         columns = rollout.train_steps.shape[1]
-        steps = []
-        for _ in range(self.num_inner_epochs):
-            order = samples[torch.randperm(samples.numel(), generator=generator)]
-            micro_batches = list(order.split(self.rollout_batch_size))
-            for chunk in split_evenly(micro_batches, self.num_minibatches):
-                steps.append([TrainingUnit(m, j) for m in chunk for j in range(columns)])
-        return steps
+        return [
+            [TrainingUnit(m, j) for m in step for j in range(columns)]
+            for step in shuffled_minibatches(
+                advantages.train_mask,
+                self.rollout_batch_size,
+                self.num_minibatches,
+                self.num_inner_epochs,
+                generator,
+            )  # fmt: skip
+        ]
 
     def loss(
         self, policy: FlowPolicy, rollout: SDERollout, advantages: Advantages, unit: TrainingUnit

@@ -32,8 +32,7 @@ from g2rpo.algos.base import (
     as_normalization,
     check_choice,
     check_positive,
-    split_evenly,
-    training_samples,
+    shuffled_minibatches,
 )
 from g2rpo.data import read_image
 from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy
@@ -173,15 +172,16 @@ class TokenGRPO(Algorithm[TokenRollout]):
     def minibatches(
         self, rollout: TokenRollout, advantages: Advantages, generator: torch.Generator
     ) -> list[list[TrainingUnit]]:
-        samples = training_samples(advantages.train_mask, self.rollout_batch_size, generator)
-        if samples.numel() == 0:
-            return []
-        steps = []
-        for _ in range(self.num_inner_epochs):
-            order = samples[torch.randperm(samples.numel(), generator=generator)]
-            for chunk in split_evenly(list(order.split(self.rollout_batch_size)), self.num_minibatches):
-                steps.append([TrainingUnit(m, 0) for m in chunk])
-        return steps
+        return [
+            [TrainingUnit(m, 0) for m in step]
+            for step in shuffled_minibatches(
+                advantages.train_mask,
+                self.rollout_batch_size,
+                self.num_minibatches,
+                self.num_inner_epochs,
+                generator,
+            )  # fmt: skip
+        ]
 
     def loss(
         self, policy: TokenPolicy, rollout: TokenRollout, advantages: Advantages, unit: TrainingUnit
