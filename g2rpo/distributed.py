@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -77,6 +78,22 @@ def gather_objects(value: Any) -> list[Any]:
     values: list[Any] = [None] * size
     dist.all_gather_object(values, value)
     return values
+
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the ranks that logged it (every rank logs the same keys, except algorithm
+    metrics of a rank that had nothing to train); ``.../max`` and ``.../min`` are the extremes over ranks."""
+    gathered = gather_objects(metrics)
+    if len(gathered) == 1:
+        return metrics
+    keys = dict.fromkeys(key for part in gathered for key in part)
+    reduce = {"max": np.max, "min": np.min}
+    return {
+        key: float(
+            reduce.get(key.rsplit("/", 1)[-1], np.mean)([part[key] for part in gathered if key in part])
+        )
+        for key in keys
+    }
 
 
 def rank_slice(batch: PromptBatch) -> PromptBatch:

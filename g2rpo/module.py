@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 from torch import Tensor
@@ -37,7 +36,7 @@ from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.curriculum import Curriculum, PolicyProbe
 from g2rpo.data import PromptDataset
-from g2rpo.distributed import gather_objects, gather_scored, rank_slice
+from g2rpo.distributed import gather_objects, gather_scored, mean_over_ranks, rank_slice
 from g2rpo.ema import swapped_in
 from g2rpo.optimization import Optimization
 from g2rpo.policies.base import FlowPolicy
@@ -54,22 +53,6 @@ class Samples:
     images: Tensor
     prompts: list[str]
     rewards: Tensor
-
-
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Each metric averaged over the ranks that logged it (every rank logs the same keys, except algorithm
-    metrics of a rank that had nothing to train); ``.../max`` and ``.../min`` are the extremes over ranks."""
-    gathered = gather_objects(metrics)
-    if len(gathered) == 1:
-        return metrics
-    keys = dict.fromkeys(key for part in gathered for key in part)
-    reduce = {"max": np.max, "min": np.min}
-    return {
-        key: float(
-            reduce.get(key.rsplit("/", 1)[-1], np.mean)([part[key] for part in gathered if key in part])
-        )
-        for key in keys
-    }
 
 
 class RLModule(L.LightningModule):
