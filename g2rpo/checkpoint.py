@@ -16,18 +16,15 @@ tensor or a plain Python value, so reading needs no unpickling of code (``weight
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers.training_utils import EMAModel
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from g2rpo import ema
 from g2rpo.distributed import full_tensors
 from g2rpo.policies.base import FlowPolicy
-
-if TYPE_CHECKING:
-    from g2rpo.module import RLModule
 
 POLICY = "policy."  # RLModule.policy's weights in the state dict
 
@@ -36,7 +33,7 @@ def trainable_keys(module: nn.Module) -> set[str]:
     return {name for name, parameter in module.named_parameters() if parameter.requires_grad}
 
 
-def save(module: RLModule, checkpoint: dict) -> None:
+def save(module: LightningModule, checkpoint: dict) -> None:
     """Fill Lightning's ``checkpoint`` (``on_save_checkpoint``): keep only the trainable weights, add the
     rest of the training state."""
     trainable = trainable_keys(module)
@@ -47,7 +44,7 @@ def save(module: RLModule, checkpoint: dict) -> None:
     checkpoint["algorithm"] = full_tensors(module.algorithm.state_dict())
 
 
-def restore(module: RLModule, checkpoint: dict) -> None:
+def restore(module: LightningModule, checkpoint: dict) -> None:
     """Resume ``module`` from ``checkpoint`` (``on_load_checkpoint``; Lightning loads the weights)."""
     weights = checkpoint.get("state_dict")  # absent under FSDP: its strategy has loaded them already
     missing = sorted(trainable_keys(module) - weights.keys()) if weights is not None else []

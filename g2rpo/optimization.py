@@ -16,9 +16,9 @@ import math
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
@@ -26,9 +26,6 @@ from torch.distributed.tensor import DTensor
 
 from g2rpo.advantages import Advantages
 from g2rpo.distributed import all_max, all_sum, world
-
-if TYPE_CHECKING:
-    from g2rpo.module import RLModule
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,12 @@ class Optimization:
         self.skipped_in_a_row = 0
 
     def __call__(
-        self, module: RLModule, rollout, advantages: Advantages, generator: torch.Generator, iteration: int
+        self,
+        module: LightningModule,
+        rollout,
+        advantages: Advantages,
+        generator: torch.Generator,
+        iteration: int,
     ) -> dict[str, float]:
         """One optimiser step per minibatch; ``module.after_optimizer_step()`` after each one taken."""
         policy, algorithm = module.policy, module.algorithm
@@ -94,7 +96,7 @@ class Optimization:
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         return metrics
 
-    def _clip_gradients(self, module: RLModule, optimizer) -> float:
+    def _clip_gradients(self, module: LightningModule, optimizer) -> float:
         """Unscale (fp16 AMP), clip to ``max_grad_norm`` and return the pre-clip total norm."""
         module.trainer.precision_plugin.unscale_gradients(optimizer.optimizer)
         max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
@@ -145,7 +147,7 @@ def _weighted(units: list, padding, sharded: bool) -> tuple[list, list[float]]:
     return units, weights
 
 
-def _gradient_sync(module: RLModule, enabled: bool) -> AbstractContextManager:
+def _gradient_sync(module: LightningModule, enabled: bool) -> AbstractContextManager:
     """Accumulate without the gradient all-reduce (DDP) or reduce-scatter (FSDP) until a step's last
     backward."""
     if enabled or world()[1] == 1:

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from g2rpo.rewards.weights.checks import check_fits, check_keys
-
-if TYPE_CHECKING:
-    from g2rpo.rewards.imagereward import ImageRewardModel
 
 _VISION, _TEXT = "blip.visual_encoder.", "blip.text_encoder."
 #: ViT tensors outside the blocks: BLIP name -> ``BlipVisionModel`` name
@@ -118,7 +114,7 @@ def _depth(names: set[str], pattern: str) -> int:
 
 
 def convert_image_reward_state_dict(
-    state_dict: Mapping[str, Tensor], model: ImageRewardModel | None = None
+    state_dict: Mapping[str, Tensor], model: nn.Module | None = None
 ) -> dict[str, Tensor]:
     """``ImageReward.pt``'s state dict renamed to ``ImageRewardModel``'s keys.
 
