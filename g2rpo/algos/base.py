@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
-from g2rpo.policies.base import FlowPolicy
+from g2rpo.policies.base import Policy
 from g2rpo.rewards.base import RewardEnsemble
 from g2rpo.types import LossOutput, PromptBatch, RewardOutput, Rollout, TrainingUnit
 
@@ -40,7 +40,7 @@ class Algorithm(Generic[R]):
         return False
 
     def rollout(
-        self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
+        self, policy: Policy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> R:
         """Sample for ``batch``; ``iteration`` lets a schedule move with training (MixGRPO's window)."""
         raise NotImplementedError
@@ -65,10 +65,10 @@ class Algorithm(Generic[R]):
         """Training units grouped by optimiser step (outer list: one entry per step)."""
         raise NotImplementedError
 
-    def loss(self, policy: FlowPolicy, rollout: R, advantages: Advantages, unit: TrainingUnit) -> LossOutput:
+    def loss(self, policy: Policy, rollout: R, advantages: Advantages, unit: TrainingUnit) -> LossOutput:
         raise NotImplementedError
 
-    def on_optimizer_step(self, policy: FlowPolicy) -> None:
+    def on_optimizer_step(self, policy: Policy) -> None:
         """Called after every optimiser step, e.g. to move an EMA copy of the weights (DGPO's theta^-)."""
 
     def state_dict(self) -> dict:

@@ -1,6 +1,7 @@
-"""Policies: flow-matching text-to-image models behind the narrow interface the algorithms use."""
+"""Policies: the models under training, behind the narrow interfaces the algorithms use (flow models:
+:class:`FlowPolicy`; token samplers: :class:`~g2rpo.policies.tokens.TokenPolicy`; both: :class:`Policy`)."""
 
-from g2rpo.policies.base import FlowPolicy
+from g2rpo.policies.base import FlowPolicy, Policy
 from g2rpo.policies.flux import FluxPolicy, load_flux_pipeline
 from g2rpo.policies.sd3 import SD3Policy, load_sd3_pipeline
 from g2rpo.policies.tiny import char_tokenizer, tiny_flux_pipeline, tiny_sd3_pipeline
@@ -8,6 +9,7 @@ from g2rpo.policies.tiny import char_tokenizer, tiny_flux_pipeline, tiny_sd3_pip
 __all__ = [
     "FlowPolicy",
     "FluxPolicy",
+    "Policy",
     "SD3Policy",
     "char_tokenizer",
     "load_flux_pipeline",

@@ -14,14 +14,31 @@ from torch.distributed.device_mesh import DeviceMesh
 from g2rpo.types import Conditioning
 
 
-class FlowPolicy(nn.Module):
-    """A flow-matching text-to-image model under training.
+class Policy(nn.Module):
+    """A model under training, whatever it samples: the part of the interface every algorithm uses.
 
-    ``nfe`` counts the images pushed through the denoiser (a CFG forward of ``B`` images counts ``2B``),
-    so every cost the framework reports is what actually ran.
+    ``nfe`` counts network forwards, so every cost the framework reports is what actually ran (each kind of
+    policy says what one forward is).
     """
 
     nfe: int = 0
+
+    def reference(self) -> AbstractContextManager:
+        """Context in which the policy runs the frozen reference model (for KL terms)."""
+        raise NotImplementedError
+
+    def enable_reference(self) -> None:
+        """Make ``reference()`` available; called once before training when an algorithm needs it."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class FlowPolicy(Policy):
+    """A flow-matching text-to-image model under training.
+
+    ``nfe`` counts the images pushed through the denoiser (a CFG forward of ``B`` images counts ``2B``).
+    """
 
     def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
         """Text conditioning for ``prompts`` (and the empty-prompt negatives when ``negative``)."""
@@ -80,16 +97,6 @@ class FlowPolicy(nn.Module):
     ) -> Tensor:
         """``x_{sigma=1} ~ N(0, I)`` in the model's latent shape (fp32); a list gives one generator per sample."""
         raise NotImplementedError
-
-    def reference(self) -> AbstractContextManager:
-        """Context in which ``velocity`` runs the frozen reference model (for KL terms)."""
-        raise NotImplementedError
-
-    def enable_reference(self) -> None:
-        """Make ``reference()`` available; called once before training when an algorithm needs it."""
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     def shard(self, mesh: DeviceMesh, cpu_offload: bool = False) -> None:
         """Shard the denoiser's weights over ``mesh`` with FSDP2 (``trainer=fsdp``); ``cpu_offload`` keeps the

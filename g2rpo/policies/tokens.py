@@ -9,25 +9,23 @@ A policy can implement both interfaces over shared weights (a unified model): th
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from g2rpo.policies.base import Policy
 from g2rpo.types import TokenRollout
 
 TOKEN_TASKS = ("answer", "image")
 
 
-class TokenPolicy(nn.Module):
+class TokenPolicy(Policy):
     """A model under training that samples tokens.
 
     ``nfe`` counts sequences pushed through the network (one per decoding step and sequence; a CFG forward
     of ``B`` sequences counts ``2B``), as :class:`~g2rpo.policies.base.FlowPolicy` counts denoiser forwards.
     """
-
-    nfe: int = 0
 
     def sample_tokens(
         self,
@@ -47,13 +45,3 @@ class TokenPolicy(nn.Module):
         exactly as during sampling (``rollout.temperature`` and ``rollout.guidance_scale``), 0 where
         ``~rollout.mask``."""
         raise NotImplementedError
-
-    def reference(self) -> AbstractContextManager:
-        """Context in which the policy runs the frozen reference model (for KL terms)."""
-        raise NotImplementedError
-
-    def enable_reference(self) -> None:
-        """Make ``reference()`` available; called once before training when an algorithm needs it."""
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
