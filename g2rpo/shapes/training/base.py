@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,6 @@ from g2rpo.shapes.training.loop import (
     start,
 )
 from g2rpo.shapes.world import render
-
-log = logging.getLogger(__name__)
 
 
 class RenderedPairs(StepBatches):
@@ -120,9 +117,7 @@ class FlowMatchingPretraining(EMAPretraining):
             ]
         )  # the order of trainable()
         pipeline.to(torch.float16).save_pretrained(directory)
-        info = {"steps": step, "seconds": self.seconds(), "curve": self.curve}
-        (directory / "training.json").write_text(json.dumps(info, indent=2))
-        log.info("exported step %d to %s", step, directory)
+        self.record_export(directory, step)
 
 
 def main(argv: list[str] | None = None) -> None:

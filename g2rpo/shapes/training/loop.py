@@ -14,6 +14,7 @@ and :mod:`g2rpo.shapes.training.unified`, the unified model).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -107,7 +108,14 @@ class EMAPretraining(L.LightningModule):
         raise NotImplementedError
 
     def export(self, directory: Path, step: int) -> None:
+        """Save the EMA weights to ``directory`` in the model's own format, then :meth:`record_export`."""
         raise NotImplementedError
+
+    def record_export(self, directory: Path, step: int) -> None:
+        """``training.json`` beside an export: its step, the wall time and the loss curve so far."""
+        info = {"steps": step, "seconds": self.seconds(), "curve": self.curve}
+        (directory / "training.json").write_text(json.dumps(info, indent=2))
+        log.info("exported step %d to %s", step, directory)
 
     def start_ema(self, decay: float) -> None:
         self.ema = EMAModel(self.trainable(), decay=decay, use_ema_warmup=True, power=2 / 3)

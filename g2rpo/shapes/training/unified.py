@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +45,6 @@ from g2rpo.shapes.training.loop import (
 )
 from g2rpo.shapes.unified import UnifiedModel, load_unified_model, unified_model
 from g2rpo.shapes.world import render
-
-log = logging.getLogger(__name__)
 
 
 class UnifiedBatches(StepBatches):
@@ -179,9 +176,7 @@ class UnifiedPretraining(EMAPretraining):
         model = copy.deepcopy(self.model)
         self.ema.copy_to(model.parameters())
         model.save_pretrained(directory, dtype=torch.float16)
-        info = {"steps": step, "seconds": self.seconds(), "curve": self.curve}
-        (directory / "training.json").write_text(json.dumps(info, indent=2))
-        log.info("exported step %d to %s", step, directory)
+        self.record_export(directory, step)
 
 
 def main(argv: list[str] | None = None) -> None:
