@@ -332,7 +332,8 @@ class TokenRollout:
 
     @classmethod
     def cat(cls, parts: list[TokenRollout]) -> TokenRollout:
-        """Rollouts of the same task concatenated along the batch, sequences padded to the longest."""
+        """Rollouts of the same task concatenated along the batch, sequences padded to the longest (chunks of
+        one sampling, before the algorithm sets ``scored``)."""
         if len(parts) == 1:
             return parts[0]
         length = max(part.tokens.shape[1] for part in parts)
@@ -348,7 +349,6 @@ class TokenRollout:
             temperature=first.temperature,
             guidance_scale=first.guidance_scale,
             extras={key: _cat([part.extras[key] for part in parts]) for key in first.extras},
-            scored=None if first.scored is None else PromptBatch.concat([part.scored for part in parts]),
         )
 
     def select(self, rows: Tensor) -> TokenRollout:
