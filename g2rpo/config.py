@@ -46,6 +46,12 @@ def run_name(override_dirname: str) -> str:
     return re.sub(r"[/\\]+", "_", override_dirname) or "default"
 
 
+def torch_device(accelerator: str) -> str:
+    """The torch device of a Lightning accelerator, for the parts the trainer does not place (reward models):
+    ``gpu``/``cuda`` -> ``cuda`` (each rank's current device), anything else -> ``cpu``."""
+    return "cuda" if accelerator in ("gpu", "cuda") else "cpu"
+
+
 def register() -> None:
     store = ConfigStore.instance()
     for group, entries in SCHEMAS.items():
@@ -53,6 +59,8 @@ def register() -> None:
             store.store(group=f"schema/{group}", name=name, node=schema(cls))
     if not OmegaConf.has_resolver("g2rpo.run_name"):
         OmegaConf.register_new_resolver("g2rpo.run_name", run_name)
+    if not OmegaConf.has_resolver("g2rpo.torch_device"):
+        OmegaConf.register_new_resolver("g2rpo.torch_device", torch_device)
 
 
 register()

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import g2rpo.config  # noqa: F401  (registers schemas and resolvers before Hydra composes)
+import g2rpo.preflight
 from g2rpo.loggers import JsonlLogger, read_metrics
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build the run described by ``cfg`` and train it; returns the last value of every logged metric."""
+    g2rpo.preflight.check(cfg)  # a hub model: its weights, a GPU, a real reward, before anything loads
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
