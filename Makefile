@@ -14,7 +14,7 @@ LOCKER := .venv-lock
 PIP_TOOLS := pip-tools==7.7.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest run test test-all docs bench bench-gpu reproduce base-model unified-model reward-model lint format clean
+.PHONY: help install lock test-latest run test test-all docs bench bench-gpu gpu-check plans reproduce base-model unified-model reward-model lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -66,6 +66,12 @@ bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.
 GPU_ALGOS := flow_grpo dance_grpo mix_grpo g2rpo dgpo
 bench-gpu: $(STAMP) ## GPU only (else it says it skipped): SD3.5-M-shaped random model, 512 px, LoRA, groups of 24, per algorithm
 	for algo in $(GPU_ALGOS); do $(PY) -m experiments.bench model=sd35_medium_random trainer=gpu algo=$$algo --images 48 $(ARGS) || exit 1; done
+
+gpu-check: $(STAMP) ## First minutes on a GPU (~8 min; else it says it skipped): every algorithm, 2 checked iterations of an SD3.5-M-sized model
+	$(PY) -m experiments.gpu_check $(ARGS)
+
+plans: $(STAMP) ## Plan every paper preset on fake weights, and validate the planner against real CPU executions
+	$(PY) -m experiments.plans $(ARGS)
 
 reproduce: $(STAMP) ## Run the experiment suites and regenerate the result tables and curves
 	$(PY) -m experiments.reproduce $(ARGS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import hydra
@@ -14,8 +13,6 @@ import g2rpo.config  # noqa: F401  (schemas and resolvers, as g2rpo.run)
 from g2rpo.plan.gpus import gpu
 from g2rpo.plan.levers import with_levers
 from g2rpo.plan.report import render
-
-warnings.filterwarnings("ignore", message=r".*should be kept in float32.*")  # fake weights cast by .to()
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="plan")

@@ -70,6 +70,11 @@ def planned_dtype(dtype: str | None) -> str | None:
 def fake_model_config(model: DictConfig, architecture: str | None = None) -> DictConfig:
     """``cfg.model`` with a hub loader replaced by the shipped architecture on meta weights."""
     node = copy.deepcopy(model)
+    if node.get("janus") is not None:
+        raise NotImplementedError(
+            "Janus-Pro policies are not planned yet: their autoregressive rollout has a new shape at every "
+            "token, which replay cannot shortcut (docs/planning.md)"
+        )
     pipeline = node.get("pipeline")
     if pipeline is None:
         return node
@@ -89,8 +94,6 @@ def fake_model_config(model: DictConfig, architecture: str | None = None) -> Dic
         if "text_encoder_3" in pipeline:
             replacement["text_encoder_3"] = pipeline.text_encoder_3
         node.pipeline = OmegaConf.create(replacement)
-    elif target and target.endswith("load_janus"):
-        raise NotImplementedError("plan: Janus-Pro policies are not planned yet (docs/planning.md)")
     elif "dtype" in pipeline:
         pipeline.dtype = planned_dtype(pipeline.dtype)
     return node
@@ -140,7 +143,9 @@ class PlannedReward:
                 size = reward.image_size
                 pixels = images.new_empty(batch, 3, size, size)
                 reward.model.get_image_features(pixel_values=pixels)
-                ids = torch.zeros(batch, reward.model.config.text_config.max_position_embeddings, dtype=torch.long)
+                ids = torch.zeros(
+                    batch, reward.model.config.text_config.max_position_embeddings, dtype=torch.long
+                )
                 reward.model.get_text_features(input_ids=ids)
         scores = {name: torch.rand(batch, generator=self.generator) for name in self.weights}
         return RewardOutput(scores, self.weights, self.aggregate)
@@ -170,7 +175,9 @@ def placeholder_prompts(count: int) -> PromptDataset:
     return PromptDataset(prompts=[f"object {i}" for i in range(count)])
 
 
-def build(cfg: DictConfig, gpus_per_node: int = 8, architecture: str | None = None, real: bool = False) -> Parts:
+def build(
+    cfg: DictConfig, gpus_per_node: int = 8, architecture: str | None = None, real: bool = False
+) -> Parts:
     """The run's parts on fake weights (``real=True``: on real ones, for validating the plan on CPU)."""
     mode = fake.new_fake_mode()
     algorithm = instantiate(cfg.algo, _convert_="object")
@@ -190,8 +197,15 @@ def build(cfg: DictConfig, gpus_per_node: int = 8, architecture: str | None = No
         fake.materialize(policy, mode)
     optimizer = instantiate(cfg.optimizer)(policy.trainable_parameters())
     return Parts(
-        algorithm, curriculum, dataset, reward, policy, optimizer, None,
-        world_size(cfg.trainer, gpus_per_node), mode,
+        algorithm,
+        curriculum,
+        dataset,
+        reward,
+        policy,
+        optimizer,
+        None,
+        world_size(cfg.trainer, gpus_per_node),
+        mode,
     )
 
 
@@ -233,7 +247,7 @@ def label_state(meter: Meter, parts: Parts) -> None:
         meter.add(frozen, f"frozen weights: {name}")
         meter.add(trainable, f"trained weights: {name}")
         meter.add(child.buffers(), f"frozen weights: {name}")
-    for name, reward in parts.reward.models.items():
+    for reward in parts.reward.models.values():
         if reward.on_gpu:
             meter.add(reward.model.parameters(), "reward models")
             meter.add(reward.model.buffers(), "reward models")
@@ -252,8 +266,15 @@ def warm_up(cfg: DictConfig, parts: Parts, meter: Meter) -> None:
         p.grad = torch.zeros_like(p)
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
-    meter.label([t for state in parts.optimizer.state.values() for t in state.values()
-                   if isinstance(t, torch.Tensor)], "optimizer state")
+    meter.label(
+        [
+            t
+            for state in parts.optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        ],
+        "optimizer state",
+    )
     parts.algorithm.on_optimizer_step(parts.policy)
     for serial, _ in list(meter.live.values()):
         meter.labels.setdefault(serial, "algorithm state")
@@ -278,8 +299,12 @@ def execute(cfg: DictConfig, parts: Parts, iteration: int = 0, replayed: bool = 
 
     replay = Replay(meter)
     result.replay = replay
-    denoisers = [m for m in (getattr(policy, "trained", None), getattr(policy, "reference_copy", None)) if m is not None]
-    with meter, _autocast(cfg), (replay.around(denoisers) if replayed else nullcontext()):
+    denoisers = [
+        m
+        for m in (getattr(policy, "trained", None), getattr(policy, "reference_copy", None))
+        if m is not None
+    ]
+    with meter, _autocast(cfg), replay.around(denoisers) if replayed else nullcontext():
         label_state(meter, parts)
         warm_up(cfg, parts, meter)
         with phase("prompts"):
@@ -325,7 +350,10 @@ def parameter_counts(parts: Parts) -> dict[str, dict[str, int]]:
             "trainable": sum(p.numel() for p in params if p.requires_grad),
         }
     for name, reward in parts.reward.models.items():
-        counts[f"reward: {name}"] = {"total": sum(p.numel() for p in reward.model.parameters()), "trainable": 0}
+        counts[f"reward: {name}"] = {
+            "total": sum(p.numel() for p in reward.model.parameters()),
+            "trainable": 0,
+        }
     return counts
 
 

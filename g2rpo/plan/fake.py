@@ -120,4 +120,9 @@ def pipeline(name: str, dtype: str = "bfloat16", **without: Any):
         if component.get("tokenizer") and components.get(component["encoder"]) is None:
             components[key] = None
     built = getattr(diffusers, spec["pipeline"])(**components)
-    return built.to(dtype=getattr(torch, dtype))
+    verbosity = diffusers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()  # "modules ... should be kept in float32": none here, as loaded
+    try:
+        return built.to(dtype=getattr(torch, dtype))
+    finally:
+        diffusers.logging.set_verbosity(verbosity)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -23,7 +23,10 @@ from g2rpo.plan.planner import plan_run, summarise
 CONF = Path(__file__).resolve().parents[2] / "conf"
 #: the model config whose LoRA a full fine-tuning lever takes, by shipped architecture
 LORA_FROM = {"g2rpo.policies.FluxPolicy": "flux_dev", "g2rpo.policies.SD3Policy": "sd35_medium"}
-FSDP = {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy", "save_distributed_checkpoint": False}
+FSDP = {
+    "_target_": "lightning.pytorch.strategies.ModelParallelStrategy",
+    "save_distributed_checkpoint": False,
+}
 
 
 @dataclass
@@ -47,31 +50,65 @@ def candidates(cfg: DictConfig) -> list[Lever]:
     model, algo = cfg.model, cfg.algo
     levers = []
     if model.get("gradient_checkpointing") is False:
-        levers.append(Lever("gradient checkpointing", "model.gradient_checkpointing=true",
-                            _set(**{"model.gradient_checkpointing": True})))
+        levers.append(
+            Lever(
+                "gradient checkpointing",
+                "model.gradient_checkpointing=true",
+                _set(**{"model.gradient_checkpointing": True}),
+            )
+        )
     if "lora" in model and model.lora is None and model.get("_target_") in LORA_FROM:
         source = LORA_FROM[model._target_]
         lora = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{source}.yaml").lora)
-        levers.append(Lever("LoRA instead of full fine-tuning", f"model.lora=<conf/model/{source}.yaml's lora>",
-                            _set(**{"model.lora": lora})))
+        levers.append(
+            Lever(
+                "LoRA instead of full fine-tuning",
+                f"model.lora=<conf/model/{source}.yaml's lora>",
+                _set(**{"model.lora": lora}),
+            )
+        )
     batch = algo.get("rollout_batch_size")
     if batch and batch > 1:
-        levers.append(Lever("half the micro-batch", f"algo.rollout_batch_size={batch // 2}",
-                            _set(**{"algo.rollout_batch_size": batch // 2})))
+        levers.append(
+            Lever(
+                "half the micro-batch",
+                f"algo.rollout_batch_size={batch // 2}",
+                _set(**{"algo.rollout_batch_size": batch // 2}),
+            )
+        )
     pipeline = model.get("pipeline") or {}
     if pipeline.get("text_encoder_3") is True:
-        levers.append(Lever("no T5 (the pipeline feeds zeros)", "model.pipeline.text_encoder_3=false",
-                            _set(**{"model.pipeline.text_encoder_3": False})))
+        levers.append(
+            Lever(
+                "no T5 (the pipeline feeds zeros)",
+                "model.pipeline.text_encoder_3=false",
+                _set(**{"model.pipeline.text_encoder_3": False}),
+            )
+        )
     if (algo.get("guidance_scale") or 1.0) > 1.0:
-        levers.append(Lever("CFG-free rollouts", "algo.guidance_scale=1", _set(**{"algo.guidance_scale": 1.0})))
+        levers.append(
+            Lever("CFG-free rollouts", "algo.guidance_scale=1", _set(**{"algo.guidance_scale": 1.0}))
+        )
     strategy = cfg.trainer.get("strategy")
     fsdp = isinstance(strategy, DictConfig) and "ModelParallelStrategy" in str(strategy.get("_target_", ""))
     if not fsdp:
-        levers.append(Lever("FSDP over the node's devices", "trainer=fsdp",
-                            _set(**{"trainer.strategy": FSDP}), executed=False))
+        levers.append(
+            Lever(
+                "FSDP over the node's devices",
+                "trainer=fsdp",
+                _set(**{"trainer.strategy": FSDP}),
+                executed=False,
+            )
+        )
     if not cfg.module.get("fsdp_cpu_offload"):
-        levers.append(Lever("FSDP with CPU offload", "trainer=fsdp module.fsdp_cpu_offload=true",
-                            _set(**{"trainer.strategy": FSDP, "module.fsdp_cpu_offload": True}), executed=False))
+        levers.append(
+            Lever(
+                "FSDP with CPU offload",
+                "trainer=fsdp module.fsdp_cpu_offload=true",
+                _set(**{"trainer.strategy": FSDP, "module.fsdp_cpu_offload": True}),
+                executed=False,
+            )
+        )
     return levers
 
 
@@ -100,13 +137,15 @@ def with_levers(
             result = plan_run(changed, gpu, mfu, gpus_per_node, architecture, replayed)
         else:
             result = summarise(changed, parts, run, gpu, mfu, gpus_per_node)
-        summary["levers"].append({
-            "lever": lever.name,
-            "overrides": lever.overrides,
-            "peak_bytes": result["memory"]["peak_bytes"],
-            "peak_phase": result["memory"]["peak_phase"],
-            "fits": result["fits"],
-            "seconds_per_iteration": result["time"][gpu.name]["seconds_per_iteration"],
-        })
+        summary["levers"].append(
+            {
+                "lever": lever.name,
+                "overrides": lever.overrides,
+                "peak_bytes": result["memory"]["peak_bytes"],
+                "peak_phase": result["memory"]["peak_phase"],
+                "fits": result["fits"],
+                "seconds_per_iteration": result["time"][gpu.name]["seconds_per_iteration"],
+            }
+        )
     summary["levers_seconds"] = time.perf_counter() - started - summary["plan_seconds"]
     return summary

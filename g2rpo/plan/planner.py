@@ -73,13 +73,16 @@ def sharding(cfg: DictConfig, parts: Parts, gpus_per_node: int) -> Sharding:
         for block in getattr(getattr(policy, "trained", policy), name, [])
     ]
     if fsdp and blocks:
+
         def nbytes(params) -> int:
             return sum(p.numel() * p.element_size() for p in params)
 
         in_blocks = {id(p) for block in blocks for p in block.parameters()}
         result.root_bytes = nbytes(p for p in policy.trained.parameters() if id(p) not in in_blocks)
         result.block_bytes = max(nbytes(block.parameters()) for block in blocks)
-        result.block_grad_bytes = max(nbytes(p for p in block.parameters() if p.requires_grad) for block in blocks)
+        result.block_grad_bytes = max(
+            nbytes(p for p in block.parameters() if p.requires_grad) for block in blocks
+        )
     return result
 
 
@@ -103,7 +106,7 @@ def summarise(
     meter = run.meter
     shards = sharding(cfg, parts, gpus_per_node)
     phases = {}
-    for name, peak in meter.peaks.items():
+    for name in meter.peaks:
         if not name:
             continue
         detail = per_rank(meter.breakdown(name), shards, training=name == "training")
@@ -127,8 +130,12 @@ def summarise(
     return {
         "world_size": parts.world_size,
         "strategy": shards.describe(),
-        "per_rank": {"prompts": run.prompts, "images": run.images, "loss_units": run.units,
-                     "optimizer_steps": run.optimizer_steps},
+        "per_rank": {
+            "prompts": run.prompts,
+            "images": run.images,
+            "loss_units": run.units,
+            "optimizer_steps": run.optimizer_steps,
+        },
         "iterations": iterations,
         "parameters": parameter_counts(parts),
         "memory": {

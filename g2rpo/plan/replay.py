@@ -45,7 +45,9 @@ def _signature(module: nn.Module, args, kwargs) -> tuple:
             parts.append(float)  # a sigma or a scale: its value changes no cost
         else:
             parts.append(leaf)
-    adapters = tuple(layer.disable_adapters for layer in module.modules() if isinstance(layer, BaseTunerLayer))[:1]
+    adapters = tuple(
+        layer.disable_adapters for layer in module.modules() if isinstance(layer, BaseTunerLayer)
+    )[:1]
     grad = torch.is_grad_enabled()
     # a training forward whose backward allocates the gradients costs differently from one that accumulates
     accumulating = grad and all(p.grad is not None for p in module.parameters() if p.requires_grad)
@@ -78,7 +80,9 @@ class _Replayed(torch.autograd.Function):
         ctx.replay, ctx.recorded, ctx.saved = replay, recorded, saved
         ctx.save_for_backward(*parameters)
         anchor = parameters[0]
-        return tuple(anchor.new_empty(meta[0], dtype=meta[1]) for meta in recorded.outputs if meta is not None)
+        return tuple(
+            anchor.new_empty(meta[0], dtype=meta[1]) for meta in recorded.outputs if meta is not None
+        )
 
     @staticmethod
     def backward(ctx, *grads):
@@ -141,7 +145,10 @@ class Replay:
         if torch.is_grad_enabled():
             if len(tensors) != 1 or not tensors[0].requires_grad:
                 return out  # not a shape this replay handles: keep executing it
-            leaves = [_Probe.apply(self, recorded, leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            leaves = [
+                _Probe.apply(self, recorded, leaf) if isinstance(leaf, torch.Tensor) else leaf
+                for leaf in leaves
+            ]
             out = tree_unflatten(leaves, spec)
         self.cache[key] = recorded
         return out
@@ -152,7 +159,8 @@ class Replay:
             recorded = self.cache.get(key)
             grad = torch.is_grad_enabled()
             inputs_need_grad = any(
-                isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in tree_flatten((args, kwargs))[0]
+                isinstance(leaf, torch.Tensor) and leaf.requires_grad
+                for leaf in tree_flatten((args, kwargs))[0]
             )
             if recorded is None or (grad and (recorded.backward_flops is None or inputs_need_grad)):
                 if recorded is None:
@@ -168,7 +176,10 @@ class Replay:
                 saved = anchor.new_empty(recorded.retained, dtype=torch.uint8)
                 self.meter.transient(recorded.temporaries)
                 outputs = iter(_Replayed.apply(self, recorded, saved, *parameters))
-                leaves = [next(outputs) if meta is not None else other for meta, other in zip(recorded.outputs, recorded.others)]
+                leaves = [
+                    next(outputs) if meta is not None else other
+                    for meta, other in zip(recorded.outputs, recorded.others)
+                ]
                 return tree_unflatten(leaves, recorded.spec)
             leaves = [
                 anchor.new_empty(meta[0], dtype=meta[1]) if meta is not None else other

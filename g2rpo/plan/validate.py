@@ -35,7 +35,10 @@ def _state_bytes(parts) -> int:
 def allocator_peak(events) -> int:
     """Peak of the allocator's live bytes over a profile, relative to its start."""
     deltas = [
-        (event.time_range.start, event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage)
+        (
+            event.time_range.start,
+            event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage,
+        )
         for event in events
     ]
     current = peak = 0
