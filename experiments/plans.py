@@ -113,14 +113,15 @@ def presets_table(plans: list[dict]) -> str:
 def validation_table(results: list[tuple[str, list[str], dict]]) -> str:
     rows = [
         "| run | overrides | planned FLOPs | executed FLOPs | planned peak | executed peak | planned / executed "
-        "| plan s | execution s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| the same above the weights | plan s | execution s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, overrides, r in results:
         rows.append(
             f"| {name} | `{' '.join(overrides) or '(defaults)'}` | {r['planned_flops']:,} | {r['executed_flops']:,} "
             f"| {r['planned_peak_bytes'] / 2**20:,.1f} MiB | {r['executed_peak_bytes'] / 2**20:,.1f} MiB "
-            f"| {r['memory_ratio']:.4f} | {r['plan_seconds']:.1f} | {r['execution_seconds']:.1f} |"
+            f"| {r['memory_ratio']:.4f} | {r['iteration_memory_ratio']:.4f} | {r['plan_seconds']:.1f} "
+            f"| {r['execution_seconds']:.1f} |"
         )
     return "\n".join(rows) + "\n"
 

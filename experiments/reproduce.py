@@ -373,6 +373,13 @@ def index(suites: list[Suite]) -> str:
         "",
     ]
     lines += [f"- [{s.title}]({s.name}.md)" + (f": {s.summary}" if s.summary else "") for s in suites]
+    lines += [
+        "",
+        "Written by `python -m experiments.plans` (`make plans`), from plans on fake weights rather than runs:",
+        "",
+        "- [Every paper preset, planned](plans.md): per-GPU memory, fit, TFLOP, time and GPU-hours (docs/planning.md)",
+        "- [The planner against real executions](plan_validation.md): planned vs executed FLOPs and peak memory on CPU",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,6 @@ and minibatches are real values: the costs of an iteration do not depend on rewa
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +123,7 @@ class PlannedReward:
             if cls.__name__ in REWARD_ARCHITECTURES:
                 spec = fake.architecture(REWARD_ARCHITECTURES[cls.__name__])
                 with fake.meta_parameters():
-                    tower = fake._component(spec["model"])
+                    tower = fake.component(spec["model"])
                 dtype = planned_dtype(node.get("dtype", "float32"))
                 tower = fake.materialize(tower.to(getattr(torch, dtype)).eval().requires_grad_(False), mode)
                 on_gpu = str(node.get("device", "cpu")).startswith("cuda")
@@ -355,7 +354,3 @@ def parameter_counts(parts: Parts) -> dict[str, dict[str, int]]:
             "trainable": 0,
         }
     return counts
-
-
-def as_dict(value: Mapping) -> dict:
-    return {str(k): v for k, v in value.items()}

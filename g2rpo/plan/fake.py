@@ -76,7 +76,7 @@ def architecture(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _component(spec: dict[str, Any]) -> Any:
+def component(spec: dict[str, Any]) -> Any:
     """A diffusers or transformers class built from its config on meta parameters (a scheduler for real)."""
     import diffusers
     import transformers
@@ -108,16 +108,15 @@ def pipeline(name: str, dtype: str = "bfloat16", **without: Any):
     spec = architecture(name)
     components: dict[str, Any] = {}
     with meta_parameters():
-        for key, component in spec["components"].items():
+        for key, part in spec["components"].items():
             if without.get(key, True) is False:
                 components[key] = None
-                continue
-            if component.get("tokenizer"):
-                components[key] = char_tokenizer(component["max_length"])
+            elif part.get("tokenizer"):
+                components[key] = char_tokenizer(part["max_length"])
             else:
-                components[key] = _component(component)
-    for key, component in spec["components"].items():
-        if component.get("tokenizer") and components.get(component["encoder"]) is None:
+                components[key] = component(part)
+    for key, part in spec["components"].items():
+        if part.get("tokenizer") and components.get(part["encoder"]) is None:
             components[key] = None
     built = getattr(diffusers, spec["pipeline"])(**components)
     verbosity = diffusers.logging.get_verbosity()

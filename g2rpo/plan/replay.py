@@ -90,7 +90,18 @@ class _Replayed(torch.autograd.Function):
         meter.transient(recorded.backward_peak)
         meter.flops[meter.phase] += recorded.backward_flops
         ctx.saved = None  # the activations it stood for are released by the backward
-        return (None, None, None, *[p.new_empty(p.shape) for p in ctx.saved_tensors])
+        # A real backward hands each block's gradients to AccumulateGrad as it goes: they become .grad (the
+        # first backward of a step) or are added in place and freed. All at once here, so gradients that are
+        # only added come as broadcast views of one element: no allocation that the real one does not make.
+        return (
+            None,
+            None,
+            None,
+            *[
+                p.new_empty(p.shape) if p.grad is None else p.new_empty(()).expand(p.shape)
+                for p in ctx.saved_tensors
+            ],
+        )
 
 
 class Replay:

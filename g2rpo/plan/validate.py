@@ -71,6 +71,8 @@ def compare(cfg: DictConfig, replayed: bool = True) -> dict:
         "planned_peak_bytes": planned.meter.peak.bytes,
         "executed_peak_bytes": executed_peak,
         "memory_ratio": planned.meter.peak.bytes / executed_peak,
+        # the same, above the weights (which both count alike): how well the iteration's own memory is planned
+        "iteration_memory_ratio": (planned.meter.peak.bytes - weights) / max(executed_peak - weights, 1),
         "weights_bytes": weights,
         "plan_seconds": plan_seconds,
         "execution_seconds": run_seconds,
