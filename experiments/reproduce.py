@@ -372,14 +372,13 @@ def index(suites: list[Suite]) -> str:
         "`experiments/suites/SUITE.yaml` (this index by every call; `--index-only` writes just it).",
         "",
     ]
-    lines += [f"- [{s.title}]({s.name}.md)" + (f": {s.summary}" if s.summary else "") for s in suites]
     lines += [
+        "Two pages come from `python -m experiments.plans` (`make plans`), plans on fake weights rather than runs:",
+        "[every paper preset, planned](plans.md) (per-GPU memory, fit, TFLOP, time and GPU-hours) and",
+        "[the planner against real executions](plan_validation.md) (docs/planning.md).",
         "",
-        "Written by `python -m experiments.plans` (`make plans`), from plans on fake weights rather than runs:",
-        "",
-        "- [Every paper preset, planned](plans.md): per-GPU memory, fit, TFLOP, time and GPU-hours (docs/planning.md)",
-        "- [The planner against real executions](plan_validation.md): planned vs executed FLOPs and peak memory on CPU",
     ]
+    lines += [f"- [{s.title}]({s.name}.md)" + (f": {s.summary}" if s.summary else "") for s in suites]
     return "\n".join(lines) + "\n"
 
 

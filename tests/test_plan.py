@@ -24,22 +24,21 @@ GiB = 2**30
 @pytest.mark.parametrize(
     "overrides",
     [
-        [],  # the shapes world (make run's model)
-        ["model=tiny_flux", "algo=g2rpo", "algo.guidance_scale=1"],
+        ["curriculum.prompts_per_iteration=2", "curriculum.group_size=4"],  # the shapes world (make run's model)
+        ["model=tiny_flux", "algo=g2rpo", "algo.guidance_scale=1", "algo.num_steps=6",
+         "curriculum.prompts_per_iteration=1", "curriculum.group_size=3"],
         ["model=tiny_sd3", "algo=dgpo", "trainer.precision=bf16-mixed"],
-        [
-            "model=sd35_medium_random",
-            "model.pipeline.transformer.num_layers=2",
-            "model.pipeline.transformer.dual_attention_layers=[0,1]",
-            "model.resolution=256",
-            "algo=dgpo",
-            "curriculum.prompts_per_iteration=1",
-            "curriculum.group_size=2",
-            "algo.rollout_batch_size=2",
-        ],
+        pytest.param(
+            [
+                "model=sd35_medium_random", "model.pipeline.transformer.num_layers=2",
+                "model.pipeline.transformer.dual_attention_layers=[0,1]", "model.resolution=256", "algo=dgpo",
+                "curriculum.prompts_per_iteration=1", "curriculum.group_size=2", "algo.rollout_batch_size=2",
+            ],
+            marks=pytest.mark.slow,  # ~50 s; its figures are in experiments/results/plan_validation.md
+        ),
     ],
     ids=["shapes", "tiny-flux-g2rpo", "tiny-sd3-dgpo-bf16", "sd35-width-2-layers"],
-)
+)  # fmt: skip
 def test_the_plan_matches_the_real_execution(compose_config, overrides):
     """Planned (fake weights, replayed repeats) vs executed (real weights, every op): the same FLOPs, and
     the peak within 10% of what the CPU allocator handed out."""

@@ -35,7 +35,7 @@ class Recorded:
     backward_peak: int = 0  # bytes above the live total at the backward's start, at its own peak
 
 
-def _signature(module: nn.Module, args, kwargs) -> tuple:
+def _signature(module: nn.Module, facts: _Facts, args, kwargs) -> tuple:
     leaves, spec = tree_flatten((args, kwargs))
     parts = []
     for leaf in leaves:
@@ -45,13 +45,24 @@ def _signature(module: nn.Module, args, kwargs) -> tuple:
             parts.append(float)  # a sigma or a scale: its value changes no cost
         else:
             parts.append(leaf)
-    adapters = tuple(
-        layer.disable_adapters for layer in module.modules() if isinstance(layer, BaseTunerLayer)
-    )[:1]
+    adapters = facts.lora_layer.disable_adapters if facts.lora_layer is not None else None
     grad = torch.is_grad_enabled()
     # a training forward whose backward allocates the gradients costs differently from one that accumulates
-    accumulating = grad and all(p.grad is not None for p in module.parameters() if p.requires_grad)
+    accumulating = grad and all(p.grad is not None for p in facts.trainable)
     return (id(module), str(spec), tuple(parts), adapters, grad, accumulating)
+
+
+@dataclass
+class _Facts:
+    """What a signature reads of a module, found once (walking FLUX's 1,500 modules per forward is slow)."""
+
+    lora_layer: BaseTunerLayer | None
+    trainable: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Facts:
+        layers = [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+        return cls(layers[0] if layers else None, [p for p in module.parameters() if p.requires_grad])
 
 
 class _Probe(torch.autograd.Function):
@@ -114,6 +125,13 @@ class Replay:
         self.pending: list[tuple[Recorded, int, int]] = []
         self.executed = 0
         self.replayed = 0
+        self._token: torch.Tensor | None = None
+
+    def token(self, like: torch.Tensor) -> torch.Tensor:
+        """A one-element trainable stand-in, so that a replayed forward's output requires a gradient."""
+        if self._token is None:
+            self._token = nn.Parameter(like.new_empty((), dtype=torch.float32))
+        return self._token
 
     @contextmanager
     def around(self, modules: list[nn.Module]) -> Iterator[None]:
@@ -165,8 +183,10 @@ class Replay:
         return out
 
     def _wrapped(self, module: nn.Module, forward):
+        facts = _Facts.of(module)
+
         def replayable(*args, **kwargs):
-            key = _signature(module, args, kwargs)
+            key = _signature(module, facts, args, kwargs)
             recorded = self.cache.get(key)
             grad = torch.is_grad_enabled()
             inputs_need_grad = any(
@@ -181,9 +201,12 @@ class Replay:
             self.meter.flops[self.meter.phase] += recorded.flops
             anchor = next(module.parameters())
             if grad:
-                parameters = [p for p in module.parameters() if p.requires_grad]
-                if not parameters:
+                if not facts.trainable:
                     return forward(*args, **kwargs)
+                # Gradients that only accumulate change no memory and no FLOPs: one token parameter carries
+                # the graph instead of all of them (FLUX: 1,168 in-place additions per backward saved)
+                accumulating = key[-1]
+                parameters = [self.token(anchor)] if accumulating else facts.trainable
                 saved = anchor.new_empty(recorded.retained, dtype=torch.uint8)
                 self.meter.transient(recorded.temporaries)
                 outputs = iter(_Replayed.apply(self, recorded, saved, *parameters))
