@@ -34,19 +34,16 @@ from g2rpo.distributed import rank_slice
 from g2rpo.plan import fake
 from g2rpo.plan.meter import Meter
 from g2rpo.plan.replay import Replay
+from g2rpo.preflight import HUB_LOADERS
 from g2rpo.randomness import iteration_generator
 from g2rpo.types import RewardOutput
 
+#: the loaders whose hub weights the planner replaces by a shipped architecture
+LOADERS = {target for target, node in HUB_LOADERS.items() if node == "pipeline"}
 #: hub models whose architecture ships with the planner (``g2rpo/plan/architectures``)
 HUB_ARCHITECTURES = {
     "stabilityai/stable-diffusion-3.5-medium": "sd35_medium",
     "black-forest-labs/FLUX.1-dev": "flux1_dev",
-}
-LOADERS = {
-    "g2rpo.policies.load_sd3_pipeline",
-    "g2rpo.policies.sd3.load_sd3_pipeline",
-    "g2rpo.policies.load_flux_pipeline",
-    "g2rpo.policies.flux.load_flux_pipeline",
 }
 #: CLIP-family rewards and the tower they run (HPSv2.1 and PickScore: OpenCLIP ViT-H-14; G2RPO's DFN5B
 #: ClipCosine is a ViT-H-14 too; CLIP score and the aesthetic predictor: OpenAI ViT-L/14)
@@ -160,13 +157,16 @@ class Parts:
     optimizer: torch.optim.Optimizer
     ema: Any
     world_size: int
-    fake_mode: Any
+
+
+def devices_per_node(trainer: DictConfig, gpus_per_node: int) -> int:
+    """``trainer.devices``, with ``auto`` meaning ``gpus_per_node``."""
+    devices = trainer.get("devices", 1)
+    return gpus_per_node if devices in ("auto", -1) else int(devices)
 
 
 def world_size(trainer: DictConfig, gpus_per_node: int) -> int:
-    devices = trainer.get("devices", 1)
-    devices = gpus_per_node if devices in ("auto", -1) else int(devices)
-    return devices * int(trainer.get("num_nodes", 1))
+    return devices_per_node(trainer, gpus_per_node) * int(trainer.get("num_nodes", 1))
 
 
 def placeholder_prompts(count: int) -> PromptDataset:
@@ -204,7 +204,6 @@ def build(
         optimizer,
         None,
         world_size(cfg.trainer, gpus_per_node),
-        mode,
     )
 
 
@@ -312,7 +311,7 @@ def execute(cfg: DictConfig, parts: Parts, iteration: int = 0, replayed: bool = 
             )
             with _as_rank0_of(parts.world_size):
                 prompts = rank_slice(everyone)
-        result.prompts = len(prompts.groups.first)
+        result.prompts = prompts.groups.count
         with phase("rollout"), torch.no_grad():
             rollout = algorithm.rollout(policy, prompts, sampling, iteration)
         result.images = len(rollout.scored)

@@ -62,10 +62,6 @@ def materialize(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
     return module
 
 
-def is_fake(module: nn.Module) -> bool:
-    return any(isinstance(p, FakeTensor) for p in module.parameters())
-
-
 @cache
 def architecture(name: str) -> dict[str, Any]:
     """A shipped architecture (``architectures/<name>.json``): the configs of a hub model's components."""

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from g2rpo.plan.execute import build, execute
 from g2rpo.plan.gpus import GPU
-from g2rpo.plan.planner import plan_run, summarise
+from g2rpo.plan.planner import executed, plan_run, summarise
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 #: the model config whose LoRA a full fine-tuning lever takes, by shipped architecture
@@ -123,8 +122,7 @@ def with_levers(
 ) -> dict:
     """The plan of ``cfg``; for a misfit (and ``levers``), each lever's plan beside it."""
     started = time.perf_counter()
-    parts = build(cfg, gpus_per_node=gpus_per_node, architecture=architecture)
-    run = execute(cfg, parts, replayed=replayed)
+    parts, run = executed(cfg, gpus_per_node, architecture, replayed)
     summary = summarise(cfg, parts, run, gpu, mfu, gpus_per_node)
     summary["levers"] = []
     summary["plan_seconds"] = time.perf_counter() - started

@@ -78,10 +78,6 @@ class Meter(TorchDispatchMode):
             if tensor is not None and (entry := self.live.get(id(tensor.untyped_storage()))):
                 self.labels[entry[0]] = label
 
-    def bytes_of(self, label: str) -> int:
-        """Live bytes labelled ``label`` now."""
-        return sum(size for serial, size in self.live.values() if self.labels.get(serial) == label)
-
     def breakdown(self, phase: str | None = None, unlabelled: str = "activations") -> dict[str, int]:
         """A phase's peak (the overall peak by default) split by label; storages never labelled count as
         ``unlabelled``. Parts sum to the peak within ``resolution``."""

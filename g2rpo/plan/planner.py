@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from g2rpo.plan.execute import Execution, Parts, build, execute, parameter_counts
+from g2rpo.plan.execute import Execution, Parts, build, devices_per_node, execute, parameter_counts
 from g2rpo.plan.gpus import GPU, GPUS
 
-GiB = 2**30
 SHARDED = {
     "frozen weights: transformer",
     "trained weights: transformer",
@@ -63,8 +62,7 @@ class Sharding:
 def sharding(cfg: DictConfig, parts: Parts, gpus_per_node: int) -> Sharding:
     strategy = cfg.trainer.get("strategy")
     fsdp = isinstance(strategy, DictConfig) and "ModelParallelStrategy" in str(strategy.get("_target_", ""))
-    devices = cfg.trainer.get("devices", 1)
-    degree = gpus_per_node if devices in ("auto", -1) else int(devices)
+    degree = devices_per_node(cfg.trainer, gpus_per_node)
     result = Sharding(fsdp, degree if fsdp else 1, bool(cfg.module.get("fsdp_cpu_offload")) and fsdp)
     policy = parts.policy
     blocks = [
@@ -164,6 +162,14 @@ def summarise(
     }
 
 
+def executed(
+    cfg: DictConfig, gpus_per_node: int = 8, architecture: str | None = None, replayed: bool = True
+) -> tuple[Parts, Execution]:
+    """The run's parts on fake weights, and its iteration executed on them."""
+    parts = build(cfg, gpus_per_node=gpus_per_node, architecture=architecture)
+    return parts, execute(cfg, parts, replayed=replayed)
+
+
 def plan_run(
     cfg: DictConfig,
     gpu: GPU,
@@ -174,8 +180,7 @@ def plan_run(
 ) -> dict:
     """Build the run of ``cfg`` on fake weights, execute one iteration and summarise it."""
     started = time.perf_counter()
-    parts = build(cfg, gpus_per_node=gpus_per_node, architecture=architecture)
-    run = execute(cfg, parts, replayed=replayed)
+    parts, run = executed(cfg, gpus_per_node, architecture, replayed)
     summary = summarise(cfg, parts, run, gpu, mfu, gpus_per_node)
     summary["plan_seconds"] = time.perf_counter() - started
     return summary

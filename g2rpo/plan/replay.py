@@ -35,7 +35,8 @@ class Recorded:
     backward_peak: int = 0  # bytes above the live total at the backward's start, at its own peak
 
 
-def _signature(module: nn.Module, facts: _Facts, args, kwargs) -> tuple:
+def _signature(module: nn.Module, facts: _Facts, args, kwargs) -> tuple[tuple, bool]:
+    """What a forward's cost depends on, and whether any of its inputs requires a gradient."""
     leaves, spec = tree_flatten((args, kwargs))
     parts = []
     for leaf in leaves:
@@ -49,7 +50,8 @@ def _signature(module: nn.Module, facts: _Facts, args, kwargs) -> tuple:
     grad = torch.is_grad_enabled()
     # a training forward whose backward allocates the gradients costs differently from one that accumulates
     accumulating = grad and all(p.grad is not None for p in facts.trainable)
-    return (id(module), str(spec), tuple(parts), adapters, grad, accumulating)
+    inputs_need_grad = any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves)
+    return (id(module), str(spec), tuple(parts), adapters, grad, accumulating), inputs_need_grad
 
 
 @dataclass
@@ -186,13 +188,9 @@ class Replay:
         facts = _Facts.of(module)
 
         def replayable(*args, **kwargs):
-            key = _signature(module, facts, args, kwargs)
+            key, inputs_need_grad = _signature(module, facts, args, kwargs)
             recorded = self.cache.get(key)
             grad = torch.is_grad_enabled()
-            inputs_need_grad = any(
-                isinstance(leaf, torch.Tensor) and leaf.requires_grad
-                for leaf in tree_flatten((args, kwargs))[0]
-            )
             if recorded is None or (grad and (recorded.backward_flops is None or inputs_need_grad)):
                 if recorded is None:
                     return self._record(module, forward, key, args, kwargs)
