@@ -3,7 +3,6 @@ policy export, and the curriculum's state as W&B histograms."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ from diffusers.utils import make_image_grid
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from g2rpo.evaluate import Evaluation, Evaluator
+from g2rpo.evaluation.evaluator import Evaluation, Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +24,13 @@ class Evaluate(L.Callback):
     """Held-out evaluation before training, every ``every_n_iterations``, and at the end.
 
     ``at_start: false`` skips the evaluation before training (or at a resumed iteration): rows of a table
-    that all start from one base policy need its evaluation once, not once per row. The before/after
-    tables are printed when training ends and written to ``<run>/eval.json``; each evaluation is logged as
-    ``eval/<reward>/<task>`` at the iteration it follows.
+    that all start from one base policy need its evaluation once, not once per row. Each evaluation is
+    logged as ``eval/<reward>/<task>`` at the iteration it follows, written with its protocol and one record
+    per image to ``<run>/eval/iteration_<n>.json``, and shown in W&B as a panel (the same prompts and noise
+    at every evaluation, so images compare across iterations) and per-task tables. The final evaluation's
+    images are written in GenEval's layout (``<run>/eval/iteration_<n>_images``) when
+    ``save_final_images``. The before/after tables are printed when training ends and written to
+    ``<run>/eval.json``.
     """
 
     def __init__(
@@ -37,39 +40,49 @@ class Evaluate(L.Callback):
         filename: str = "eval.json",
         final_num_steps: Sequence[int] = (),
         at_start: bool = True,
+        save_final_images: bool = True,
     ) -> None:
         self.evaluator = evaluator
         self.at_start = at_start
         self.every_n_iterations = every_n_iterations
         self.filename = filename
         self.final_num_steps = list(final_num_steps)  # also evaluate the final policy with these ODE steps
-        self.history: dict[int, dict] = {}  # iterations trained -> Evaluation.to_json()
-        self.final_by_steps: dict[int, dict] = {}  # ODE steps -> Evaluation.to_json() of the final policy
+        self.save_final_images = save_final_images
+        self.history: dict[int, dict] = {}  # iterations trained -> Evaluation.to_json(images=False)
+        self.final_by_steps: dict[int, dict] = {}  # ODE steps -> the final policy's Evaluation.to_json()
 
-    def _evaluate(self, pl_module, evaluator: Evaluator) -> Evaluation:
+    def _evaluate(self, pl_module, evaluator: Evaluator, images_dir: Path | None = None) -> Evaluation:
         was_training = pl_module.policy.training
         pl_module.policy.eval()
         with pl_module.evaluation_weights():
-            evaluation = evaluator(pl_module.policy)
+            evaluation = evaluator(pl_module.policy, images_dir=images_dir)
         pl_module.policy.train(was_training)
         return evaluation
 
     def _run(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
         if iterations in self.history:
             return
-        evaluation = self._evaluate(pl_module, self.evaluator)
-        self.history[iterations] = evaluation.to_json()
+        directory = Path(trainer.default_root_dir) / "eval"
+        final = iterations == trainer.max_epochs and self.save_final_images and trainer.is_global_zero
+        images_dir = directory / f"iteration_{iterations:06d}_images" if final else None
+        evaluation = self._evaluate(pl_module, self.evaluator, images_dir)
+        self.history[iterations] = evaluation.to_json(images=False)
         for logger in trainer.loggers:
             logger.log_metrics(evaluation.metrics(), step=iterations)
+        self._write(directory / f"iteration_{iterations:06d}.json", evaluation)
+        log_to_wandb(trainer, evaluation, iterations)
         log.info("\n%s", evaluation.table(f"evaluation after {iterations} iterations"))
+
+    @rank_zero_only
+    def _write(self, path: Path, evaluation: Evaluation) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(evaluation.to_json(), indent=1))
 
     def _run_step_counts(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
         """The final policy sampled with other step counts (robustness to the inference schedule)."""
         for num_steps in self.final_num_steps:
-            evaluator = copy.copy(self.evaluator)
-            evaluator.num_steps = num_steps
-            evaluation = self._evaluate(pl_module, evaluator)
-            self.final_by_steps[num_steps] = evaluation.to_json()
+            evaluation = self._evaluate(pl_module, self.evaluator.with_steps(num_steps))
+            self.final_by_steps[num_steps] = evaluation.to_json(images=False)
             for logger in trainer.loggers:
                 logger.log_metrics(evaluation.metrics(prefix=f"eval_steps{num_steps}"), step=iterations)
             log.info("\n%s", evaluation.table(f"after {iterations} iterations, {num_steps} ODE steps"))
@@ -112,6 +125,33 @@ class Evaluate(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = {int(k): v for k, v in state_dict["history"].items()}
+
+
+@rank_zero_only
+def log_to_wandb(trainer: L.Trainer, evaluation: Evaluation, iteration: int) -> None:
+    """The evaluation's panel (``eval/panel``: images captioned with prompt and scores) and its tables
+    (``eval/tasks``: one row per task and a column per score; ``eval/panel_table``: the panel's images with
+    their prompt and scores) in every W&B logger."""
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    if not loggers:
+        return
+    import wandb
+
+    columns = list(evaluation.scores)
+    tasks = [[task, *(evaluation.scores[c].get(task) for c in columns)] for task in evaluation.tasks()]
+    pictures = [array.numpy() for array, _ in evaluation.panel]
+    captions = [caption for _, caption in evaluation.panel]
+    for logger in loggers:
+        logger.log_table("eval/tasks", columns=["task", *columns], data=tasks, step=iteration)
+        if pictures:
+            logger.log_image("eval/panel", pictures, step=iteration, caption=captions)
+            rows = [
+                [wandb.Image(picture), *caption.split(" | ", 1)]
+                for picture, caption in zip(pictures, captions)
+            ]
+            logger.log_table(
+                "eval/panel_table", columns=["image", "prompt", "scores"], data=rows, step=iteration
+            )
 
 
 class SampleImages(L.Callback):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from g2rpo.evaluate import Evaluator, balanced_prompts
+from g2rpo.evaluation.evaluator import Evaluator, balanced_prompts
 from g2rpo.loggers import read_metrics
 from g2rpo.run import train
 from g2rpo.shapes.geneval import GenEvalShapes
@@ -65,9 +65,17 @@ def test_two_iterations_on_the_shapes_world(compose_config):
     ].keys()
     assert "eval_steps2/geneval_shapes/accuracy/overall" in records[-1]  # the final policy at 2 ODE steps
     history = json.loads((run / "eval.json").read_text())
-    assert history.pop("final_by_num_steps")["2"]["settings"]["num_steps"] == 2
+    assert history.pop("final_by_num_steps")["2"]["protocol"]["num_steps"] == 2
     assert sorted(history, key=int) == ["0", "1", "2"]
     assert history["0"]["num_images"] == 24
+    assert history["0"]["protocol"] == {
+        "num_steps": 4, "guidance_scale": 4.5, "images_per_prompt": None, "images_per_task": 4, "noise": "set",
+        "seed": 0, "temperature": 1.0, "overall": "tasks", "resolution": 32, "sampler": "euler_ode",
+    }  # fmt: skip
+    # every evaluation with one record per image; the final one's images in GenEval's layout
+    final = json.loads((run / "eval" / "iteration_000002.json").read_text())
+    assert len(final["images"]) == 24 and {"prompt", "task", "k", "seed"} <= final["images"][0].keys()
+    assert len(list((run / "eval" / "iteration_000002_images").glob("*/samples/*.png"))) == 24
 
 
 def test_evaluation_before_training_can_be_skipped(compose_config):

@@ -8,6 +8,8 @@ VLM judges served by vLLM / SGLang speak the OpenAI chat API instead, which need
 Wire format (JSON only, never pickle, so neither side can run code the other sends):
     POST /score  {"images": [base64 PNG of uint8 HxWx3, ...], "prompts": [str, ...], "metadata": [dict, ...]}
               -> {"scores": [float or null, ...]}      null = NaN = unscorable (left out of the advantages)
+    POST /scores (the same request) -> {"scores": {name: [float or null, ...], ...}}
+              a reward's named scores (``scores()``, e.g. GenEval's accuracy and partial), for evaluation
     GET /health -> {"status": "ok"}
 Images are quantised with ``round(x * 255)`` (as the JPEG reward does) and PNG is lossless, so a served
 reward sees the pixels an in-process one would quantise to. Errors come back as ``{"error": message}``:
@@ -145,12 +147,63 @@ class RemoteReward:
             raise RewardServerError(
                 f"reward server {self.url} answered without a JSON 'scores' list: {raw[:200]!r}"
             ) from None
+        return self._checked(scores, expected)
+
+    def _checked(self, scores: Any, expected: int) -> list[float | None]:
         if not isinstance(scores, list) or len(scores) != expected:
             got = len(scores) if isinstance(scores, list) else type(scores).__name__
             raise RewardServerError(f"reward server {self.url} returned {got} scores for {expected} images")
         if not all(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)) for s in scores):
             raise RewardServerError(f"reward server {self.url} returned non-numeric scores: {scores[:8]}")
         return [None if s is None else float(s) for s in scores]
+
+
+class RemoteNamedReward(RemoteReward):
+    """A served reward with several named scores (GenEval's strict ``accuracy`` and ``partial`` credit), which
+    evaluation tables show as columns: :meth:`scores` posts to the server's ``/scores``; calling it scores
+    as :class:`RemoteReward` does."""
+
+    def scores(
+        self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()
+    ) -> dict[str, Tensor]:
+        count = images.shape[0]
+        metadata = list(metadata) if len(metadata) else [{} for _ in range(count)]
+        url = self.url.rsplit("/", 1)[0] + "/scores"
+        pixels = (
+            (images.detach().float().clamp(0, 1) * 255)
+            .round()
+            .to(torch.uint8)
+            .permute(0, 2, 3, 1)
+            .cpu()
+            .numpy()
+        )
+        named: dict[str, list[float]] = {}
+        for start in range(0, count, self.batch_size):
+            stop = min(start + self.batch_size, count)
+            body = json.dumps(
+                {
+                    "images": [encode_image(array) for array in pixels[start:stop]],
+                    "prompts": [str(p) for p in prompts[start:stop]],
+                    "metadata": [dict(m) for m in metadata[start:stop]],
+                }
+            ).encode()
+            raw = post_with_retries(
+                url, body, {"Content-Type": "application/json"}, what="reward server",
+                timeout_s=self.timeout_s, max_retries=self.max_retries, backoff_s=self.backoff_s,
+                max_backoff_s=self.max_backoff_s,
+            )  # fmt: skip
+            try:
+                batch = dict(json.loads(raw)["scores"])
+            except (ValueError, KeyError, TypeError):
+                raise RewardServerError(
+                    f"reward server {url} answered without a JSON 'scores' object: {raw[:200]!r}"
+                ) from None
+            for name, values in batch.items():
+                named.setdefault(name, []).extend(self._checked(values, stop - start))
+        return {
+            name: torch.tensor([math.nan if v is None else v for v in values])
+            for name, values in named.items()
+        }
 
 
 class RewardServer:
@@ -215,12 +268,25 @@ class RewardServer:
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> list[float | None]:
         with self._lock, torch.no_grad():
             scores = self.reward(images.to(self.device), prompts, metadata)
-        if isinstance(scores, Tensor):
-            scores = scores.detach().float().flatten().cpu().tolist()
-        scores = [None if s is None or math.isnan(float(s)) else float(s) for s in scores]
-        if len(scores) != images.shape[0]:
-            raise ValueError(f"the reward returned {len(scores)} scores for {images.shape[0]} images")
-        return scores
+        return _as_list(scores, images.shape[0])
+
+    def named_scores(
+        self, images: Tensor, prompts: list[str], metadata: list[dict]
+    ) -> dict[str, list[float | None]]:
+        """The reward's named ``scores()`` (the handler answers 400 to a reward without them)."""
+        with self._lock, torch.no_grad():
+            named = self.reward.scores(images.to(self.device), prompts, metadata)
+        return {str(name): _as_list(values, images.shape[0]) for name, values in named.items()}
+
+
+def _as_list(scores: Tensor | Sequence, count: int) -> list[float | None]:
+    """A reward's scores as JSON numbers, NaN as null."""
+    if isinstance(scores, Tensor):
+        scores = scores.detach().float().flatten().cpu().tolist()
+    scores = [None if s is None or math.isnan(float(s)) else float(s) for s in scores]
+    if len(scores) != count:
+        raise ValueError(f"the reward returned {len(scores)} scores for {count} images")
+    return scores
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -240,19 +306,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no such path {self.path!r}; GET /health or POST /score"})
 
     def do_POST(self) -> None:
-        if urlsplit(self.path).path != "/score":
-            self._send(404, {"error": f"no such path {self.path!r}; POST /score"})
+        path = urlsplit(self.path).path
+        if path not in ("/score", "/scores"):
+            self._send(404, {"error": f"no such path {self.path!r}; POST /score or /scores"})
             return
         try:
             images, prompts, metadata = self._read_request()
         except ValueError as error:
             self._send(400, {"error": f"malformed request: {error}"})
             return
+        server = self.server.reward_server
+        if path == "/scores" and not callable(getattr(server.reward, "scores", None)):
+            self._send(
+                400, {"error": f"{type(server.reward).__name__} has no named scores; POST /score instead"}
+            )
+            return
         if not prompts:
-            self._send(200, {"scores": []})
+            self._send(200, {"scores": {} if path == "/scores" else []})
             return
         try:
-            scores = self.server.reward_server.score(images, prompts, metadata)
+            if path == "/scores":
+                scores = server.named_scores(images, prompts, metadata)
+            else:
+                scores = server.score(images, prompts, metadata)
         except Exception as error:  # the reward's own failure: the client retries a 500
             log.exception("the reward raised on a batch of %d images", len(prompts))
             self._send(500, {"error": f"the reward raised {type(error).__name__}: {error}"})

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     """Evaluate the exported base on the held-out split (the world's default evaluation) and write its card."""
-    from g2rpo.evaluate import Evaluator
+    from g2rpo.evaluation.evaluator import Evaluator
     from g2rpo.policies import SD3Policy
     from g2rpo.shapes.geneval import GenEvalShapes
     from g2rpo.shapes.model import load_base_model
@@ -150,12 +150,14 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     from g2rpo.shapes.score import ShapesScore
 
     rewards = {"geneval_shapes": GenEvalShapes(), "shapes_score": ShapesScore()}
-    evaluation = Evaluator(shapes_dataset("heldout"), rewards)(policy)
+    evaluation = Evaluator(
+        shapes_dataset("heldout"), rewards, num_steps=20, images_per_task=64, noise="set", batch_size=128
+    )(policy)
     info = json.loads((directory / "training.json").read_text())
     info["heldout"] = evaluation.to_json()
     (directory / "training.json").write_text(json.dumps(info, indent=2))
     parameters = sum(p.numel() for p in policy.transformer.parameters())
-    settings = evaluation.settings
+    settings = evaluation.protocol
     card = f"""# shapes-sd3-base
 
 The shapes world's base text-to-image model (`model=shapes`): a diffusers `StableDiffusion3Pipeline` with

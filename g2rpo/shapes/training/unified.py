@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
 def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     """Evaluate the export (understanding per question type; held-out GenEval-shapes as the world's
     default evaluation, ``conf/eval/shapes.yaml``), record it in ``training.json`` and write the card."""
-    from g2rpo.evaluate import Evaluator
+    from g2rpo.evaluation.evaluator import Evaluator
     from g2rpo.shapes.geneval import GenEvalShapes
     from g2rpo.shapes.prompts import shapes_dataset
     from g2rpo.shapes.score import ShapesScore
@@ -237,7 +237,9 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
     policy = UnifiedPolicy(load_unified_model(str(directory))).eval()
     understanding = understanding_accuracy(policy)
     rewards = {"geneval_shapes": GenEvalShapes(), "shapes_score": ShapesScore()}
-    evaluation = Evaluator(shapes_dataset("heldout"), rewards)(policy)
+    evaluation = Evaluator(
+        shapes_dataset("heldout"), rewards, num_steps=20, images_per_task=64, noise="set", batch_size=128
+    )(policy)
     info = json.loads((directory / "training.json").read_text())
     info.update(
         seconds_per_step=round(info["seconds"] / info["steps"], 3),
@@ -252,7 +254,7 @@ def write_model_card(directory: Path, args: argparse.Namespace) -> None:
         f"--out {args.out}"
     )
     understanding_rows = "\n".join(f"{k:<9} {v:.3f}" for k, v in understanding.items())
-    settings = evaluation.settings
+    settings = evaluation.protocol
     card = f"""# shapes-unified
 
 The shapes world's unified understanding and generation model (`model=shapes_unified`): one

@@ -1,0 +1,1 @@
+"""Evaluation: pinned protocols, the suites of the papers' tables, and their outputs."""
