@@ -17,18 +17,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 import g2rpo.config  # noqa: F401  (schemas and resolvers)
 from g2rpo.checkpoint import load_policy
 from g2rpo.config import torch_device
 from g2rpo.evaluation.evaluator import Evaluation
-
-
-def suite_resolution(eval_cfg: DictConfig) -> int | None:
-    """The resolution a suite pins (a unified suite's is its generation part's)."""
-    node = eval_cfg.generation if "generation" in eval_cfg else eval_cfg
-    return None if node is None else node.get("resolution")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -52,10 +46,6 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                 f"checkpoint={checkpoint}: its run's config.yaml ({run_config}) is missing"
             )
         model_cfg = OmegaConf.load(run_config).model
-    resolution = suite_resolution(cfg.eval)
-    if resolution is not None and "resolution" in model_cfg:
-        with open_dict(model_cfg):
-            model_cfg.resolution = resolution
     L.seed_everything(0, verbose=False)
     policy = instantiate(model_cfg)
     if cfg.checkpoint:
@@ -72,7 +62,9 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": cfg.checkpoint, "suite": cfg.suite, **evaluation.to_json()}
     output.write_text(json.dumps(record, indent=2))
-    print(f"wrote {output}" + (f" and the images in GenEval's layout under {images_dir}" if images_dir else ""))
+    print(
+        f"wrote {output}" + (f" and the images in GenEval's layout under {images_dir}" if images_dir else "")
+    )
     return evaluation
 
 

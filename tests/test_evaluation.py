@@ -129,13 +129,20 @@ def test_items_and_the_panel():
     assert [(i.prompt, i.k) for i in cycled] == [("a", 0), ("b", 0), ("a", 1), ("c", 0), ("d", 0), ("c", 1)]
 
 
-def test_a_pinned_resolution_that_the_policy_does_not_sample_fails_with_the_fix():
-    policy = make_policy(lora=False)
-    evaluator = Evaluator(
-        PromptDataset(["a"]), {"jpeg": JpegCompressibility()}, images_per_prompt=1, resolution=64
-    )
-    with pytest.raises(ValueError, match="set model.resolution=64"):
-        evaluator(policy)
+def test_a_pinned_resolution_is_sampled_whatever_the_training_resolution():
+    """A transformer policy samples the protocol's resolution for the evaluation and keeps its own for
+    training (G2RPO's FLUX: 720 px in training, 1024 in evaluation); a size it cannot sample fails early."""
+    policy = instantiate(compose_evaluate("model=tiny_flux").model).eval()
+    reward = {"jpeg": JpegCompressibility()}
+    evaluator = Evaluator(PromptDataset(["a"]), reward, num_steps=2, images_per_prompt=1, resolution=32)
+    evaluation = evaluator(policy)
+    assert evaluation.protocol["resolution"] == 32 and policy.resolution == 16
+    assert evaluation.panel[0][0].shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="eval.resolution=33 must be a multiple of"):
+        Evaluator(PromptDataset(["a"]), reward, images_per_prompt=1, resolution=33)(policy)
+    janus = instantiate(compose_evaluate("model=tiny_janus").model).eval()
+    with pytest.raises(ValueError, match="sampled 16 px images: set eval.resolution=null"):
+        Evaluator(PromptDataset(["a"]), reward, images_per_prompt=1, resolution=32)(janus)
 
 
 def test_geneval_suite_served_written_in_geneval_layout_and_read_back_as_its_scorer_does(tmp_path):

@@ -10,6 +10,7 @@ means (GenEval's ``summary_scores.py``) or the mean over images (preference-mode
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Mapping
@@ -185,9 +186,8 @@ def panel_indices(chosen: list[Item], size: int) -> list[int]:
 class Evaluator:
     """Sample a prompt set under a pinned protocol (:mod:`g2rpo.evaluation.protocol`), then every reward per task.
 
-    ``resolution`` pins the policy's resolution (``python -m g2rpo.evaluate`` sets ``model.resolution`` from
-    it; a run whose policy samples another resolution fails at its first evaluation); ``null`` takes the
-    policy's. ``panel_size`` images form the panel that loggers show at every evaluation.
+    ``resolution`` pins the sampling resolution (a transformer policy trained at another one samples at it for
+    the evaluation); ``null`` takes the policy's. ``panel_size`` images form the panel that loggers show at every evaluation.
     """
 
     def __init__(
@@ -228,24 +228,30 @@ class Evaluator:
         other.protocol = replace(self.protocol, num_steps=num_steps)
         return other
 
-    def _check_resolution(self, policy: Any, images: Tensor | None = None) -> int | None:
-        size = images.shape[-1] if images is not None else getattr(policy, "resolution", None)
-        if self.protocol.resolution is not None and size is not None and size != self.protocol.resolution:
-            raise ValueError(
-                f"eval.resolution={self.protocol.resolution}, but the policy samples {size} px images: set "
-                f"model.resolution={self.protocol.resolution} (python -m g2rpo.evaluate does), or "
-                "eval.resolution=null to evaluate at the policy's own resolution"
-            )
-        return size
+    def _at_resolution(self, policy: Any) -> contextlib.AbstractContextManager:
+        """The policy sampling at the protocol's resolution: a transformer policy switches for the evaluation;
+        a policy that samples one size only must already be at it."""
+        wanted = self.protocol.resolution
+        if wanted is None or getattr(policy, "resolution", wanted) == wanted:
+            return contextlib.nullcontext()
+        if hasattr(policy, "sampling_resolution"):
+            return policy.sampling_resolution(wanted)
+        raise ValueError(
+            f"eval.resolution={wanted}, but {type(policy).__name__} samples {policy.resolution} px images only: "
+            "set eval.resolution=null to evaluate at its own resolution"
+        )
 
     def __call__(self, policy: Any, images_dir: str | Path | None = None) -> Evaluation:
-        self._check_resolution(policy)
         chosen = items(self.dataset, self.protocol)
-        images = generate(policy, chosen, self.protocol, self.batch_size)
+        with self._at_resolution(policy):
+            images = generate(policy, chosen, self.protocol, self.batch_size)
+        if self.protocol.resolution not in (None, images.shape[-1]):
+            raise ValueError(
+                f"eval.resolution={self.protocol.resolution}, but {type(policy).__name__} sampled "
+                f"{images.shape[-1]} px images: set eval.resolution=null to evaluate at its own resolution"
+            )
         protocol = replace(
-            self.protocol,
-            resolution=self._check_resolution(policy, images),
-            sampler=sampler_name(policy, self.protocol),
+            self.protocol, resolution=images.shape[-1], sampler=sampler_name(policy, self.protocol)
         )
         prompts = [item.prompt for item in chosen]
         metadata = [item.metadata for item in chosen]

@@ -42,8 +42,14 @@ class FluxPolicy(TransformerPolicy):
         super().__init__(*args, **kwargs)
         self.guidance = guidance
         self.shift = shift  # None: the pipeline's dynamic mu; a number: that static shift
-        self.latent_size = self.resolution // self.vae_scale
-        self.num_image_tokens = (self.latent_size // 2) ** 2
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_scale
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.latent_size // 2) ** 2
 
     @property
     def latent_multiple(self) -> int:

@@ -4,7 +4,8 @@ lay out latents and build the sigma grid."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,7 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        if resolution % self.latent_multiple:
-            raise ValueError(
-                f"model.resolution={resolution} must be a multiple of {self.latent_multiple} (the VAE's "
-                f"downsampling x the transformer's patch size for {type(self).__name__})"
-            )
+        self._check_resolution(resolution, "model.resolution")
 
         for frozen in (self.vae, self.text_encoders):
             if frozen is not None:
@@ -97,6 +94,24 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
     def latent_multiple(self) -> int:
         """What the image side must be a multiple of."""
         return self.vae_scale * self.transformer.config.patch_size
+
+    def _check_resolution(self, resolution: int, key: str) -> None:
+        if resolution % self.latent_multiple:
+            raise ValueError(
+                f"{key}={resolution} must be a multiple of {self.latent_multiple} (the VAE's "
+                f"downsampling x the transformer's patch size for {type(self).__name__})"
+            )
+
+    @contextmanager
+    def sampling_resolution(self, resolution: int) -> Iterator[None]:
+        """Sample at another resolution than the one trained (an evaluation protocol pins its own: G2RPO's
+        FLUX trains at 720 px and is evaluated at 1024)."""
+        self._check_resolution(resolution, "eval.resolution")
+        trained, self.resolution = self.resolution, resolution
+        try:
+            yield
+        finally:
+            self.resolution = trained
 
     @property
     def input_weight(self) -> Tensor:
