@@ -1,0 +1,1 @@
+"""Evaluations of trained policies beyond the training rewards: public benchmarks read from local files."""
