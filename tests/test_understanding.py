@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF_DIR
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from g2rpo.evaluation.understanding import (
@@ -231,6 +234,28 @@ def test_missing_files_name_the_download_command(tmp_path):
         mmstar(tmp_path / "MMStar")
     with pytest.raises(FileNotFoundError, match="hf download lmms-lab/POPE --repo-type dataset"):
         pope(tmp_path / "POPE")
+
+
+def test_the_config_node_reads_g2rpo_data(tmp_path, monkeypatch):
+    node = OmegaConf.load(CONF_DIR / "eval_understanding/pairuni.yaml")
+    monkeypatch.setenv("G2RPO_DATA", str(tmp_path))
+    with pytest.raises(
+        Exception, match=f"hf download MMMU/MMMU --repo-type dataset --local-dir {tmp_path}/MMMU"
+    ):
+        instantiate(node)
+
+
+def test_the_config_node_instantiates_on_local_copies(tmp_path, monkeypatch):
+    write_benchmarks(tmp_path)
+    monkeypatch.setenv("G2RPO_DATA", str(tmp_path))
+    evaluation = instantiate(OmegaConf.load(CONF_DIR / "eval_understanding/pairuni.yaml"), image_size=32)
+    assert isinstance(evaluation, UnderstandingBenchmarks) and list(evaluation.benchmarks) == [
+        "mmmu",
+        "mmstar",
+        "pope",
+    ]
+    results = evaluation(shapes_policy())
+    assert {"mmmu", "mmstar", "pope_f1", "overall", "mmmu/Business", "pope/popular/f1"} <= set(results)
 
 
 # ---- parsing -------------------------------------------------------------------------------------------------
