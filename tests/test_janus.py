@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from g2rpo.policies.janus import Janus, JanusPolicy, load_janus
+from g2rpo.policies.janus import Janus, JanusPolicy, load_janus, positions_of
 from g2rpo.policies.tiny import tiny_janus
 from g2rpo.randomness import keyed
 
@@ -81,6 +81,25 @@ def test_the_answer_mask_runs_through_the_end_token():
         assert (tokens[length:] == policy.pad_id).all() and (log_probs[length:] == 0).all()
     assert all(policy.processor.tokenizer.eos_token not in text for text in rollout.texts)
     torch.testing.assert_close(policy.token_log_probs(rollout), rollout.log_probs, atol=1e-5, rtol=0)
+
+
+def test_greedy_answers_take_the_argmax_whatever_the_generators():
+    """Temperature 0 (benchmarks) decodes greedily: the first token is the argmax of the prompt's next-token
+    logits, no generator matters, and the log-probs (under temperature 1) are recomputed exactly."""
+    policy = janus_policy()
+    inputs = answer_inputs([0, 1, 2])
+    greedy = policy.sample_tokens("answer", inputs, generators([0, 1, 2]), temperature=0.0, max_new_tokens=5)
+    again = policy.sample_tokens("answer", inputs, generators([7, 8, 9]), temperature=0.0, max_new_tokens=5)
+    assert torch.equal(greedy.tokens, again.tokens) and greedy.texts == again.texts
+    prompt = policy.answer_prompts(inputs["images"], inputs["questions"])
+    embeds = policy.prompt_embeddings(prompt["input_ids"], prompt["pixel_values"])
+    mask = prompt["attention_mask"]
+    with torch.no_grad():
+        hidden = policy.language_model(embeds, mask, positions_of(mask)).last_hidden_state[:, -1]
+        assert torch.equal(greedy.tokens[:, 0], policy.model.lm_head(hidden).argmax(-1))
+    torch.testing.assert_close(policy.token_log_probs(greedy), greedy.log_probs, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image codes a positive one"):
+        policy.sample_tokens("image", {"prompts": PROMPTS}, generators([0, 1, 2]), temperature=0.0)
 
 
 def test_images_are_sampled_with_cfg_decoded_and_their_log_probs_recomputed_exactly():

@@ -210,7 +210,9 @@ class JanusPolicy(FrozenReference, TokenPolicy):
     # -- logits --------------------------------------------------------------------------------------------
 
     def answer_log_probs(self, hidden: Tensor, temperature: float) -> Tensor:
-        return torch.log_softmax(self.active.lm_head(hidden).float() / temperature, dim=-1)
+        """Log-probs of the next text token; temperature 0 (greedy) scores under temperature 1."""
+        scale = temperature if temperature > 0 else 1.0
+        return torch.log_softmax(self.active.lm_head(hidden).float() / scale, dim=-1)
 
     def code_log_probs(
         self, hidden: Tensor, temperature: float, guidance_scale: float, guided: bool
@@ -246,11 +248,15 @@ class JanusPolicy(FrozenReference, TokenPolicy):
         guidance_scale: float = 1.0,
     ) -> TokenRollout:
         """``max_new_tokens`` (default the policy's) bounds answers; an image is always its VQ grid's codes.
-        ``guidance_scale`` applies to images (PairUni: 5, as Janus-Pro)."""
+        ``guidance_scale`` applies to images (PairUni: 5, as Janus-Pro). Answers at temperature 0 are greedy
+        (benchmarks), their log-probs those of the argmax under temperature 1."""
         if task not in TOKEN_TASKS:
             raise ValueError(f"task={task!r}: expected one of {', '.join(TOKEN_TASKS)}")
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature}: sampling needs a positive temperature")
+        if temperature < 0 or (temperature == 0 and task == "image"):
+            raise ValueError(
+                f"temperature={temperature}: answers take 0 (greedy) or a positive temperature, image codes a "
+                "positive one"
+            )
         if task == "answer":
             return self.sample_answers(inputs, generators, temperature, max_new_tokens or self.max_new_tokens)
         return self.sample_images(inputs, generators, temperature, guidance_scale)
@@ -271,7 +277,12 @@ class JanusPolicy(FrozenReference, TokenPolicy):
         tokens, log_probs, valid = [], [], []
         for step in range(max_new_tokens):
             step_log_probs = self.answer_log_probs(output.last_hidden_state[:, -1], temperature)
-            token = sample_from(step_log_probs, uniforms[:, step]).masked_fill(done, self.pad_id)
+            token = (
+                step_log_probs.argmax(-1)
+                if temperature == 0
+                else sample_from(step_log_probs, uniforms[:, step])
+            )
+            token = token.masked_fill(done, self.pad_id)
             valid.append(~done)
             tokens.append(token)
             log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0))
