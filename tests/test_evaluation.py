@@ -167,7 +167,7 @@ def test_geneval_suite_served_written_in_geneval_layout_and_read_back_as_its_sco
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert record["protocol"] == {
         "num_steps": 2, "guidance_scale": 4.5, "images_per_prompt": 4, "images_per_task": None,
-        "noise": "prompt", "seed": 0, "temperature": 1.0, "overall": "tasks", "resolution": 32,
+        "noise": "prompt", "seed": 0, "temperature": None, "overall": "tasks", "resolution": 32,
         "sampler": "euler_ode",
     }  # fmt: skip
     assert record["num_images"] == 12 and set(record["scores"]) == {"geneval/accuracy", "geneval/partial"}
@@ -250,7 +250,18 @@ def test_every_suite_composes_with_its_protocol_pinned():
         ("drawbench_served", 40, "images", None),
         ("ocr", 40, "images", 512),
         ("shapes", 20, "tasks", 32),
+        ("pairuni", None, None, None),
     ]:
+        if suite == "pairuni":  # Janus-Pro's GenEval sampling and the understanding benchmarks
+            cfg = compose_evaluate(f"eval={suite}")
+            generation = cfg.eval.generation
+            assert (generation.guidance_scale, generation.temperature, generation.resolution) == (
+                5.0,
+                1.0,
+                384,
+            )
+            assert set(cfg.eval.understanding.benchmarks) == {"mmmu", "mmstar", "pope"}
+            continue
         cfg = compose_evaluate(f"eval={suite}")
         assert (cfg.eval.num_steps, cfg.eval.overall, cfg.eval.resolution) == (steps, overall, resolution), (
             suite
@@ -295,6 +306,7 @@ def test_token_policies_sample_image_tokens_under_the_protocol():
     )  # fmt: skip
     first, second = evaluator(policy), evaluator(policy)
     assert first.protocol["sampler"] == "image_tokens(temperature=1.0)" and first.protocol["resolution"] == 16
+    assert first.protocol["num_steps"] is None and first.protocol["temperature"] == 1.0
     assert [r["jpeg"] for r in first.images] == [r["jpeg"] for r in second.images]
     with pytest.raises(ValueError, match="token policies draw per image"):
         Evaluator(PromptDataset(["a"]), {"jpeg": JpegCompressibility()}, images_per_prompt=1, noise="set")(

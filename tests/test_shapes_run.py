@@ -70,7 +70,7 @@ def test_two_iterations_on_the_shapes_world(compose_config):
     assert history["0"]["num_images"] == 24
     assert history["0"]["protocol"] == {
         "num_steps": 4, "guidance_scale": 4.5, "images_per_prompt": None, "images_per_task": 4, "noise": "set",
-        "seed": 0, "temperature": 1.0, "overall": "tasks", "resolution": 32, "sampler": "euler_ode",
+        "seed": 0, "temperature": None, "overall": "tasks", "resolution": 32, "sampler": "euler_ode",
     }  # fmt: skip
     # every evaluation with one record per image; the final one's images in GenEval's layout
     final = json.loads((run / "eval" / "iteration_000002.json").read_text())

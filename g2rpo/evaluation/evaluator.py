@@ -250,8 +250,13 @@ class Evaluator:
                 f"eval.resolution={self.protocol.resolution}, but {type(policy).__name__} sampled "
                 f"{images.shape[-1]} px images: set eval.resolution=null to evaluate at its own resolution"
             )
-        protocol = replace(
-            self.protocol, resolution=images.shape[-1], sampler=sampler_name(policy, self.protocol)
+        flow = isinstance(policy, FlowPolicy)
+        protocol = replace(  # what was used: the ODE's steps or the tokens' temperature
+            self.protocol,
+            num_steps=self.protocol.num_steps if flow else None,
+            temperature=None if flow else self.protocol.temperature,
+            resolution=images.shape[-1],
+            sampler=sampler_name(policy, self.protocol),
         )
         prompts = [item.prompt for item in chosen]
         metadata = [item.metadata for item in chosen]

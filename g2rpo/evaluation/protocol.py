@@ -33,13 +33,13 @@ class Protocol:
     """A suite's sampling and scoring settings, as they were used (``resolution`` and ``sampler`` are read
     from the policy evaluated)."""
 
-    num_steps: int
+    num_steps: int | None  # the ODE's steps (flow policies); recorded as None for token policies
     guidance_scale: float
     images_per_prompt: int | None  # every prompt this many times (GenEval: 4) ...
     images_per_task: int | None  # ... or this many images per task, its prompts cycled (the shapes world)
     noise: str
     seed: int
-    temperature: float  # token policies' image tokens (Janus-Pro); flow policies sample an ODE
+    temperature: float  # token policies' image tokens (Janus-Pro); recorded as None for flow policies
     overall: str  # "tasks": the mean of the task means (GenEval); "images": the mean over images
     resolution: int | None = None
     sampler: str | None = None
@@ -55,7 +55,7 @@ class Protocol:
             raise ValueError(f"eval.noise={self.noise!r}: choose one of {', '.join(NOISE)}")
         if self.overall not in OVERALL:
             raise ValueError(f"eval.overall={self.overall!r}: choose one of {', '.join(OVERALL)}")
-        if self.num_steps < 1:
+        if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"eval.num_steps={self.num_steps} must be >= 1")
 
     def to_json(self) -> dict:
