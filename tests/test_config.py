@@ -21,6 +21,8 @@ NEEDS_DOWNLOADED_WEIGHTS = {
 }  # fmt: skip
 # prompt files of the papers' data sets, not shipped (README, "Rewards": prompt data)
 NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file"}
+# evaluation suites on the papers' prompt sets (conf/eval/*.yaml say where to get each)
+EVAL_NEEDS_DOWNLOADED_DATA = {"geneval", "drawbench", "drawbench_served", "ocr", "pairuni"}
 # ddp and fsdp default to GPUs; tests run them on CPU (test_distributed.py)
 NEEDS_A_GPU = {"gpu", "ddp", "fsdp"}
 # the GPU benchmark's 2.2B-parameter random model: built on the meta device here, no weights allocated
@@ -44,6 +46,9 @@ def test_every_option_composes_and_instantiates(compose_config, group, option):
             instantiate(node)
     elif group == "data" and option in NEEDS_DOWNLOADED_DATA:
         with pytest.raises(Exception, match="G2RPO_DATA"):  # hydra wraps the FileNotFoundError
+            instantiate(node)
+    elif group == "eval" and option in EVAL_NEEDS_DOWNLOADED_DATA:
+        with pytest.raises(Exception, match="no prompt file at .* Get it with"):  # before any model loads
             instantiate(node)
     elif group == "trainer" and option in NEEDS_A_GPU and not torch.cuda.is_available():
         with pytest.raises(Exception, match="gpu"):
