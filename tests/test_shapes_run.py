@@ -103,3 +103,22 @@ def test_evaluation_is_deterministic_and_pairs_noise():
     overall = first.scores["geneval_shapes/accuracy"]
     assert overall["overall"] == pytest.approx(sum(v for k, v in overall.items() if k != "overall") / 6)
     assert torch.isfinite(torch.tensor(list(overall.values()))).all()
+
+
+def test_wandb_shows_the_evaluation_panel_and_tables(compose_config):
+    """The offline W&B run holds, at every evaluation, the panel (the same prompts and noise each time) and the
+    per-task table with a column per score, as `wandb sync` would upload them."""
+    cfg = compose_config(*SHAPES_RUN, "logger=wandb", "trainer.max_epochs=1", "eval.panel_size=6")
+    train(cfg)
+    media = next(Path(cfg.run_dir).glob("wandb/offline-run-*/files/media"))
+    assert len(list((media / "images" / "eval").glob("panel_*.png"))) == 2 * 6  # before and after training
+    tables = sorted((media / "table" / "eval").glob("tasks_*.table.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["task", "geneval_shapes/accuracy", "geneval_shapes/partial", "shapes_score"]
+    assert [row[0] for row in table["data"]] == [
+        "single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"
+    ]  # fmt: skip
+    panels = [json.loads(p.read_text()) for p in sorted((media / "table" / "eval").glob("panel_table_*.json"))]
+    assert len(panels) == 2 and all(len(p["data"]) == 6 for p in panels)
+    assert [row[1] for row in panels[0]["data"]] == [row[1] for row in panels[1]["data"]]  # the same prompts
