@@ -15,7 +15,7 @@ from transformers import CLIPModel
 
 from g2rpo.data import PromptDataset
 from g2rpo.evaluate import evaluate
-from g2rpo.evaluation.evaluator import Evaluator, items, panel_indices
+from g2rpo.evaluation.evaluator import Evaluator, UnifiedEvaluator, items, panel_indices
 from g2rpo.evaluation.layout import load_image, read_images
 from g2rpo.evaluation.prompts import prompt_set
 from g2rpo.evaluation.protocol import Protocol, image_seed
@@ -318,3 +318,20 @@ def test_the_served_reward_client_still_scores_unnamed():
     with RewardServer(JpegCompressibility()) as server:
         scores = RemoteReward(server.url)(torch.rand(2, 3, 16, 16), ["a", "b"])
     assert scores.shape == (2,)
+
+
+def test_unified_evaluation_adds_an_understanding_column_and_can_stand_alone():
+    cfg = compose_evaluate("model=tiny_janus")
+    policy = instantiate(cfg.model).eval()
+    generation = Evaluator(
+        PromptDataset(["a cat"]), {"jpeg": JpegCompressibility()}, images_per_prompt=1, resolution=16
+    )
+    understanding = lambda policy: {"mmmu": 0.25, "pope_f1": 0.75, "overall": 0.5}  # noqa: E731
+    both = UnifiedEvaluator(generation, understanding, column="understanding")(policy)
+    assert set(both.scores) == {"jpeg", "understanding"} and both.num_images == 1
+    assert both.scores["understanding"] == {"mmmu": 0.25, "pope_f1": 0.75, "overall": 0.5}
+    assert "mmmu" in both.table() and both.metrics()["eval/understanding/pope_f1"] == 0.75
+    alone = UnifiedEvaluator(None, understanding, column="understanding")(policy)
+    assert set(alone.scores) == {"understanding"} and alone.num_images == 0
+    assert UnifiedEvaluator(generation, understanding).with_steps(3).generation.protocol.num_steps == 3
+    assert generation.protocol.num_steps == 40  # with_steps copies, the run's evaluator is unchanged
