@@ -7,6 +7,15 @@ forward of a sharded module is a collective, a rank with fewer units in a miniba
 at zero weight. A step whose gradient norm is not finite is skipped: a NaN or infinite loss makes the norm
 non-finite, so one check per step covers both, and metrics stay on the device until the end (no host sync
 per forward/backward).
+
+fp16 mixed precision (``trainer.precision=16-mixed``, Flow-GRPO's official SD3.5 choice) adds torch's
+``GradScaler``, held by Lightning's precision plugin: ``manual_backward`` multiplies the loss by the scale
+``s``, and ``optimizer.step()`` unscales the gradients, steps and updates ``s``. Lightning calls
+``scaler.unscale_`` inside that step, after the point where we clip, and a second ``unscale_`` before it
+is an error; so the clip runs on the still-scaled gradients with the threshold ``s * max_grad_norm`` and
+reports the norm divided by ``s``: the clip of the unscaled gradients (``s`` is a power of two). A step
+with a non-finite norm is skipped as above, and backs the scale off as the scaler's own skip would
+(``unscale_`` finds the inf, ``update()`` halves ``s``), so the next step is tried at a smaller scale.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class Optimization:
         """One optimiser step per minibatch; ``module.after_optimizer_step()`` after each one taken."""
         policy, algorithm = module.policy, module.algorithm
         optimizer = module.optimizers()
+        scaler = grad_scaler(module)
         sums: dict[str, Tensor] = {}
         counts: dict[str, int] = defaultdict(int)
         grad_norms: list[float] = []
@@ -76,14 +86,17 @@ class Optimization:
                 for key, value in metrics.items():
                     sums[key] = sums[key] + value if key in sums else value.detach().clone()
                     counts[key] += 1
-            grad_norm = self._clip_gradients(module, optimizer)
+            grad_norm = self._clip_gradients(module, scaler)
             if math.isfinite(grad_norm):
-                optimizer.step()
+                optimizer.step()  # fp16: Lightning unscales, steps and updates the loss scale
                 module.after_optimizer_step()
                 steps += 1
                 grad_norms.append(grad_norm)
             else:
                 skipped += 1
+                if scaler is not None:
+                    scaler.unscale_(optimizer.optimizer)  # records the inf: update() backs the scale off
+                    scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
         self._check_skipped(steps, skipped, iteration)
@@ -94,14 +107,18 @@ class Optimization:
         if grad_norms:
             metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        if scaler is not None:
+            metrics["train/loss_scale"] = scaler.get_scale()
         return metrics
 
-    def _clip_gradients(self, module: LightningModule, optimizer) -> float:
-        """Unscale (fp16 AMP), clip to ``max_grad_norm`` and return the pre-clip total norm."""
-        module.trainer.precision_plugin.unscale_gradients(optimizer.optimizer)
-        max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
+    def _clip_gradients(self, module: LightningModule, scaler: torch.amp.GradScaler | None) -> float:
+        """Clip the total gradient norm to ``max_grad_norm`` and return it before the clip, unscaled. Under
+        fp16 the gradients still carry the loss scale ``s``: the norm and the threshold are both ``s``
+        times the unscaled ones, so the clip is the same and the norm is divided by ``s``."""
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        max_norm = self.max_grad_norm * scale if self.max_grad_norm else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(module.policy.trainable_parameters(), max_norm)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm) / scale
 
     def _check_skipped(self, steps: int, skipped: int, iteration: int) -> None:
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped and not steps else 0
@@ -128,6 +145,13 @@ class Optimization:
                 gap,
                 self.logprob_tolerance,
             )
+
+
+def grad_scaler(module: LightningModule) -> torch.amp.GradScaler | None:
+    """The loss scaler of fp16 mixed precision (``trainer.precision=16-mixed``); None otherwise (bf16 and
+    fp32 need none)."""
+    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def _weighted(units: list, padding, sharded: bool) -> tuple[list, list[float]]:

@@ -52,14 +52,45 @@ def test_dance_defaults_follow_the_official_flux_script():
 
 @pytest.mark.parametrize(
     ("iteration", "window"),
-    [(0, [0, 1, 2, 3]), (24, [0, 1, 2, 3]), (25, [1, 2, 3, 4]), (21 * 25, [21, 22]), (23 * 25, [0, 1, 2, 3])],
+    [
+        (0, [0, 1, 2, 3]),
+        (24, [0, 1, 2, 3]),
+        (25, [1, 2, 3, 4]),
+        (21 * 25, [21, 22]),
+        (22 * 25, [22]),
+        (23 * 25, []),  # start T - 2 = 23: the official window range(23, min(27, 23)) is empty
+        (24 * 25, [0, 1, 2, 3]),  # wrapped once the start passed 23
+    ],
 )
 def test_mix_window_slides_every_shift_interval_shrinks_at_the_end_and_wraps(iteration, window):
-    assert MixGRPO().window(iteration, torch.Generator()).tolist() == window  # T = 25: starts 0 .. 22
+    assert MixGRPO().window(iteration, torch.Generator()).tolist() == window  # T = 25: starts 0 .. 23
 
 
-def test_mix_window_without_roll_back_stays_at_the_end_and_random_stays_in_range():
-    assert MixGRPO(roll_back=False).window(1000 * 25, torch.Generator()).tolist() == [22]
+def _starts(algo, iterations):
+    windows = [algo.window(i, torch.Generator()).tolist() for i in range(iterations)]
+    return [w[0] if w else algo.num_steps - 2 for w in windows], windows
+
+
+def test_mix_progressive_starts_run_over_0_to_t_minus_2_inclusive_then_wrap():
+    """The official update (grpo_states.py:85-99): every shift_interval iterations the start moves by the
+    stride; it wraps to 0 only once it is past max_timesteps = T - 2, so T - 2 is a start of its own."""
+    starts, windows = _starts(MixGRPO(num_steps=8, window_size=2, shift_interval=2), 2 * 7 + 4)
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 0, 0, 1, 1]
+    assert windows[:14:2] == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5], []]  # range(s, min(s + 2, 6))
+    starts, _ = _starts(MixGRPO(num_steps=8, window_size=2, shift_interval=1, window_stride=3), 7)
+    assert starts == [0, 3, 6, 0, 3, 6, 0]  # 9 > 6 wraps; 6 itself does not
+    starts, _ = _starts(MixGRPO(num_steps=8, window_size=2, shift_interval=1, window_stride=4), 4)
+    assert starts == [0, 4, 0, 4]  # 8 > 6 wraps
+
+
+def test_mix_window_without_roll_back_is_clipped_to_t_minus_2_and_random_stays_in_range():
+    """Without roll-back the official start is clipped to max_timesteps = T - 2 (even off the stride), where
+    the window is empty for good (the official is_training_complete)."""
+    assert MixGRPO(roll_back=False).window(1000 * 25, torch.Generator()).tolist() == []
+    starts, _ = _starts(
+        MixGRPO(num_steps=8, window_size=2, shift_interval=1, window_stride=4, roll_back=False), 5
+    )
+    assert starts == [0, 4, 6, 6, 6]
     assert MixGRPO(window_stride=4).window(25, torch.Generator()).tolist() == [4, 5, 6, 7]
     random = MixGRPO(window_strategy="random")
     generator = torch.Generator().manual_seed(0)
@@ -87,6 +118,28 @@ def test_mix_rollout_is_ode_outside_the_window_and_trains_only_inside(policy):
         )
     for metrics in _on_policy(algo, policy, rollout, batch):
         assert metrics["logprob_gap"] < 1e-6 and metrics["ratio"] == 1.0
+
+
+def test_mix_empty_window_samples_by_the_ode_and_trains_nothing(policy):
+    """At the last start, T - 2, the rollout is the Euler ODE throughout and no optimiser step is taken."""
+    algo = MixGRPO(num_steps=4, window_size=1, shift_interval=1, rollout_batch_size=4, guidance_scale=1.0)
+    batch = _batch()
+    rollout = algo.rollout(policy, batch, iteration_generator(0, 2), iteration=2)  # start 2 = T - 2
+    assert rollout.train_steps.shape == (8, 0)
+    cond = rollout.cond.select(rollout.cond_index)
+    for i in range(4):
+        x = rollout.latents[:, i]
+        torch.testing.assert_close(
+            rollout.latents[:, i + 1],
+            euler_step(
+                x, policy.velocity(x, rollout.sigmas[i], cond), rollout.sigmas[i], rollout.sigmas[i + 1]
+            ),
+            rtol=0,
+            atol=1e-5,
+        )
+    rewards = RewardOutput({"r": torch.arange(float(len(batch)))}, {"r": 1.0})
+    assert algo.minibatches(rollout, algo.advantages(rewards, rollout), torch.Generator()) == []
+    assert algo.rollout_metrics(rollout, rewards) == {"window/start": 2.0, "window/size": 0.0}
 
 
 @pytest.mark.parametrize(

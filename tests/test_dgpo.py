@@ -59,6 +59,39 @@ def test_group_difference_form_equals_the_signed_single_sum():
         assert torch.allclose(logit[group_ids == g], expected.expand(len(a)), atol=1e-5)
 
 
+def test_the_gate_divides_by_each_groups_size_or_by_the_configured_one():
+    """Unequal groups (CurES, or a member dropped for a NaN reward): a group of 3 and a group of 2.
+    Sums of A_i (L_theta_i - L_ref_i): 1(0.2) - 0.5(0.1) - 0.5(-0.3) = 0.3 and 0.8(0.5) - 0.8(0.25) = 0.2.
+    beta 10: each group's own size gives 10 * 0.3 / 3 = 1 and 10 * 0.2 / 2 = 1; the official divisor, the
+    configured group size 4, gives 10 * 0.3 / 4 = 0.75 and 10 * 0.2 / 4 = 0.5."""
+    groups = Groups.of(torch.tensor([0, 0, 0, 1, 1]))
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.8, -0.8])
+    loss_ref = torch.tensor([0.5, 0.5, 0.5, 0.25, 0.5])
+    loss_theta = loss_ref + torch.tensor([0.2, 0.1, -0.3, 0.5, 0.25])
+    own = group_preference_logit(advantages, loss_theta, loss_ref, groups, beta=10.0)
+    configured = group_preference_logit(advantages, loss_theta, loss_ref, groups, beta=10.0, group_size=4)
+    torch.testing.assert_close(own, torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(configured, torch.tensor([0.75, 0.75, 0.75, 0.5, 0.5]))
+
+
+def test_the_loss_gates_with_the_configured_group_size(policy):
+    """Two complete groups of 4: dividing by the configured 4 is the same gate as by each group's size
+    (the official setting), and by 8 halves the logit."""
+    perturb_lora(policy)
+    batch, advantages = _batch(), _advantages(torch.tensor([1.2, -0.4, 0.5, -1.3, 0.9, 0.1, -0.6, -0.4]))
+    logits = {}
+    for size in (None, 4, 8):
+        algo = _algo(
+            clip_dsm=False, kl_beta=0.0, text_dropout=0.0, groups_per_forward=2, gate_group_size=size
+        )
+        rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
+        ((unit, *_),) = algo.minibatches(rollout, advantages, torch.Generator().manual_seed(1))
+        logits[size] = algo.loss(policy, rollout, advantages, unit).metrics["preference_logit"]
+    assert logits[None] != 0
+    torch.testing.assert_close(logits[4], logits[None], rtol=0, atol=0)
+    torch.testing.assert_close(logits[8], logits[None] / 2)
+
+
 def test_surrogate_gradient_is_the_bradley_terry_gradient_over_beta_b_over_g(policy):
     """Eq. 17's gradient: d/dtheta sum_g -log sigmoid(-s_g) = beta * B / G * (the surrogate's gradient)."""
     perturb_lora(policy)
@@ -214,6 +247,7 @@ def test_theta_minus_decay_ramps_and_samples_after_the_switch(policy):
         ("num_train_timesteps", 5, "distinct indices"),
         ("t_min", 1.0, "algo.t_min"),
         ("reference", "ema", "base, theta_minus"),
+        ("gate_group_size", 0, "algo.gate_group_size"),
     ],
 )
 def test_invalid_settings_are_rejected(field, value, message):

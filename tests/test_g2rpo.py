@@ -245,3 +245,15 @@ def test_default_stochastic_steps_are_the_high_noise_half():
     assert G2RPO().stochastic_steps == list(range(8)) and G2RPO(num_steps=10).stochastic_steps == list(
         range(5)
     )
+
+
+def test_the_hps_preset_is_the_papers_hps_row_and_the_joint_one_the_official_advantage_sum(compose_config):
+    """paper_g2rpo_flux_hps trains on HPS-v2.1 alone (the paper's Table 1 HPS row); paper_g2rpo_flux_hps_clip
+    sums the HPS and DFN5B-CLIP advantages with weights 1 : 1, as the official ``hps_advantages +
+    clip_advantages`` (train_g2rpo_hps_clip.py, and train_g2rpo_hps.py at 04ee954)."""
+    hps = compose_config("experiment=paper_g2rpo_flux_hps").reward
+    assert set(hps.rewards) == {"hps"} and dict(hps.weights) == {"hps": 1.0}
+    joint = compose_config("experiment=paper_g2rpo_flux_hps_clip").reward
+    assert set(joint.rewards) == {"hps", "clip"} and dict(joint.weights) == {"hps": 1.0, "clip": 1.0}
+    assert hps.aggregate == joint.aggregate == "advantage"
+    assert joint.rewards.clip.path.endswith("DFN5B-CLIP-ViT-H-14-hf")

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF_DIR
+from omegaconf import OmegaConf
 
 from g2rpo.plan import fake
-from g2rpo.plan.execute import build, execute
+from g2rpo.plan.execute import _autocast, build, execute
 from g2rpo.plan.gpus import GPUS, gpu
 from g2rpo.plan.levers import candidates, with_levers
 from g2rpo.plan.meter import Meter
@@ -198,6 +199,15 @@ def test_the_command_writes_its_plan(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["overrides"][0] == "model=tiny_sd3"
     assert set(plan["time"]) == set(GPUS)
+
+
+def test_fp16_autocast_is_planned_as_bf16_autocast():
+    """The Flow-GRPO SD3.5 presets train under 16-mixed: planned as bf16 autocast (the same bytes, as fp16
+    weights are planned as bf16), not as fp32 activations."""
+    for precision in ("16-mixed", "bf16-mixed"):
+        context = _autocast(OmegaConf.create({"trainer": {"precision": precision}}))
+        assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16
+    assert not isinstance(_autocast(OmegaConf.create({"trainer": {"precision": "32-true"}})), torch.autocast)
 
 
 def test_unknown_gpu_lists_the_known_ones():

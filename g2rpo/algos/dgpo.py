@@ -20,6 +20,13 @@ keeps the groups and drops the stochastic policy:
 4. **Official surrogate.** ``loss = mean_i sg(sigmoid(s_g)) A_i L_theta_i`` with
    ``s_g = beta / G sum_{i in g} A_i (L_theta_i - L_ref_i)``: an advantage-weighted denoising loss gated
    by how well the group is already separated. Its gradient is Eq. 17's divided by ``beta * B / G``.
+   ``G`` (``gate_group_size``): the official code divides every group's sum by the configured group size
+   (``train_sd3_dgpo.py:176``, ``group_size=config.sample.num_image_per_prompt`` at ``:1148``), which keeps
+   Eq. 17's sum with ``beta`` rescaled by one constant; ``null`` (our default) divides by each group's own
+   size, making ``s_g`` the group's mean. They agree whenever groups are complete and equal (the official
+   setting); they differ with CurES's unequal groups or samples dropped for a NaN reward, where the mean
+   gates every group on one scale, while the constant divisor closes a group's gate faster the more members
+   it has (a group twice the size acts as if ``beta`` were doubled).
 5. **Timestep Clip.** Train only at ``t >= t_min``, never near the clean end, so the policy does not
    learn the blur of few-step samples. The code draws ``K = 4`` distinct indices of the rollout schedule
    among its first ``max_timestep_index + 1`` (shared by every sample of the iteration); ``t_min`` sets
@@ -64,13 +71,21 @@ def dgpo_normalization() -> GroupNormalization:
 
 
 def group_preference_logit(
-    advantages: Tensor, loss_theta: Tensor, loss_ref: Tensor, groups: Groups, beta: float
+    advantages: Tensor,
+    loss_theta: Tensor,
+    loss_ref: Tensor,
+    groups: Groups,
+    beta: float,
+    group_size: int | None = None,
 ) -> Tensor:
-    """``s_g = beta / G sum_{i in g} A_i (L_theta_i - L_ref_i)`` for each sample's group, ``[b]``."""
+    """``s_g = beta / G sum_{i in g} A_i (L_theta_i - L_ref_i)`` for each sample's group, ``[b]``; ``G`` is
+    ``group_size`` for every group (the official code), or each group's own size when None."""
     ids = groups.ids.to(advantages.device)
     sums = advantages.new_zeros(groups.count).index_add_(0, ids, advantages * (loss_theta - loss_ref))
-    sizes = advantages.new_zeros(groups.count).index_add_(0, ids, torch.ones_like(advantages))
-    return (beta * sums / sizes)[ids]
+    if group_size is None:
+        sizes = advantages.new_zeros(groups.count).index_add_(0, ids, torch.ones_like(advantages))
+        return (beta * sums / sizes)[ids]
+    return (beta * sums / group_size)[ids]
 
 
 def dsm_clip_mask(advantages: Tensor, ratio: Tensor, clip_range: float) -> Tensor:
@@ -113,6 +128,9 @@ class DGPO(Algorithm[ODERollout]):
     guidance_scale: float = 4.5  # CFG in rollouts; training runs the conditional branch only (code)
     sde_noise_level: float = 0.7  # Flow-SDE noise a, for sampler=sde only
     beta: float = 100.0  # beta_dpo: how fast the group gate sigmoid(s_g) closes
+    # G of s_g = beta / G sum_{i in g} ...: null, each group's own size; an integer, that size for every
+    # group, as the official code (/ num_image_per_prompt; the presets set ${curriculum.group_size})
+    gate_group_size: int | None = None
     num_train_timesteps: int = 4  # K noise levels per update, shared by all samples
     max_timestep_index: int = 6  # Timestep Clip as in the code: indices 0..6 of the rollout schedule
     t_min: float | None = None  # Timestep Clip as in the paper: t ~ U[t_min, 1] (replaces the index rule)
@@ -150,6 +168,10 @@ class DGPO(Algorithm[ODERollout]):
             )
         if self.t_min is not None and not 0 <= self.t_min < 1:
             raise ValueError(f"algo.t_min={self.t_min} must be in [0, 1)")
+        if self.gate_group_size is not None and self.gate_group_size < 1:
+            raise ValueError(
+                f"algo.gate_group_size={self.gate_group_size} must be >= 1, or null (each group's own size)"
+            )
         if not 0 <= self.text_dropout < 1 or self.kl_beta < 0:
             raise ValueError("algo.text_dropout must be in [0, 1) and algo.kl_beta >= 0")
         self.updates = 0  # optimiser steps so far (theta^-'s switch and decay ramp)
@@ -281,7 +303,12 @@ class DGPO(Algorithm[ODERollout]):
         v = policy.velocity(x_t, sigma, cond)
         loss_theta = mean_over_dims((v - target) ** 2)
         logit = group_preference_logit(
-            adv, loss_theta.detach(), loss_ref, rollout.scored.groups.select(unit.samples), self.beta
+            adv,
+            loss_theta.detach(),
+            loss_ref,
+            rollout.scored.groups.select(unit.samples),
+            self.beta,
+            self.gate_group_size,
         )
         gate = torch.sigmoid(logit)
         trained = loss_theta

@@ -6,12 +6,19 @@ DanceGRPO's recipe with a **mixed ODE-SDE rollout** (brief ``flow_grpo_family`` 
    stochastic (Flow-SDE, ``a = 0.7``: a large noise is fine because it is injected in a few steps only);
    every other step is the deterministic Euler ODE. Only window steps are trained
    (``training_strategy = "part"``), so the policy gradient costs ``w`` steps instead of ``T - 1``.
-2. **Window schedule** (``GRPOTrainingStates``). Window starts lie in ``[0, T - 2)``; the window is
-   ``range(start, min(start + w, T - 2))`` and shrinks at the end.
+2. **Window schedule** (official ``fastvideo/utils/grpo_states.py``, ``GRPOTrainingStates`` with
+   ``max_timesteps = T - 2``, ``train_grpo_flux.py:919``). The window is
+   ``range(start, min(start + w, T - 2))`` (``get_current_timesteps``, ``grpo_states.py:148``), so it
+   shrinks at the end and is empty at the last start, ``T - 2``.
    ``progressive`` (default): the start moves by ``window_stride`` every ``shift_interval`` iterations
-   (tau = 25), from high noise to low, and wraps to 0 past the end (``roll_back``); without roll-back it
-   stays on the last start. ``random``: a uniform start in ``[0, T - 2 - w]`` each iteration.
-   The start is a function of the iteration number, so a resumed run continues the same schedule.
+   (tau = 25), from high noise to low, over ``0, s, 2s, ... <= T - 2``; ``update_iteration``
+   (``grpo_states.py:85-99``) wraps it to 0 only once it exceeds ``T - 2`` (``roll_back``), so ``T - 2``
+   itself is a start: ``shift_interval`` iterations with an all-ODE rollout and no update. Without
+   roll-back the start is clipped to ``T - 2`` and stays there: the window is empty from then on (the
+   official ``is_training_complete``, which its training loop does not call, names this the end of
+   training). ``random``: a uniform start in
+   ``[0, T - 2 - w]`` each iteration (``grpo_states.py:102``). The start is a function of the iteration
+   number, so a resumed run continues the same schedule.
 3. As DanceGRPO: one initial noise per group, group-normalised advantages (unbiased std, eps 1e-8,
    clip 5), several rewards normalised one by one and summed (``reward.aggregate: advantage``), ratio
    clip 1e-4, no KL. ``T = 25`` steps.
@@ -69,18 +76,21 @@ class MixGRPO(StepwiseGRPO):
                 raise ValueError(f"algo.{name} must be >= 1, got {getattr(self, name)}")
 
     def window(self, iteration: int, generator: torch.Generator) -> Tensor:
-        """The SDE step indices of this iteration."""
-        end = self.num_steps - 2
+        """The SDE step indices of this iteration (empty at the progressive schedule's last start)."""
+        end = self.num_steps - 2  # the official max_timesteps
         if self.window_strategy == "random":
             start = int(torch.randint(0, end - self.window_size + 1, (), generator=generator))
         else:
-            starts = range(0, end, self.window_stride)
             shifts = iteration // self.shift_interval
-            start = starts[shifts % len(starts)] if self.roll_back else starts[min(shifts, len(starts) - 1)]
+            starts = range(0, end + 1, self.window_stride)  # wraps once past end, not at it
+            start = starts[shifts % len(starts)] if self.roll_back else min(shifts * self.window_stride, end)
         return torch.arange(start, min(start + self.window_size, end))
 
     def rollout_metrics(self, rollout: SDERollout, rewards: RewardOutput) -> dict[str, float]:
-        return {"window/start": float(rollout.train_steps[0, 0])}
+        size = rollout.train_steps.shape[1]
+        # only the last start, T - 2, has an empty window
+        start = int(rollout.train_steps[0, 0]) if size else self.num_steps - 2
+        return {"window/start": float(start), "window/size": float(size)}
 
     def rollout(
         self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0

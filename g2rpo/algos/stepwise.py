@@ -102,8 +102,12 @@ class StepwiseGRPO(Algorithm[SDERollout]):
     def minibatches(
         self, rollout: SDERollout, advantages: Advantages, generator: torch.Generator
     ) -> list[list[TrainingUnit]]:
-        """Shuffle samples, cut rollout-sized micro-batches, train each on every trained step in order."""
+        """Shuffle samples, cut rollout-sized micro-batches, train each on every trained step in order. A
+        rollout without a trained step (MixGRPO's empty window) has no minibatch: an optimiser step on zero
+        gradients would still move the weights (AdamW's moments, weight decay)."""
         columns = rollout.train_steps.shape[1]
+        if columns == 0:
+            return []
         return [
             [TrainingUnit(m, j) for m in step for j in range(columns)]
             for step in shuffled_minibatches(

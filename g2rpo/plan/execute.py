@@ -221,8 +221,10 @@ class Execution:
 
 
 def _autocast(cfg: DictConfig):
+    """The trainer's autocast, on the CPU that executes the plan. fp16 autocast (``16-mixed``, Flow-GRPO's
+    SD3.5 presets) is planned as bf16, as fp16 weights are (:func:`planned_dtype`): the same bytes."""
     precision = str(cfg.trainer.get("precision", "32-true"))
-    if precision.startswith("bf16"):
+    if precision.startswith("bf16") or precision in ("16", "16-mixed"):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
