@@ -9,7 +9,6 @@ table, one record per image) and the images in GenEval's layout (``images/``), w
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -23,15 +22,6 @@ import g2rpo.config  # noqa: F401  (schemas and resolvers)
 from g2rpo.checkpoint import load_policy
 from g2rpo.config import torch_device
 from g2rpo.evaluation.evaluator import Evaluation
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The training run's mixed precision (Lightning's ``bf16-mixed`` / ``16-mixed``), so a checkpoint is
-    sampled as it was trained and as the in-run evaluation samples it."""
-    dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-    if precision not in dtypes:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtypes[precision])
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
@@ -55,8 +45,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     evaluator = instantiate(cfg.eval)
     output = Path(cfg.output)
     images_dir = output.parent / "images" if cfg.save_images else None
-    with autocast(str(cfg.trainer.precision), device):
-        evaluation = evaluator(policy, images_dir=images_dir)
+    evaluation = evaluator(policy, images_dir=images_dir)  # as in training's callback: no autocast
     title = f"{cfg.checkpoint or 'stock model'} on eval={cfg.suite} ({evaluation.num_images} images)"
     print(evaluation.table(title))
     output.parent.mkdir(parents=True, exist_ok=True)
