@@ -1,13 +1,15 @@
-"""Reward hacking made visible while it happens: gold rewards and image statistics.
+"""Reward hacking made visible while it happens: gold rewards, image statistics, and a monitor that warns.
 
 A policy that learns its reward model's blind spots raises the trained reward while what the reward was
-meant to measure gets worse. Two signals expose it, both logged every iteration:
+meant to measure gets worse. Three signals expose it, all logged every iteration:
 
 * ``gold/...``: rewards the run does *not* train on, scored on the same rollout (:class:`GoldRewards`);
   a gold reward that falls while the trained one rises is the signature of hacking.
 * ``images/...``: cheap statistics of the rollout's images (:func:`image_statistics`); hacks often show as
   a drift in brightness, saturation, colours or edges (UniRL issue #407: an OCR reward that blanked the
   background showed in the dark-pixel fraction, edge density, colour entropy and brightness).
+* ``hacking/...``: the flags of :class:`RewardHackingMonitor`, which also warns in the Python log and, under
+  W&B, raises a ``wandb.alert`` (recorded offline and sent by ``wandb sync``).
 
 Every statistic is a mean over images of a per-image value in [0, 1] (diversity: over groups).
 """
@@ -18,7 +20,10 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from g2rpo.distributed import gather_objects
@@ -183,3 +188,160 @@ def _means(prefix: str, values: Tensor, tags: Sequence[str | None]) -> dict[str,
         if mine.any():
             out[f"{prefix}/{tag}"] = float(values[mine].mean())
     return out
+
+
+def welch(base: Sequence[float], recent: Sequence[float]) -> float:
+    """Welch's t statistic of ``mean(recent) - mean(base)``: the change in units of its standard error
+    ``sqrt(var(base) / n_base + var(recent) / n_recent)`` (sample variances). Infinite for a change of
+    noiseless series, 0 for no change."""
+    base_t, recent_t = torch.tensor(base, dtype=torch.float64), torch.tensor(recent, dtype=torch.float64)
+    change = float(recent_t.mean() - base_t.mean())
+    error = math.sqrt(float(base_t.var() / len(base) + recent_t.var() / len(recent)))
+    if error == 0:
+        return math.copysign(math.inf, change) if change else 0.0
+    return change / error
+
+
+class RewardHackingMonitor(L.Callback):
+    """Warns when the trained reward rises while a gold reward falls, or when an image statistic drifts.
+
+    Every iteration it reads the trained reward (``reward``, a logged metric) and every ``gold/...`` and
+    ``images/...`` metric, and compares, per metric, the mean of its *recent* window (its last ``window``
+    values) with its *base* window (its first ``window`` values: the policy at the start of training, the
+    base model's statistics). A metric is judged once it has ``2 * window`` values, so the windows never
+    overlap. Two rules:
+
+    * gold: ``t(reward) > z`` and ``t(gold) < -z``, with ``t`` Welch's statistic (:func:`welch`) of the
+      recent mean against the base mean: both changes are ``z`` standard errors away from no change, so the
+      iteration-to-iteration noise of each (a task seen in few prompts is noisy) sets its own bar.
+    * drift: ``|mean(recent) - mean(base)| > max(k * std(base), min_drift)``: the recent images are ``k``
+      standard deviations of the base iterations' values away from them, and by at least ``min_drift`` (the
+      statistics are in [0, 1]), so that a statistic the base model holds still (no dark pixel) does not
+      fire on any trace.
+
+    Each metric judged logs a flag ``hacking/<metric>`` (1 while its rule holds), and ``hacking/warning`` is 1
+    while any does. A flag turning on is logged as a warning with its numbers and, under W&B, raised as a
+    ``wandb.alert``. The values seen are checkpointed, so a resumed run keeps its base windows.
+    """
+
+    def __init__(
+        self,
+        reward: str = "reward/total/mean",
+        window: int = 5,
+        z: float = 2.0,
+        k: float = 3.0,
+        min_drift: float = 0.02,
+    ) -> None:
+        if window < 2:
+            raise ValueError(
+                f"callbacks.hacking.window={window} must be >= 2 (a window's variance needs 2 values)"
+            )
+        self.reward, self.window, self.z, self.k, self.min_drift = reward, window, z, k, min_drift
+        self.history: dict[str, dict[int, float]] = {}  # metric -> iteration -> value
+        self.active: set[str] = set()  # flags on at the last iteration
+        self.first_fired: dict[str, int] = {}  # flag -> iteration it first turned on
+
+    def record(self, iteration: int, metrics: Mapping[str, float]) -> None:
+        if self.reward not in metrics:
+            known = sorted(key for key in metrics if key.startswith("reward/"))
+            raise ValueError(f"callbacks.hacking.reward={self.reward!r} is not logged; choose one of {known}")
+        for key, value in metrics.items():
+            if (key == self.reward or key.startswith(("gold/", "images/"))) and math.isfinite(value):
+                self.history.setdefault(key, {})[iteration] = float(value)
+
+    def _windows(self, key: str) -> tuple[list[float], list[float]] | None:
+        values = [value for _, value in sorted(self.history.get(key, {}).items())]
+        if len(values) < 2 * self.window:
+            return None
+        return values[: self.window], values[-self.window :]
+
+    def judge(self) -> dict[str, tuple[bool, str]]:
+        """``{flag: (whether its rule holds, the numbers)}`` for every metric with enough values."""
+        out = {}
+        reward = self._windows(self.reward)
+        if reward is not None:
+            t_reward = welch(*reward)
+            for key in self.history:
+                gold = self._windows(key) if key.startswith("gold/") else None
+                if gold is not None:
+                    t_gold = welch(*gold)
+                    out[f"hacking/{key}"] = (
+                        t_reward > self.z and t_gold < -self.z,
+                        f"{key} {_mean(gold[0]):.4f} -> {_mean(gold[1]):.4f} (t = {t_gold:+.1f}) while "
+                        f"{self.reward} {_mean(reward[0]):.4f} -> {_mean(reward[1]):.4f} (t = {t_reward:+.1f})",
+                    )
+        for key in self.history:
+            windows = self._windows(key) if key.startswith("images/") else None
+            if windows is not None:
+                base, recent = windows
+                spread = float(torch.tensor(base, dtype=torch.float64).std())
+                change = _mean(recent) - _mean(base)
+                out[f"hacking/{key}"] = (
+                    abs(change) > max(self.k * spread, self.min_drift),
+                    f"{key} {_mean(base):.4f} -> {_mean(recent):.4f} ({change:+.4f}; base std {spread:.4f})",
+                )
+        return out
+
+    def update(self, iteration: int, metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, str]]:
+        """Record an iteration's metrics and judge them: the flags to log, and the numbers of each flag that
+        has just turned on."""
+        self.record(iteration, metrics)
+        verdicts = self.judge()
+        flags = {flag: float(holds) for flag, (holds, _) in verdicts.items()}
+        flags["hacking/warning"] = float(any(flags.values()))
+        active = {flag for flag, (holds, _) in verdicts.items() if holds}
+        turned_on = {flag: verdicts[flag][1] for flag in sorted(active - self.active)}
+        for flag in turned_on:
+            self.first_fired.setdefault(flag, iteration)
+        self.active = active
+        return flags, turned_on
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        iteration = trainer.current_epoch
+        metrics = {key: float(value) for key, value in outputs["metrics"].items()}  # this iteration's only
+        flags, turned_on = self.update(iteration, metrics)
+        pl_module.log_dict(flags, on_step=True, on_epoch=False, batch_size=1)
+        if turned_on:
+            self._warn(trainer, iteration, turned_on)
+
+    @rank_zero_only
+    def _warn(self, trainer: L.Trainer, iteration: int, turned_on: Mapping[str, str]) -> None:
+        """One warning (and one W&B alert) per iteration, listing every flag that has just turned on."""
+        title = f"reward hacking? iteration {iteration}: {len(turned_on)} new signal(s)"
+        rules = (
+            f"means of the first and the last {self.window} iterations; gold: both |t| > {self.z}, "
+            f"drift: > max({self.k} base std, {self.min_drift})"
+        )
+        text = "\n".join([f"{title} ({rules})", *(f"  {numbers}" for numbers in turned_on.values())])
+        log.warning(text)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.first_fired:
+            first = min(self.first_fired.values())
+            log.warning(
+                "reward hacking signals in this run, from iteration %d: %s",
+                first,
+                ", ".join(
+                    f"{flag} ({i})" for flag, i in sorted(self.first_fired.items(), key=lambda f: f[1])
+                ),
+            )
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "active": sorted(self.active), "first_fired": self.first_fired}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {
+            key: {int(i): v for i, v in values.items()} for key, values in state_dict["history"].items()
+        }
+        self.active = set(state_dict["active"])
+        self.first_fired = dict(state_dict["first_fired"])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)

@@ -148,7 +148,7 @@ class RLModule(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
 
-    def training_step(self, batch, batch_idx: int) -> dict[str, Samples] | None:
+    def training_step(self, batch, batch_idx: int) -> dict:
         iteration = self.current_epoch
         # Identical on every rank: the prompts, and the seeds of each sample's and group's own noise stream
         # (g2rpo/randomness.py), so a sample's rollout does not depend on the rank or chunk that draws it.
@@ -219,14 +219,15 @@ class RLModule(L.LightningModule):
         if self.scheduler_factory is not None:
             self.lr_schedulers().step()
         self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
+        # this iteration's metrics, for callbacks (the trainer's callback_metrics also hold earlier iterations')
+        outputs = {"metrics": metrics}
         shown = slice(0, self.num_logged_images)
         # a text-only rollout (token GRPO on answers) has no image to show
         if rollout.images is not None:
-            return {
-                "samples": Samples(
-                    rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
-                )
-            }
+            outputs["samples"] = Samples(
+                rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
+            )
+        return outputs
 
     @staticmethod
     def _check_equal_shares(samples: int) -> None:

@@ -1,6 +1,11 @@
-"""Reward-hacking signals: image statistics on images of known values, and gold rewards."""
+"""Reward-hacking monitoring: image statistics on images of known values, the warning rules on synthetic
+series, the monitor's checkpointed state, gold rewards, and a short shapes-world run that logs them."""
 
 from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ from hydra.utils import instantiate
 
 from g2rpo.hacking import (
     GoldRewards,
+    RewardHackingMonitor,
     brightness,
     colour_entropy,
     dark_fraction,
@@ -15,7 +21,10 @@ from g2rpo.hacking import (
     group_diversity,
     image_statistics,
     saturation,
+    welch,
 )
+from g2rpo.loggers import read_metrics
+from g2rpo.run import train
 from g2rpo.types import PromptBatch
 
 
@@ -116,6 +125,81 @@ def test_gold_rewards_log_every_score_per_task():
     assert gold.excluding(["task", "pair"]) is None
 
 
+def test_welch_statistic():
+    assert welch([1, 2, 3], [1, 2, 3]) == 0
+    assert welch([0, 0], [1, 1]) == math.inf
+    assert welch([1, 2, 3], [4, 5, 6]) == pytest.approx(3 / math.sqrt(2 / 3))
+
+
+def series(start: float, slope: float, n: int, noise: float, seed: int) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    return (start + slope * torch.arange(n) + noise * torch.randn(n, generator=generator)).tolist()
+
+
+def run_monitor(monitor: RewardHackingMonitor, columns: dict[str, list[float]]) -> dict[str, int]:
+    """Feed the monitor one iteration at a time; the iteration each flag first turned on."""
+    for iteration in range(len(next(iter(columns.values())))):
+        monitor.update(iteration, {key: values[iteration] for key, values in columns.items()})
+    return monitor.first_fired
+
+
+def test_gold_rule_fires_on_rising_reward_and_falling_gold_only():
+    reward = series(0.50, 0.002, 30, 0.003, seed=0)
+    falling = series(0.47, -0.004, 30, 0.02, seed=1)
+    rising = series(0.47, 0.004, 30, 0.02, seed=2)
+    fired = run_monitor(
+        RewardHackingMonitor(), {"reward/total/mean": reward, "gold/a/mean": falling, "gold/b/mean": rising}
+    )
+    assert (
+        set(fired) == {"hacking/gold/a/mean"} and fired["hacking/gold/a/mean"] >= 9
+    )  # judged from 2 windows
+    flat_reward = series(0.50, 0.0, 30, 0.003, seed=0)
+    assert (
+        run_monitor(RewardHackingMonitor(), {"reward/total/mean": flat_reward, "gold/a/mean": falling}) == {}
+    )
+
+
+def test_drift_rule_needs_k_base_deviations_and_the_minimum_change():
+    noise = series(0.0, 0.0, 30, 0.01, seed=3)
+    steady = [0.6 + x for x in noise]
+    drifting = [0.6 + x - (0.01 * max(0, i - 10)) for i, x in enumerate(noise)]
+    still = [0.0] * 25 + [0.01] * 5  # the base model never has a dark pixel; a trace of them is no drift
+    fired = run_monitor(
+        RewardHackingMonitor(),
+        {
+            "reward/total/mean": steady,
+            "images/brightness": drifting,
+            "images/saturation": steady,
+            "images/dark_fraction": still,
+        },
+    )
+    assert set(fired) == {"hacking/images/brightness"}
+    assert run_monitor(
+        RewardHackingMonitor(min_drift=0.005), {"reward/total/mean": steady, "images/dark_fraction": still}
+    )
+
+
+def test_monitor_state_round_trip_keeps_the_base_windows():
+    monitor = RewardHackingMonitor(window=2)
+    run_monitor(
+        monitor, {"reward/total/mean": [0.1, 0.2, 0.3, 0.4], "images/brightness": [0.5, 0.52, 0.5, 0.9]}
+    )
+    resumed = RewardHackingMonitor(window=2)
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.history == monitor.history and resumed.active == monitor.active == {
+        "hacking/images/brightness"
+    }
+    assert resumed.first_fired == monitor.first_fired == {"hacking/images/brightness": 3}
+    assert resumed.judge() == monitor.judge()
+
+
+def test_monitor_names_the_logged_rewards_when_its_reward_is_not_logged():
+    with pytest.raises(ValueError, match=r"reward/shapes_score/mean"):
+        RewardHackingMonitor(reward="reward/total").record(0, {"reward/shapes_score/mean": 0.5})
+    with pytest.raises(ValueError, match="window"):
+        RewardHackingMonitor(window=1)
+
+
 def test_gold_node_takes_any_reward_function(compose_config):
     """A paper preset sets ``gold`` to reward models of its own (here one needing no weights)."""
     cfg = compose_config(
@@ -127,3 +211,44 @@ def test_gold_node_takes_any_reward_function(compose_config):
     assert list(gold.rewards) == ["jpeg"]
     assert compose_config().gold.rewards.keys() == {"geneval_shapes", "shapes_score"}  # the shapes world's
     assert not compose_config("gold=none").gold
+
+
+def test_a_shapes_run_logs_gold_image_statistics_and_flags(compose_config, caplog):
+    cfg = compose_config(
+        "experiment=quickstart",
+        "reward=shapes_score",
+        "logger=wandb",  # offline: the alert is recorded in the run's file, for `wandb sync`
+        "trainer.max_epochs=4",
+        "trainer.enable_progress_bar=false",
+        "curriculum.prompts_per_iteration=2",
+        "curriculum.group_size=4",
+        "algo.num_steps=4",
+        "callbacks.evaluate=null",
+        "callbacks.hacking.window=2",
+        "callbacks.hacking.z=-inf",  # every gold reward "falls": the rule's plumbing, not its judgement
+    )
+    with caplog.at_level(logging.WARNING, logger="g2rpo.hacking"):
+        train(cfg)
+    records = read_metrics(Path(cfg.run_dir) / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert {
+        "gold/geneval_shapes/accuracy/mean",
+        "gold/geneval_shapes/partial/mean",
+        "images/brightness",
+        "images/diversity",
+        "hacking/warning",
+    } <= records[0].keys()
+    assert not any(key.startswith("gold/shapes_score") for key in records[0])  # trained on: not gold
+    assert "hacking/images/brightness" not in records[2]  # judged from two windows of 2 iterations
+    assert records[3]["hacking/gold/geneval_shapes/accuracy/mean"] == records[3]["hacking/warning"] == 1
+    assert "reward hacking? iteration 3" in caplog.text and "gold/geneval_shapes/accuracy/mean" in caplog.text
+    (wandb_file,) = Path(cfg.run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    assert b"reward hacking? iteration 3" in wandb_file.read_bytes()
+    # the checkpointed monitor saw each metric at the iterations it was logged, never a stale value
+    state = torch.load(Path(cfg.run_dir) / "checkpoints/last.ckpt", weights_only=False)["callbacks"]
+    (history,) = [s["history"] for name, s in state.items() if "RewardHackingMonitor" in name]
+    per_task = [key for key in history if key.startswith("gold/") and not key.endswith("/mean")]
+    assert per_task and all(
+        sorted(history[key]) == [r["step"] for r in records if key in r] for key in per_task
+    )
+    assert any(len(history[key]) < len(records) for key in per_task)  # 2 prompts: some task is missed
