@@ -38,6 +38,7 @@ from g2rpo.curriculum import Curriculum, PolicyProbe
 from g2rpo.data import PromptDataset
 from g2rpo.distributed import gather_objects, gather_scored, mean_over_ranks, rank_slice
 from g2rpo.ema import swapped_in
+from g2rpo.hacking import GoldRewards, image_statistics
 from g2rpo.optimization import Optimization
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import iteration_generator
@@ -73,6 +74,7 @@ class RLModule(L.LightningModule):
         ema_decay: float | None = 0.9,
         ema_update_every: int = 8,
         fsdp_cpu_offload: bool = False,
+        gold: GoldRewards | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -87,6 +89,8 @@ class RLModule(L.LightningModule):
         self.seed = seed
         self.optimization = Optimization(max_grad_norm, logprob_tolerance, max_skipped_steps)
         self.num_logged_images = num_logged_images
+        # logged beside the trained reward, never trained on (g2rpo.hacking)
+        self.gold = gold.excluding(reward.rewards) if gold is not None else None
         if algorithm.uses_reference:
             policy.enable_reference()
         if ema_decay is not None and not (0.0 <= ema_decay < 1.0 and ema_update_every >= 1):
@@ -144,7 +148,7 @@ class RLModule(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
 
-    def training_step(self, batch, batch_idx: int) -> dict[str, Samples] | None:
+    def training_step(self, batch, batch_idx: int) -> dict:
         iteration = self.current_epoch
         # Identical on every rank: the prompts, and the seeds of each sample's and group's own noise stream
         # (g2rpo/randomness.py), so a sample's rollout does not depend on the rank or chunk that draws it.
@@ -177,6 +181,11 @@ class RLModule(L.LightningModule):
             **advantages.metrics(),
             **self.algorithm.rollout_metrics(rollout, rewards),
         }
+        # a text-only rollout has no image statistics nor gold rewards; images are the first scored outputs
+        # (Pair-GRPO's answers follow them)
+        drawn = None if rollout.images is None else scored.select(torch.arange(len(rollout.images)))
+        if drawn is not None:
+            metrics.update(image_statistics(rollout.images, drawn.groups.ids))
         if not advantages.valid.all():
             log.warning(
                 "iteration %d: %d of %d samples have a NaN reward; they are left out of the advantage "
@@ -203,19 +212,22 @@ class RLModule(L.LightningModule):
         )
         metrics = mean_over_ranks(metrics)
         metrics.update(all_rewards.metrics())
+        if self.gold is not None and drawn is not None:
+            metrics.update(self.gold.metrics(rollout.images, drawn))
         metrics.update(self.curriculum.update(all_scored, all_rewards))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(scored))
         if self.scheduler_factory is not None:
             self.lr_schedulers().step()
         self.log("reward", metrics["reward/total/mean"], prog_bar=True, logger=False, batch_size=len(scored))
+        # this iteration's metrics, for callbacks (the trainer's callback_metrics also hold earlier iterations')
+        outputs = {"metrics": metrics}
         shown = slice(0, self.num_logged_images)
         # a text-only rollout (token GRPO on answers) has no image to show
         if rollout.images is not None:
-            return {
-                "samples": Samples(
-                    rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
-                )
-            }
+            outputs["samples"] = Samples(
+                rollout.images[shown].cpu(), scored.prompts[shown], rewards.total[shown].cpu()
+            )
+        return outputs
 
     @staticmethod
     def _check_equal_shares(samples: int) -> None:

@@ -55,6 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         curriculum=curriculum,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        gold=instantiate(cfg.gold) if cfg.get("gold") else None,
     )
     loggers = [JsonlLogger(run_dir)] + [instantiate(node) for node in (cfg.logger or {}).values()]
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
