@@ -98,15 +98,10 @@ def test_mix_window_without_roll_back_is_clipped_to_t_minus_2_and_random_stays_i
     assert starts == set(range(0, 23 - 4 + 1))
 
 
-def test_mix_rollout_is_ode_outside_the_window_and_trains_only_inside(policy):
-    algo = MixGRPO(num_steps=6, window_size=2, shift_interval=1, rollout_batch_size=4, guidance_scale=1.0)
-    batch = _batch()
-    rollout = algo.rollout(policy, batch, iteration_generator(0, 1), iteration=1)
-    assert rollout.train_steps.tolist() == [[1, 2]] * 8
-    assert torch.isfinite(rollout.log_probs[:, [1, 2]]).all()
-    assert torch.isnan(rollout.log_probs[:, [0, 3, 4, 5]]).all()
+def assert_euler_steps(policy, rollout, steps) -> None:
+    """Steps ``steps`` of the rollout are deterministic Euler (ODE) steps of the policy's velocity."""
     cond = rollout.cond.select(rollout.cond_index)
-    for i in (0, 3, 4):
+    for i in steps:
         x = rollout.latents[:, i]
         torch.testing.assert_close(
             rollout.latents[:, i + 1],
@@ -116,6 +111,16 @@ def test_mix_rollout_is_ode_outside_the_window_and_trains_only_inside(policy):
             rtol=0,
             atol=1e-5,
         )
+
+
+def test_mix_rollout_is_ode_outside_the_window_and_trains_only_inside(policy):
+    algo = MixGRPO(num_steps=6, window_size=2, shift_interval=1, rollout_batch_size=4, guidance_scale=1.0)
+    batch = _batch()
+    rollout = algo.rollout(policy, batch, iteration_generator(0, 1), iteration=1)
+    assert rollout.train_steps.tolist() == [[1, 2]] * 8
+    assert torch.isfinite(rollout.log_probs[:, [1, 2]]).all()
+    assert torch.isnan(rollout.log_probs[:, [0, 3, 4, 5]]).all()
+    assert_euler_steps(policy, rollout, (0, 3, 4))
     for metrics in _on_policy(algo, policy, rollout, batch):
         assert metrics["logprob_gap"] < 1e-6 and metrics["ratio"] == 1.0
 
@@ -126,17 +131,7 @@ def test_mix_empty_window_samples_by_the_ode_and_trains_nothing(policy):
     batch = _batch()
     rollout = algo.rollout(policy, batch, iteration_generator(0, 2), iteration=2)  # start 2 = T - 2
     assert rollout.train_steps.shape == (8, 0)
-    cond = rollout.cond.select(rollout.cond_index)
-    for i in range(4):
-        x = rollout.latents[:, i]
-        torch.testing.assert_close(
-            rollout.latents[:, i + 1],
-            euler_step(
-                x, policy.velocity(x, rollout.sigmas[i], cond), rollout.sigmas[i], rollout.sigmas[i + 1]
-            ),
-            rtol=0,
-            atol=1e-5,
-        )
+    assert_euler_steps(policy, rollout, range(4))
     rewards = RewardOutput({"r": torch.arange(float(len(batch)))}, {"r": 1.0})
     assert algo.minibatches(rollout, algo.advantages(rewards, rollout), torch.Generator()) == []
     assert algo.rollout_metrics(rollout, rewards) == {"window/start": 2.0, "window/size": 0.0}

@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,13 +103,21 @@ class RemoteReward:
         return f"RemoteReward(url={self.url!r}, batch_size={self.batch_size})"
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> Tensor:
+        scores: list[float | None] = []
+        for body, count in self._requests(images, prompts, metadata):
+            scores.extend(self._parse(self._post(self.url, body), count))
+        return torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
+
+    def _requests(
+        self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> Iterator[tuple[bytes, int]]:
+        """The JSON bodies of ``batch_size`` images each, with their image counts."""
         count = images.shape[0]
         metadata = list(metadata) if len(metadata) else [{} for _ in range(count)]
         if len(prompts) != count or len(metadata) != count:
             raise ValueError(f"{count} images but {len(prompts)} prompts and {len(metadata)} metadata dicts")
         pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        scores: list[float | None] = []
         for start in range(0, count, self.batch_size):
             stop = min(start + self.batch_size, count)
             payload = {
@@ -123,13 +131,12 @@ class RemoteReward:
                 raise ValueError(
                     f"RemoteReward: the prompt metadata must be JSON-serialisable: {error}"
                 ) from None
-            scores.extend(self._post(body, stop - start))
-        return torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
+            yield body, stop - start
 
-    def _post(self, body: bytes, expected: int) -> list[float | None]:
-        """One batch's scores."""
-        raw = post_with_retries(
-            self.url,
+    def _post(self, url: str, body: bytes) -> bytes:
+        """One request's answer, retried as the module docstring says."""
+        return post_with_retries(
+            url,
             body,
             {"Content-Type": "application/json"},
             what="reward server",
@@ -138,7 +145,6 @@ class RemoteReward:
             backoff_s=self.backoff_s,
             max_backoff_s=self.max_backoff_s,
         )
-        return self._parse(raw, expected)
 
     def _parse(self, raw: bytes, expected: int) -> list[float | None]:
         try:
@@ -166,32 +172,10 @@ class RemoteNamedReward(RemoteReward):
     def scores(
         self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()
     ) -> dict[str, Tensor]:
-        count = images.shape[0]
-        metadata = list(metadata) if len(metadata) else [{} for _ in range(count)]
         url = self.url.rsplit("/", 1)[0] + "/scores"
-        pixels = (
-            (images.detach().float().clamp(0, 1) * 255)
-            .round()
-            .to(torch.uint8)
-            .permute(0, 2, 3, 1)
-            .cpu()
-            .numpy()
-        )
-        named: dict[str, list[float]] = {}
-        for start in range(0, count, self.batch_size):
-            stop = min(start + self.batch_size, count)
-            body = json.dumps(
-                {
-                    "images": [encode_image(array) for array in pixels[start:stop]],
-                    "prompts": [str(p) for p in prompts[start:stop]],
-                    "metadata": [dict(m) for m in metadata[start:stop]],
-                }
-            ).encode()
-            raw = post_with_retries(
-                url, body, {"Content-Type": "application/json"}, what="reward server",
-                timeout_s=self.timeout_s, max_retries=self.max_retries, backoff_s=self.backoff_s,
-                max_backoff_s=self.max_backoff_s,
-            )  # fmt: skip
+        named: dict[str, list[float | None]] = {}
+        for body, count in self._requests(images, prompts, metadata):
+            raw = self._post(url, body)
             try:
                 batch = dict(json.loads(raw)["scores"])
             except (ValueError, KeyError, TypeError):
@@ -199,9 +183,9 @@ class RemoteNamedReward(RemoteReward):
                     f"reward server {url} answered without a JSON 'scores' object: {raw[:200]!r}"
                 ) from None
             for name, values in batch.items():
-                named.setdefault(name, []).extend(self._checked(values, stop - start))
+                named.setdefault(name, []).extend(self._checked(values, count))
         return {
-            name: torch.tensor([math.nan if v is None else v for v in values])
+            name: torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
             for name, values in named.items()
         }
 
