@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from g2rpo.evaluation.evaluator import Evaluation, Evaluator
+from g2rpo.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ class Evaluate(L.Callback):
 
     @rank_zero_only
     def _write(self, path: Path, evaluation: Evaluation) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(evaluation.to_json(), indent=1))
+        atomic_write_text(path, json.dumps(evaluation.to_json(), indent=1))
 
     def _run_step_counts(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
         """The final policy sampled with other step counts (robustness to the inference schedule)."""
@@ -118,7 +118,7 @@ class Evaluate(L.Callback):
         report = {str(k): v for k, v in self.history.items()}
         if self.final_by_steps:
             report["final_by_num_steps"] = {str(k): v for k, v in self.final_by_steps.items()}
-        (run_dir / self.filename).write_text(json.dumps(report, indent=2))
+        atomic_write_text(run_dir / self.filename, json.dumps(report, indent=2))
 
     def state_dict(self) -> dict:
         return {"history": self.history}

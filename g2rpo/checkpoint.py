@@ -8,25 +8,60 @@ Beyond Lightning's own keys (epoch, loops, optimiser, callbacks), a checkpoint h
     ema          the evaluation EMA (diffusers' ``EMAModel`` state), when the run keeps one
     curriculum   the curriculum's state
     algorithm    the algorithm's own state (DGPO: its update count and theta^-)
+    config       the run's resolved config, which a resume compares with its own (``g2rpo.resume``)
 
 as whole tensors: under FSDP each rank holds a shard, and rank 0 alone writes the file. Every value is a
-tensor or a plain Python value, so reading needs no unpickling of code (``weights_only=True``).
+tensor or a plain Python value, so reading needs no unpickling of code (``weights_only=True``), and every
+file is written atomically (:class:`AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import torch
 from diffusers.training_utils import EMAModel
+from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from g2rpo import ema
 from g2rpo.distributed import full_tensors
+from g2rpo.files import atomic_write
 from g2rpo.policies.base import FlowPolicy
 
 POLICY = "policy."  # RLModule.policy's weights in the state dict
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written: the run stops rather than go on without one."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic and loud for local paths.
+
+    Lightning's own (``fabric.utilities.cloud_io._atomic_save``) stages the file in ``$TMPDIR`` and moves it,
+    which across filesystems is a copy that a kill leaves truncated, and it swallows a ``PermissionError``,
+    so a run whose checkpoint directory became unwritable went on, and exited 0, with a stale ``last.ckpt``.
+    Here the file is written beside its name and renamed over it (:func:`g2rpo.files.atomic_write`), and
+    a failure raises :class:`CheckpointWriteError`. Remote paths (``s3://``...) keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if not isinstance(fsspec.core.url_to_fs(str(path))[0], LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        try:
+            atomic_write(Path(path), lambda stream: torch.save(checkpoint, stream))
+        except OSError as error:
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {path}: {error}. The run stops here rather than train on "
+                "without one. Free space or fix the directory's permissions, then re-run the same command: it "
+                f"resumes from the newest readable checkpoint in {Path(path).parent}."
+            ) from error
 
 
 def trainable_keys(module: nn.Module) -> set[str]:
@@ -42,6 +77,8 @@ def save(module: LightningModule, checkpoint: dict) -> None:
     if module.ema is not None:
         checkpoint["ema"] = full_tensors(module.ema.state_dict())
     checkpoint["algorithm"] = full_tensors(module.algorithm.state_dict())
+    if module.run_config is not None:
+        checkpoint["config"] = module.run_config
 
 
 def restore(module: LightningModule, checkpoint: dict) -> None:

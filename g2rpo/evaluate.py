@@ -22,6 +22,7 @@ import g2rpo.config  # noqa: F401  (schemas and resolvers)
 from g2rpo.checkpoint import load_policy
 from g2rpo.config import torch_device
 from g2rpo.evaluation.evaluator import Evaluation
+from g2rpo.files import atomic_write_text
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
@@ -48,9 +49,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     evaluation = evaluator(policy, images_dir=images_dir)  # as in training's callback: no autocast
     title = f"{cfg.checkpoint or 'stock model'} on eval={cfg.suite} ({evaluation.num_images} images)"
     print(evaluation.table(title))
-    output.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": cfg.checkpoint, "suite": cfg.suite, **evaluation.to_json()}
-    output.write_text(json.dumps(record, indent=2))
+    atomic_write_text(output, json.dumps(record, indent=2))
     print(
         f"wrote {output}" + (f" and the images in GenEval's layout under {images_dir}" if images_dir else "")
     )

@@ -24,6 +24,8 @@ import torch
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from torch.utils.data import DataLoader, IterableDataset
 
+from g2rpo.checkpoint import AtomicCheckpointIO
+
 log = logging.getLogger(__name__)
 
 
@@ -185,11 +187,17 @@ def fit(
         deterministic=True,
         log_every_n_steps=50,
         enable_model_summary=True,
+        plugins=[AtomicCheckpointIO()],  # a kill never leaves a truncated last.ckpt
     )
     last = checkpoints / "last.ckpt"
     if last.is_file():
         # the data stream restarts at the checkpoint's step: set before Lightning creates (and prefetches
         # from) the iterator, which happens before any hook of the resumed run could set it
-        batches.start = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=last if last.is_file() else None)
+        batches.start = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    trainer.fit(
+        module,
+        DataLoader(batches, batch_size=None),
+        ckpt_path=last if last.is_file() else None,
+        weights_only=True,
+    )
     return trainer
