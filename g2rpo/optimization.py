@@ -39,17 +39,23 @@ from g2rpo.distributed import all_max, all_sum, world
 log = logging.getLogger(__name__)
 
 
+class NoLearningSignal(RuntimeError):
+    """Iteration after iteration had no sample whose reward could teach the policy anything."""
+
+
 class Optimization:
     """Runs an iteration's steps for an :class:`~g2rpo.module.RLModule`, clipping the total gradient norm to
     ``max_grad_norm``; warns when the log-probs before any update differ from the rollout's by more than
-    ``logprob_tolerance``, and stops the run after ``max_skipped_steps`` iterations in a row whose every
-    step was skipped."""
+    ``logprob_tolerance``, and stops the run after ``max_skipped_steps`` iterations in a row that could not
+    train: every step skipped (non-finite losses or gradients), or no sample with a learning signal (every
+    reward NaN, or every group's rewards equal). Such a run would otherwise go on, and exit 0, without
+    ever changing the policy."""
 
     def __init__(self, max_grad_norm: float | None, logprob_tolerance: float, max_skipped_steps: int) -> None:
         self.max_grad_norm = max_grad_norm
         self.logprob_tolerance = logprob_tolerance
         self.max_skipped_steps = max_skipped_steps
-        self.skipped_in_a_row = 0
+        self.stalled_in_a_row = 0
 
     def __call__(
         self,
@@ -99,7 +105,10 @@ class Optimization:
                     scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-        self._check_skipped(steps, skipped, iteration)
+        # every rank's samples: a sample with a finite reward in a group whose rewards differ
+        signal = bool(all_sum((advantages.valid & ~advantages.zero_std).sum().reshape(1)))
+        no_reward = not bool(all_sum(advantages.valid.sum().reshape(1)))
+        self._check_progress(steps, skipped, signal, no_reward, iteration)
         metrics = {f"train/{key}": float(total) / counts[key] for key, total in sums.items()}
         self._check_logprob_gap(metrics.get("train/logprob_gap_before_update", 0.0), iteration)
         metrics["train/optimizer_steps"] = steps
@@ -120,20 +129,48 @@ class Optimization:
         norm = torch.nn.utils.clip_grad_norm_(module.policy.trainable_parameters(), max_norm)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm) / scale
 
-    def _check_skipped(self, steps: int, skipped: int, iteration: int) -> None:
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped and not steps else 0
+    def _check_progress(
+        self, steps: int, skipped: int, signal: bool, no_reward: bool, iteration: int
+    ) -> None:
         if skipped:
             log.warning(
                 "iteration %d: skipped %d optimiser step(s) with a non-finite loss or gradient",
                 iteration,
                 skipped,
             )
-        if self.skipped_in_a_row >= self.max_skipped_steps:
-            raise FloatingPointError(
-                f"{self.skipped_in_a_row} iterations in a row had only non-finite losses or gradients; stopping. "
-                "The last good checkpoint is kept: lower the learning rate or check the rewards, then re-run "
-                "the same command to resume."
+        if not signal:
+            why = (
+                "no sample to learn from: every reward was NaN"
+                if no_reward
+                else "no sample to learn from: every group's rewards were equal"
             )
+            log.warning("iteration %d: %s (reward/invalid_count, advantage/zero_std_frac)", iteration, why)
+        elif skipped and not steps:
+            why = "only non-finite losses or gradients"
+        else:
+            self.stalled_in_a_row = 0
+            return
+        self.stalled_in_a_row += 1
+        if self.stalled_in_a_row < self.max_skipped_steps:
+            return
+        message = (
+            f"{self.stalled_in_a_row} iterations in a row had {why}; stopping (module.max_skipped_steps="
+            f"{self.max_skipped_steps}). The last good checkpoint is kept: "
+        )
+        if signal:
+            raise FloatingPointError(
+                message + "lower the learning rate, then re-run the same command to resume."
+            )
+        raise NoLearningSignal(
+            message
+            + (
+                "the reward failed on every sample: check the reward (server, model files, the prompts' "
+                "metadata), then re-run the same command to resume."
+                if no_reward
+                else "the reward gives every sample of a prompt the same score (saturated, or constant on "
+                "these prompts): check it, or use harder prompts or larger groups."
+            )
+        )
 
     def _check_logprob_gap(self, gap: float, iteration: int) -> None:
         if gap > self.logprob_tolerance:
