@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 import g2rpo.checkpoint
+import g2rpo.resume
 from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
 from g2rpo.curriculum import Curriculum, PolicyProbe
@@ -75,6 +76,7 @@ class RLModule(L.LightningModule):
         ema_update_every: int = 8,
         fsdp_cpu_offload: bool = False,
         gold: GoldRewards | None = None,
+        config: dict | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -104,6 +106,7 @@ class RLModule(L.LightningModule):
         self.ema_update_every = ema_update_every
         self.fsdp_cpu_offload = fsdp_cpu_offload
         self.sharded = False
+        self.run_config = config  # the resolved run config, kept in checkpoints (g2rpo.resume compares it)
 
     def configure_model(self) -> None:
         """FSDP: shard the policy on the mesh of Lightning's ``ModelParallelStrategy`` (no mesh under the
@@ -119,6 +122,11 @@ class RLModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+
+    def on_train_start(self) -> None:
+        """A resumed run goes on with the config's optimiser settings and schedule, not the checkpoint's."""
+        if self.trainer.ckpt_path is not None:
+            g2rpo.resume.apply_optimizer_config(self)
 
     @contextmanager
     def evaluation_weights(self) -> Iterator[None]:

@@ -1,7 +1,7 @@
 """``python -m g2rpo.run [overrides]``: compose the config, build every part, and fit.
 
 Each part is a config group instantiated through its ``_target_``; the run directory is named by the
-overrides, so re-running a command resumes it from ``checkpoints/last.ckpt``.
+overrides, so re-running a command resumes it from its newest readable checkpoint (``g2rpo.resume``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import g2rpo.config  # noqa: F401  (registers schemas and resolvers before Hydra composes)
 import g2rpo.preflight
+import g2rpo.resume
+from g2rpo.checkpoint import AtomicCheckpointIO
+from g2rpo.files import atomic_write_text
 from g2rpo.loggers import JsonlLogger, read_metrics
 
 log = logging.getLogger(__name__)
@@ -25,7 +29,7 @@ for noisy in (
     r".*does not have many workers.*",  # the loader only paces iterations; prompts come from the curriculum
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*module\(s\) in eval mode at the start of training.*",  # frozen VAE / text encoders, on purpose
-    r'.*ckpt_path="last"\) is set, but there is no last checkpoint.*',  # a new run: we say so in train()
+    r".*Checkpoint directory .* exists and is not empty.*",  # a resume: g2rpo.resume says from which file
 ):
     warnings.filterwarnings("ignore", message=noisy)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
@@ -38,7 +42,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     g2rpo.preflight.check(cfg)  # a hub model: its weights, a GPU, a real reward, before anything loads
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # before any model loads: callbacks name the checkpoint directories, and a resume checks its config
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    checkpoint_dirs = [Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    ckpt_path = g2rpo.resume.resume_point(
+        cfg.ckpt_path, checkpoint_dirs, run_dir, config, list(cfg.get("resume_accepts") or [])
+    )
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     algorithm = instantiate(cfg.algo, _convert_="object")
@@ -56,21 +67,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         gold=instantiate(cfg.gold) if cfg.get("gold") else None,
+        config=config,
     )
     loggers = [JsonlLogger(run_dir)] + [instantiate(node) for node in (cfg.logger or {}).values()]
-    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    # checkpoints are written atomically, and a failed write stops the run (g2rpo.checkpoint)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    # Lightning's ckpt_path="last" takes the newest last*.ckpt (last-v1.ckpt after a ckpt_path=null restart).
-    if cfg.ckpt_path == "last" and not any(
-        any(Path(callback.dirpath).glob("last*.ckpt"))
-        for callback in trainer.checkpoint_callbacks
-        if callback.dirpath
-    ):
-        log.info("no checkpoint in %s yet: starting a new run (the same command resumes it)", run_dir)
+        logger.log_hyperparams(config)
     try:
-        trainer.fit(module, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)  # a checkpoint never runs code
     finally:
         _finish_wandb()
     _summarise(run_dir)
