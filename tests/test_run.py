@@ -15,6 +15,7 @@ from g2rpo.curriculum import UniformCurriculum
 from g2rpo.data import PromptDataset
 from g2rpo.loggers import read_metrics
 from g2rpo.module import RLModule
+from g2rpo.optimization import NoLearningSignal
 from g2rpo.rewards import JpegCompressibility, RewardEnsemble
 from g2rpo.run import train
 
@@ -133,6 +134,22 @@ def test_non_finite_losses_skip_the_step_then_stop_the_run(tmp_path, monkeypatch
         _fit(module, tmp_path, epochs=10)
     after = module.policy.trainable_parameters()
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # no NaN ever reached the weights
+
+
+@pytest.mark.parametrize(
+    ("scores", "why"),
+    [
+        (lambda images: torch.full((len(images),), float("nan")), "every reward was NaN"),
+        (lambda images: torch.ones(len(images)), "every group's rewards were equal"),
+    ],
+    ids=["all-nan", "all-flat"],
+)
+def test_a_run_that_cannot_learn_stops_after_max_skipped_steps(tmp_path, scores, why):
+    def reward(images, prompts, metadata):
+        return scores(images)
+
+    with pytest.raises(NoLearningSignal, match=f"3 iterations in a row had no sample to learn from: {why}"):
+        _fit(_module(reward), tmp_path, epochs=10)
 
 
 def test_evaluation_ema_follows_flow_grpos_schedule_and_is_checkpointed(tmp_path, monkeypatch):
