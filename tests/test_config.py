@@ -101,6 +101,18 @@ def test_cross_field_errors_are_raised_when_building(compose_config):
         instantiate(compose_config("algo.timestep_fraction=1.0").algo, _convert_="object")
 
 
+@pytest.mark.parametrize(
+    ("algo", "minimum"), [("flow_grpo", 2), ("dance_grpo", 2), ("mix_grpo", 3), ("g2rpo", 2), ("dgpo", 1)]
+)
+def test_too_few_rollout_steps_blame_num_steps_first(compose_config, algo, minimum):
+    """``algo.num_steps=0`` names itself and its minimum, not a field it makes impossible (timestep_fraction)."""
+    for steps in (0, minimum - 1):
+        with pytest.raises(
+            Exception, match=rf"algo.num_steps={steps} is too few .* the minimum is {minimum}"
+        ):
+            instantiate(compose_config(f"algo={algo}", f"algo.num_steps={steps}").algo, _convert_="object")
+
+
 def test_run_directory_is_named_by_the_overrides():
     assert run_name("") == "default"
     assert run_name("algo=flow_grpo,seed=1") == "algo=flow_grpo,seed=1"
