@@ -2,7 +2,8 @@
 
 Every run first checks what no machine could train (:func:`config_problems`): an optimiser or scheduler
 setting torch rejects, ``trainer=fsdp`` with CurES's varying group sizes. Those would otherwise fail after the
-model has loaded, or mid-run.
+model has loaded, or mid-run. Its last check (:func:`server_problems`) asks every served reward's server
+whether it is up: otherwise the first request would go out after the model load and the first rollout.
 
 A hub model (SD3.5, FLUX.1, Janus-Pro) trains only with its weights on disk, on a CUDA GPU, and on a reward
 and prompts made for real images. Without this check the run would spend minutes loading 10-20 GB before
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -183,6 +185,44 @@ def config_problems(cfg: DictConfig) -> list[str]:
     return optimizer_problems(cfg) + sharding_problems(cfg)
 
 
+#: the clients of served rewards (class names): each has a ``check()`` that asks its server whether it is up
+SERVED_CLIENTS = ("RemoteReward", "RemoteNamedReward", "ChatClient")
+#: the config nodes whose rewards first score after the model has loaded (the trained, gold and evaluation
+#: rewards; a data set's clients, such as Pair-GRPO's completer, already run before the model loads)
+SERVED_ROOTS = ("reward", "gold", "callbacks")
+
+
+def _served(node: object, path: str) -> Iterator[tuple[str, dict]]:
+    """``(config path, node)`` of every served-reward client under a resolved config ``node``."""
+    if isinstance(node, dict):
+        if str(node.get("_target_", "")).rsplit(".", 1)[-1] in SERVED_CLIENTS:
+            yield path, node
+            return
+        for key, value in node.items():
+            yield from _served(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _served(value, f"{path}[{index}]")
+
+
+def server_problems(cfg: DictConfig) -> list[str]:
+    """The served rewards whose server does not answer its client's ``check()`` (seconds at most each)."""
+    from g2rpo.rewards.http import RewardServerError
+
+    found = []
+    for root in SERVED_ROOTS:
+        try:
+            node = OmegaConf.to_container(cfg[root], resolve=True) if cfg.get(root) else None
+        except Exception:  # a config that does not resolve fails when built, with its own message
+            continue
+        for path, client in _served(node, root):
+            try:
+                instantiate(client).check()
+            except RewardServerError as error:
+                found.append(f"{path}: {error}")
+    return found
+
+
 def cpu_flops_per_second(size: int = 1024, repeats: int = 3) -> float:
     """This machine's float32 matmul throughput, measured (best of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -215,18 +255,21 @@ def estimate_here(cfg: DictConfig) -> str:
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise :class:`PreflightError` listing what keeps any run of ``cfg`` from training, then everything a hub
-    model's run lacks here."""
+    """Raise :class:`PreflightError` listing what keeps any run of ``cfg`` from training, else everything a hub
+    model's run lacks here, else the served rewards whose server does not answer."""
     found = config_problems(cfg)
     if found:
         raise PreflightError(
             "\n".join(["the config cannot train:", *(f"  - {problem}" for problem in found)])
         )
     found = problems(cfg)
-    if not found:
-        return
-    lines = [f"model: {hub_model(cfg)[1]} cannot train here; it needs:"]
-    lines += [f"  - {problem}" for problem in found]
-    if any("GPU" in problem for problem in found):
-        lines.append(f"  {estimate_here(cfg)}")
-    raise PreflightError("\n".join(lines))
+    if found:
+        lines = [f"model: {hub_model(cfg)[1]} cannot train here; it needs:"]
+        lines += [f"  - {problem}" for problem in found]
+        if any("GPU" in problem for problem in found):
+            lines.append(f"  {estimate_here(cfg)}")
+        raise PreflightError("\n".join(lines))
+    found = server_problems(cfg)
+    if found:
+        lines = ["a reward server does not answer (nothing is loaded until it does):"]
+        raise PreflightError("\n".join([*lines, *(f"  - {problem}" for problem in found)]))
