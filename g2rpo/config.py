@@ -9,6 +9,7 @@ command line at compose time, naming the key, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 
 from hydra.core.config_store import ConfigStore
@@ -38,12 +39,24 @@ def schema(cls: type) -> type:
     )
 
 
+#: the longest run directory name, in UTF-8 bytes: Linux allows 255 in a file name; the rest is margin
+MAX_RUN_NAME_BYTES = 200
+
+
 def run_name(override_dirname: str) -> str:
     """The run directory's name: the command-line overrides (``algo=dgpo,seed=1``), or ``default``.
 
-    Deterministic, so the same command finds the same directory and resumes from its last checkpoint.
+    Deterministic, so the same command finds the same directory and resumes from its last checkpoint. Past
+    :data:`MAX_RUN_NAME_BYTES` (a long override list would fail with "File name too long"), the name keeps
+    its readable start, cut at a character boundary, and ends with 16 hex digits of the whole name's sha256,
+    so that two long override lists still name two directories.
     """
-    return re.sub(r"[/\\]+", "_", override_dirname) or "default"
+    name = re.sub(r"[/\\]+", "_", override_dirname) or "default"
+    if len(name.encode()) <= MAX_RUN_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:16]
+    start = name.encode()[: MAX_RUN_NAME_BYTES - len(digest) - 1].decode(errors="ignore")  # whole characters
+    return f"{start}-{digest}"
 
 
 def torch_device(accelerator: str) -> str:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+#: prompt file formats, by suffix (any case)
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
 def _read_text(path: Path) -> str:
@@ -19,14 +22,96 @@ def _read_text(path: Path) -> str:
             f"data.path: no file at {path}. Set data.path, or G2RPO_DATA to the folder holding the papers' "
             "prompt sets (docs/rewards.md, prompt data)"
         )
-    return path.read_text()
+    try:  # utf-8-sig: a byte-order mark (Windows editors) would otherwise break the first JSON line
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error}); save the file as UTF-8") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of each non-blank line, numbered as an editor numbers them."""
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if line.strip():
+            yield number, line
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of each non-blank line of a JSONL file; any other line fails, naming it."""
+    for number, line in _lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}:{number}: not a JSON object ({error}); fix or delete that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{number}: not a JSON object but a JSON {type(record).__name__} ({line.strip()[:80]}); "
+                'each line must be an object such as {"prompt": "a photo of a cat"}: fix or delete that line'
+            )
+        yield number, record
+
+
+def _take_prompt(record: dict, where: str) -> str:
+    """Pop ``record["prompt"]``, which must be a non-empty string: a null would train on the prompt "None"."""
+    if "prompt" not in record:
+        raise ValueError(
+            f'{where}: no "prompt" key (the keys are {sorted(record)}); the prompt must be under "prompt", '
+            "any other key is metadata"
+        )
+    prompt = record.pop("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f'{where}: "prompt" must be a non-empty string, got {prompt!r}; fix or delete it')
+    return prompt
+
+
+def read_prompt_file(path: Path) -> tuple[list[str], list[dict]]:
+    """The prompts and metadata of a ``.txt``, ``.jsonl`` or ``.json`` file (see :class:`PromptDataset`)."""
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_SUFFIXES:
+        raise ValueError(
+            f"{path}: unknown prompt file type {path.suffix or '(no suffix)'!r}; use one of "
+            f"{', '.join(PROMPT_SUFFIXES)} (docs/rewards.md, prompt data)"
+        )
+    if suffix == ".txt":
+        prompts = [line.strip() for _, line in _lines(path)]
+        return prompts, [{} for _ in prompts]
+    if suffix == ".jsonl":
+        records = [(f"{path}:{number}", record) for number, record in _json_lines(path)]
+    else:
+        try:
+            items = json.loads(_read_text(path))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error}); fix the file") from None
+        if not isinstance(items, list):
+            raise ValueError(
+                f"{path}: a .json prompt file must hold a JSON array (of prompts, or of objects with a "
+                f'"prompt" key), not a JSON {type(items).__name__}; or write one object per line to a .jsonl'
+            )
+        records = [
+            (
+                f"{path}: array item {index} (counting from 0)",
+                {"prompt": item} if isinstance(item, str) else item,
+            )
+            for index, item in enumerate(items)
+        ]
+        for where, record in records:
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f'{where}: {record!r} is neither a prompt string nor an object with a "prompt" key; '
+                    "fix or delete it"
+                )
+    prompts = [_take_prompt(record, where) for where, record in records]
+    return prompts, [record for _, record in records]
 
 
 class PromptDataset:
-    """Prompts given inline or read from a file.
+    """Prompts given inline or read from a file (suffixes in any case).
 
     ``.txt``: one prompt per line. ``.jsonl``: one object per line with a ``prompt`` key; the other keys
-    are the prompt's metadata (the format of Flow-GRPO's ``dataset/geneval/*_metadata.jsonl``).
+    are the prompt's metadata (the format of Flow-GRPO's ``dataset/geneval/*_metadata.jsonl``). ``.json``: an
+    array of prompt strings, or of such objects. Blank lines are skipped; a prompt must be a non-empty string,
+    and a line that is not fails naming the file and line. Another suffix fails, listing these.
     """
 
     def __init__(
@@ -36,23 +121,20 @@ class PromptDataset:
         path: str | None = None,
     ) -> None:
         if (prompts is None) == (path is None):
-            raise ValueError("data: give exactly one of `prompts` (a list) or `path` (a .txt or .jsonl file)")
+            raise ValueError(
+                "data: give exactly one of `prompts` (a list) or `path` (a .txt, .jsonl or .json file)"
+            )
         if path is not None:
-            prompts, metadata = self._read(Path(path))
+            prompts, metadata = read_prompt_file(Path(path))
+        blank = [index for index, p in enumerate(prompts) if p is None or not str(p).strip()]
+        if blank:
+            raise ValueError(f"data.prompts: the prompts at {blank} (counting from 0) are null or empty")
         self.prompts = [str(p) for p in prompts]
         self.metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in self.prompts]
         if not self.prompts:
             raise ValueError("data: the prompt list is empty")
         if len(self.metadata) != len(self.prompts):
             raise ValueError(f"data: {len(self.prompts)} prompts but {len(self.metadata)} metadata entries")
-
-    @staticmethod
-    def _read(path: Path) -> tuple[list[str], list[dict]]:
-        lines = [line for line in _read_text(path).splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in lines]
-            return [r.pop("prompt") for r in records], records
-        return [line.strip() for line in lines], [{} for _ in lines]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -71,13 +153,15 @@ def pair_dataset(path: str, image_root: str | None = None, image_size: int = 384
     "retrieved", "similarity": float or null, ...more caption metadata}``. Images are read when a rollout needs
     them (``image_root`` prefixes relative paths; 16k images in memory would take gigabytes), but every file
     is checked here, so a missing one fails at start, not mid-run."""
-    records = [json.loads(line) for line in _read_text(Path(path)).splitlines() if line.strip()]
     root = Path(image_root) if image_root else Path(path).parent
     prompts, metadata = [], []
-    for number, record in enumerate(records, 1):
+    for number, record in _json_lines(Path(path)):
         missing = {"prompt", "question", "answer", "image", "kind"} - record.keys()
         if missing:
-            raise ValueError(f"{path}:{number}: a pair needs {sorted(missing)}")
+            raise ValueError(
+                f"{path}:{number}: a pair needs {sorted(missing)} (the keys are {sorted(record)})"
+            )
+        prompt = _take_prompt(record, f"{path}:{number}")
         image = Path(record.pop("image"))
         image = image if image.is_absolute() else root / image
         if not image.is_file():
@@ -86,6 +170,6 @@ def pair_dataset(path: str, image_root: str | None = None, image_size: int = 384
         pair["similarity"] = record.pop("similarity", None)
         pair["qtype"] = record.pop("qtype", "all")
         pair["image"], pair["image_size"] = str(image), image_size
-        prompts.append(record.pop("prompt"))
+        prompts.append(prompt)
         metadata.append({**record, "pair": pair})
     return PromptDataset(prompts=prompts, metadata=metadata)

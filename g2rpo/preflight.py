@@ -1,5 +1,10 @@
 """Before a real model is built: stop within seconds, naming everything its run lacks.
 
+Every run first checks what no machine could train (:func:`config_problems`): an optimiser or scheduler
+setting torch rejects, ``trainer=fsdp`` with CurES's varying group sizes. Those would otherwise fail after the
+model has loaded, or mid-run. Its last check (:func:`server_problems`) asks every served reward's server
+whether it is up: otherwise the first request would go out after the model load and the first rollout.
+
 A hub model (SD3.5, FLUX.1, Janus-Pro) trains only with its weights on disk, on a CUDA GPU, and on a reward
 and prompts made for real images. Without this check the run would spend minutes loading 10-20 GB before
 failing on the first missing piece, or worse, train SD3.5 on the 32x32 shapes world's reward on a CPU.
@@ -11,11 +16,14 @@ priced at this CPU's measured matmul throughput).
 from __future__ import annotations
 
 import os
+import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 #: the loaders of hub weights, and the node that holds their ``path``
 HUB_LOADERS = {
@@ -86,6 +94,135 @@ def problems(cfg: DictConfig) -> list[str]:
     return found
 
 
+#: how torch's optimisers name a field in their ValueError, where the name is not the argument's own
+TORCH_PHRASES = {"learning rate": "lr", "beta parameter": "betas", "betas": "betas", "epsilon": "eps"}
+#: what a field of the default optimiser (AdamW) accepts
+OPTIMIZER_VALUES = {
+    "lr": "a learning rate >= 0, e.g. optimizer.lr=3e-4",
+    "betas": "two coefficients in [0, 1), e.g. optimizer.betas=[0.9,0.999]",
+    "eps": "a small value >= 0, e.g. optimizer.eps=1e-8",
+    "weight_decay": "a value >= 0, e.g. optimizer.weight_decay=1e-4",
+}
+
+
+def _field_named(message: str, node: DictConfig) -> str | None:
+    """The field of ``node`` that torch's error ``message`` is about: an argument it names (the longest first,
+    so ``lr_decay`` before ``lr``), else one of :data:`TORCH_PHRASES`; None when it names none."""
+    text = message.lower().replace("_", " ")
+    for key in sorted((str(k) for k in node if not str(k).startswith("_")), key=len, reverse=True):
+        if re.search(rf"\b{re.escape(key.lower().replace('_', ' '))}\b", text):
+            return key
+    return next((field for phrase, field in TORCH_PHRASES.items() if phrase in text), None)
+
+
+def _built(group: str, node: DictConfig, *args: object) -> tuple[object | None, str | None]:
+    """``instantiate(node)(*args)``, or the problem naming the field torch (or Hydra) rejected."""
+    try:
+        return instantiate(node)(*args), None
+    except Exception as error:  # Hydra's InstantiationException, torch's ValueError and TypeError
+        while error.__cause__ is not None:  # Hydra wraps the constructor's error
+            error = error.__cause__
+        message = f"{type(error).__name__}: {error}"
+        field = _field_named(str(error), node)
+        if field is None:
+            settings = OmegaConf.to_container(node, resolve=True)
+            return (
+                None,
+                f"{group}: {message} (the {group} config: {settings}); fix the {group}.* field it is about",
+            )
+        value = node.get(field, "(the default)")
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        if "unexpected keyword argument" in message:
+            fix = f"remove it (~{group}.{field}) or correct its name"
+        else:
+            fix = "set " + OPTIMIZER_VALUES.get(field, "a value it accepts")
+        return None, f"{group}.{field}={value}: {node.get('_target_')} rejects it ({message}); {fix}"
+
+
+def optimizer_problems(cfg: DictConfig) -> list[str]:
+    """Build ``cfg.optimizer`` on one dummy parameter and ``cfg.scheduler`` on it (milliseconds): a setting
+    torch rejects is named now, with its field, rather than after the model has loaded."""
+    optimizer, problem = _built("optimizer", cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    if problem is not None:
+        return [problem]
+    if cfg.get("scheduler"):
+        _, problem = _built("scheduler", cfg.scheduler, optimizer)
+        if problem is not None:
+            return [problem]
+    return []
+
+
+def _target_name(node: object) -> str:
+    """The class name of a config node's ``_target_`` ('' for none)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    return str(target).rsplit(".", 1)[-1] if target else ""
+
+
+def sharding_problems(cfg: DictConfig) -> list[str]:
+    """``trainer=fsdp`` runs collective sharded forwards, so every rank must roll out as many samples; CurES
+    gives groups between ``n_min`` and ``n_max`` samples, which would stop the run at its first unequal draw."""
+    trainer, curriculum = cfg.trainer, cfg.get("curriculum")
+    if (
+        _target_name(trainer.get("strategy")) != "ModelParallelStrategy"
+        or _target_name(curriculum) != "CurESCurriculum"
+    ):
+        return []
+    if curriculum.n_min >= curriculum.n_max:
+        return []  # every group has n_min samples
+    if str(trainer.get("devices")) == "1" and str(trainer.get("num_nodes", 1)) == "1":
+        return []  # one rank: nothing to be unequal to
+    return [
+        f"trainer=fsdp with curriculum=cures: FSDP's sharded forwards are collective, so every rank must roll out "
+        f"as many samples, but CurES sizes each group between curriculum.n_min={curriculum.n_min} and "
+        f"curriculum.n_max={curriculum.n_max}. Use trainer=ddp with curriculum=cures (or equal group sizes: "
+        f"curriculum.n_min=curriculum.n_max)"
+    ]
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """What keeps ``cfg`` from training on any machine (empty: nothing)."""
+    return optimizer_problems(cfg) + sharding_problems(cfg)
+
+
+#: the clients of served rewards (class names): each has a ``check()`` that asks its server whether it is up
+SERVED_CLIENTS = ("RemoteReward", "RemoteNamedReward", "ChatClient")
+#: the config nodes whose rewards first score after the model has loaded (the trained, gold and evaluation
+#: rewards; a data set's clients, such as Pair-GRPO's completer, already run before the model loads)
+SERVED_ROOTS = ("reward", "gold", "callbacks")
+
+
+def _served(node: object, path: str) -> Iterator[tuple[str, dict]]:
+    """``(config path, node)`` of every served-reward client under a resolved config ``node``."""
+    if isinstance(node, dict):
+        if str(node.get("_target_", "")).rsplit(".", 1)[-1] in SERVED_CLIENTS:
+            yield path, node
+            return
+        for key, value in node.items():
+            yield from _served(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _served(value, f"{path}[{index}]")
+
+
+def server_problems(cfg: DictConfig) -> list[str]:
+    """The served rewards whose server does not answer its client's ``check()`` (seconds at most each)."""
+    from g2rpo.rewards.http import RewardServerError
+
+    found = []
+    for root in SERVED_ROOTS:
+        try:
+            node = OmegaConf.to_container(cfg[root], resolve=True) if cfg.get(root) else None
+        except Exception:  # a config that does not resolve fails when built, with its own message
+            continue
+        for path, client in _served(node, root):
+            try:
+                instantiate(client).check()
+            except RewardServerError as error:
+                found.append(f"{path}: {error}")
+    return found
+
+
 def cpu_flops_per_second(size: int = 1024, repeats: int = 3) -> float:
     """This machine's float32 matmul throughput, measured (best of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -118,12 +255,21 @@ def estimate_here(cfg: DictConfig) -> str:
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise :class:`PreflightError` listing everything a hub model's run lacks here."""
+    """Raise :class:`PreflightError` listing what keeps any run of ``cfg`` from training, else everything a hub
+    model's run lacks here, else the served rewards whose server does not answer."""
+    found = config_problems(cfg)
+    if found:
+        raise PreflightError(
+            "\n".join(["the config cannot train:", *(f"  - {problem}" for problem in found)])
+        )
     found = problems(cfg)
-    if not found:
-        return
-    lines = [f"model: {hub_model(cfg)[1]} cannot train here; it needs:"]
-    lines += [f"  - {problem}" for problem in found]
-    if any("GPU" in problem for problem in found):
-        lines.append(f"  {estimate_here(cfg)}")
-    raise PreflightError("\n".join(lines))
+    if found:
+        lines = [f"model: {hub_model(cfg)[1]} cannot train here; it needs:"]
+        lines += [f"  - {problem}" for problem in found]
+        if any("GPU" in problem for problem in found):
+            lines.append(f"  {estimate_here(cfg)}")
+        raise PreflightError("\n".join(lines))
+    found = server_problems(cfg)
+    if found:
+        lines = ["a reward server does not answer (nothing is loaded until it does):"]
+        raise PreflightError("\n".join([*lines, *(f"  - {problem}" for problem in found)]))

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF_DIR
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -101,10 +103,55 @@ def test_cross_field_errors_are_raised_when_building(compose_config):
         instantiate(compose_config("algo.timestep_fraction=1.0").algo, _convert_="object")
 
 
+@pytest.mark.parametrize(
+    ("algo", "minimum"), [("flow_grpo", 2), ("dance_grpo", 2), ("mix_grpo", 3), ("g2rpo", 2), ("dgpo", 1)]
+)
+def test_too_few_rollout_steps_blame_num_steps_first(compose_config, algo, minimum):
+    """``algo.num_steps=0`` names itself and its minimum, not a field it makes impossible (timestep_fraction)."""
+    for steps in (0, minimum - 1):
+        with pytest.raises(
+            Exception, match=rf"algo.num_steps={steps} is too few .* the minimum is {minimum}"
+        ):
+            instantiate(compose_config(f"algo={algo}", f"algo.num_steps={steps}").algo, _convert_="object")
+
+
 def test_run_directory_is_named_by_the_overrides():
     assert run_name("") == "default"
     assert run_name("algo=flow_grpo,seed=1") == "algo=flow_grpo,seed=1"
     assert run_name("model.pipeline.path=/data/sd3") == "model.pipeline.path=_data_sd3"
+
+
+def test_a_long_override_list_names_a_directory_that_fits_a_file_name():
+    """Linux allows 255 bytes in a file name: past 200, a readable start, cut between characters, and a hash of
+    the whole name, so the same command resumes and a different one does not."""
+    overrides = ",".join(f"algo.option_{i}=value_{i}" for i in range(40))
+    name = run_name(overrides)
+    assert len(name.encode()) <= 200 and name.startswith("algo.option_0=value_0,algo.option_1=")
+    assert run_name(overrides) == name and run_name(overrides + "1") != name
+    wide = run_name("é" * 150)  # 2 bytes a character: the cut at 183 bytes falls inside one
+    assert wide.startswith("é" * 91 + "-") and len(wide.encode()) == 91 * 2 + 1 + 16
+
+
+def test_a_long_command_line_composes_a_run_directory_that_can_be_made(tmp_path):
+    overrides = [f"+note_{i}='a note, with spaces, ümlauts: {i}'" for i in range(20)]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        names = [
+            compose("config", overrides=[*overrides, f"seed={seed}"], return_hydra_config=True)
+            for seed in (3, 4)
+        ]
+    dirs, hydra = [], HydraConfig.instance()
+    previous = hydra.cfg
+    try:
+        for cfg in names:
+            hydra.set_config(cfg)  # what ${hydra:job.override_dirname} reads, as in a real run
+            assert len(cfg.hydra.job.override_dirname.encode()) > 255  # the name Hydra would have used before
+            dirs.append(Path(cfg.hydra.run.dir))
+    finally:
+        hydra.cfg = previous
+    assert dirs[0].parent == Path("outputs") and dirs[0] != dirs[1]  # seed sorts last: only the hash differs
+    for run_dir in dirs:
+        assert len(run_dir.name.encode()) <= 200
+        (tmp_path / run_dir.name).mkdir()  # "File name too long" before
 
 
 def test_cli_unknown_option_lists_the_valid_ones(tmp_path):

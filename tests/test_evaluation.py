@@ -294,6 +294,27 @@ def test_missing_prompt_file_says_where_to_get_it(tmp_path):
         prompt_set(str(bad), source="", prompt_column="Prompts", task_column="Category")
 
 
+def test_prompt_sets_read_suffixes_in_any_case_and_name_what_they_cannot_read(tmp_path):
+    drawbench = tmp_path / "DrawBench.CSV"
+    drawbench.write_text("\ufeffPrompts,Category\na red cube,Colors\n\ta,b\nno category\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"DrawBench.CSV:4: the row has no 'Category' cell; fix or delete that row"
+    ):
+        prompt_set(str(drawbench), source="", prompt_column="Prompts", task_column="Category")
+    drawbench.write_text(
+        "\ufeffPrompts,Category\na red cube,Colors\n", encoding="utf-8"
+    )  # a spreadsheet's BOM
+    dataset = prompt_set(str(drawbench), source="", prompt_column="Prompts", task_column="Category")
+    assert dataset.prompts == ["a red cube"] and dataset.metadata == [{"tag": "Colors"}]
+    geneval = tmp_path / "metadata.JSONL"
+    geneval.write_text('{"prompt": "a photo of a cat", "tag": "single_object"}\n')
+    assert prompt_set(str(geneval), source="").metadata == [{"tag": "single_object"}]
+    listed = tmp_path / "prompts.yml"
+    listed.write_text("- a cat\n")
+    with pytest.raises(ValueError, match=r"unknown suffix '.yml'; use one of .txt, .jsonl, .json, .csv"):
+        prompt_set(str(listed), source="")
+
+
 def test_token_policies_sample_image_tokens_under_the_protocol():
     """Janus-Pro's images: CFG and temperature from the protocol, per-image generators from the prompt text."""
     cfg = compose_evaluate("model=tiny_janus")

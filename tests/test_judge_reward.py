@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from g2rpo import preflight
 from g2rpo.rewards import RewardEnsemble
 from g2rpo.rewards.chat import ChatClient
 from g2rpo.rewards.http import RewardServerError
@@ -61,6 +62,15 @@ class FakeJudgeServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: FakeJudgeServer
+
+    def do_GET(self) -> None:
+        """vLLM's and SGLang's model list, behind the same key."""
+        if self.headers.get("Authorization") != f"Bearer {KEY}":
+            self._send(401, {"error": {"message": "invalid API key"}})
+        elif self.path != "/v1/models":
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+        else:
+            self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -242,3 +252,43 @@ def test_the_config_builds_without_contacting_a_server(compose_config, monkeypat
     assert judge.url == "http://127.0.0.1:17140/v1/chat/completions"
     assert judge.model == "UnifiedReward-7b-v1.5"
     assert (judge.max_score, judge.image_size) == (5.0, 512)
+
+
+def test_the_start_up_check_asks_for_the_model_list(server):
+    client = ChatClient(base_url=server.base_url, model=MODEL, api_key=KEY, what="VLM judge")
+    client.check()  # serves MODEL under this key
+    assert server.attempts == 0  # no chat completion was asked for
+    with pytest.raises(RewardServerError, match=r"does not serve model='other'; it serves \['judge-model'\]"):
+        ChatClient(base_url=server.base_url, model="other", api_key=KEY).check()
+    with pytest.raises(
+        RewardServerError, match=r"refused the API key \(HTTP 401\); the key comes from api_key"
+    ):
+        ChatClient(base_url=server.base_url, model=MODEL, api_key="wrong").check()
+    with pytest.raises(
+        RewardServerError, match=r"/models answered HTTP 404 .* correct base_url \(the OpenAI API"
+    ):
+        ChatClient(base_url=server.base_url.removesuffix("/v1"), model=MODEL, api_key=KEY).check()
+    port = server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(
+        RewardServerError, match=rf"VLM judge http://127.0.0.1:{port}/v1/models does not answer"
+    ):
+        client.check()
+
+
+def test_preflight_checks_the_judge_before_the_model_loads(server, compose_config, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    chat = "reward.rewards.unified_reward.chat"
+    preflight.check(
+        compose_config("reward=unified_reward", f"{chat}.base_url={server.base_url}", f"{chat}.model={MODEL}")
+    )
+    cfg = compose_config(
+        "reward=unified_reward", f"{chat}.base_url={server.base_url}"
+    )  # UnifiedReward-7b-v1.5
+    with pytest.raises(preflight.PreflightError) as error:
+        preflight.check(cfg)
+    assert str(error.value).startswith("a reward server does not answer (nothing is loaded until it does):\n")
+    assert f"{chat}: VLM judge {server.base_url}/models does not serve model='UnifiedReward-7b-v1.5'" in str(
+        error.value
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import urllib.error
@@ -18,6 +19,7 @@ from conftest import FAST_RUN
 from hydra.utils import instantiate
 
 from g2rpo.loggers import read_metrics
+from g2rpo.preflight import PreflightError
 from g2rpo.rewards import JpegCompressibility, RewardEnsemble, http, remote
 from g2rpo.rewards.http import RewardServerError
 from g2rpo.rewards.remote import RemoteReward, RewardServer
@@ -233,3 +235,102 @@ def test_a_run_stops_cleanly_when_the_reward_server_dies_and_resumes_once_it_is_
         train(cfg)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1]
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["epoch"] == 1
+
+
+def test_the_start_up_check_asks_health_and_names_the_url_and_the_command_when_down():
+    with RewardServer(JpegCompressibility()) as server:
+        RemoteReward(server.url).check()
+        prefixed = RemoteReward(f"http://127.0.0.1:{server.port}/rewards/jpeg/score")
+        assert prefixed.health_url == f"http://127.0.0.1:{server.port}/rewards/jpeg/health"
+        with pytest.raises(RewardServerError, match=r"answered HTTP 404 .* is it a g2rpo reward server\?"):
+            prefixed.check()  # our server has no such path: not the server the url meant
+    with pytest.raises(RewardServerError) as raised:
+        RemoteReward(server.url).check()
+    message = str(raised.value)
+    assert f"reward server http://127.0.0.1:{server.port}/health does not answer" in message
+    assert f"`python -m g2rpo.rewards.remote <dotted.path.of.a.Reward> --port {server.port}`" in message
+
+
+def test_a_run_whose_reward_server_is_down_stops_before_anything_loads(compose_config):
+    server = RewardServer(JpegCompressibility())  # bound, never started: a free port nothing answers on
+    server.stop()
+    remote = "reward.rewards.remote"
+    cfg = compose_config(
+        *FAST_RUN, "reward=remote", f"{remote}.url='{server.url}'", f"{remote}.max_retries=0"
+    )
+    with pytest.raises(
+        PreflightError, match=rf"reward.rewards.remote: reward server .*:{server.port}/health does"
+    ):
+        train(cfg)
+    assert not Path(cfg.run_dir).exists()  # train() stopped at its preflight
+
+
+def test_a_body_over_the_server_limit_gets_a_413_saying_what_to_change():
+    images, prompts, metadata = _batch(8, size=32)  # ~4 KiB of base64 PNG an image
+    served = Recording(JpegCompressibility())
+    with RewardServer(served, max_request_mb=16 / 1024) as server:  # 16 KiB
+        client = RemoteReward(
+            server.url, batch_size=8, max_retries=3, backoff_s=30
+        )  # a retry would take 30 s
+        started = time.monotonic()
+        with pytest.raises(RewardServerError) as raised:
+            client(images, prompts, metadata)
+        assert time.monotonic() - started < 5
+        message = str(raised.value)
+        assert "HTTP 413" in message and "over this server's limit of 0.015625 MiB" in message
+        assert "lower the client's batch_size" in message and "larger --max-request-mb" in message
+        # a body far over the limit and the socket buffers is read and dropped, so the client gets the answer
+        status, body = _post(server.url, b" " * (8 << 20))
+        assert status == 413 and "the body has 8.0 MiB" in body["error"]
+        assert torch.equal(
+            RemoteReward(server.url, batch_size=2)(images, prompts, metadata), JpegCompressibility()(images)
+        )
+    assert [len(p) for p, _ in served.calls] == [2, 2, 2, 2]
+
+
+def test_a_silent_client_is_dropped_after_the_request_timeout():
+    with RewardServer(JpegCompressibility(), request_timeout_s=0.2) as server:
+        with socket.create_connection((server.host, server.port), timeout=5) as stalled:
+            stalled.sendall(
+                b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"
+            )  # then nothing
+            started = time.monotonic()
+            assert stalled.recv(1024) == b""  # the server closed the connection
+            assert time.monotonic() - started < 2
+        RemoteReward(server.url).check()  # and still serves
+
+
+def test_an_answer_trickled_past_timeout_s_fails_as_a_timeout():
+    """urllib's timeout bounds each wait on the socket, not the answer: a byte every 20 ms never trips it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def trickle() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(1 << 16)
+            connection.sendall(
+                b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+            )
+            for _ in range(200):
+                if done.wait(0.02):
+                    return
+                try:
+                    connection.sendall(b" ")
+                except OSError:  # the client gave up
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/score"
+    started = time.monotonic()
+    try:
+        with pytest.raises(
+            RewardServerError, match=r"failed 1 attempts.*timed out: the answer was still arriving"
+        ):
+            RemoteReward(url, timeout_s=0.3, max_retries=0)(*_batch(1))
+        assert time.monotonic() - started < 1.5  # 4 s of trickle before
+    finally:
+        done.set()
+        thread.join()
+        listener.close()

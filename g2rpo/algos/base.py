@@ -89,6 +89,13 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"algo.{name}={value!r} is not valid; choose one of {', '.join(choices)}")
 
 
+def check_num_steps(value: int, minimum: int, why: str) -> None:
+    """``algo.num_steps >= minimum``, checked before any field derived from the steps, so that a bad step count
+    is blamed on itself rather than on what it makes impossible (``timestep_fraction``, a window)."""
+    if value < minimum:
+        raise ValueError(f"algo.num_steps={value} is too few rollout steps: the minimum is {minimum} ({why})")
+
+
 def check_positive(config: object, *names: str, allow_zero: bool = False) -> None:
     """``algo.<name> > 0`` (``>= 0`` with ``allow_zero``) for each of ``names``."""
     for name in names:

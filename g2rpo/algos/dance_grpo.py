@@ -24,6 +24,7 @@ guarantee (the module checks the log-prob gap before the first update).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -50,6 +51,7 @@ class DanceGRPO(StepwiseGRPO):
     timestep_fraction: float = 0.6  # of the T - 1 trainable steps, a random subset per sample
     init_same_noise: bool = True  # one x_1 per group
     normalization: GroupNormalization = field(default_factory=dance_normalization)
+    MIN_NUM_STEPS_WHY: ClassVar[str] = "at least one of the T - 1 steps before the last is trained"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -52,7 +52,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
-from g2rpo.algos.base import Algorithm, as_normalization, check_choice, check_positive, split_evenly
+from g2rpo.algos.base import (
+    Algorithm,
+    as_normalization,
+    check_choice,
+    check_num_steps,
+    check_positive,
+    split_evenly,
+)
 from g2rpo.ema import RampedEMA, restore, swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import CHOICE, GROUP, keyed, rand_per_key
@@ -151,10 +158,11 @@ class DGPO(Algorithm[ODERollout]):
     normalization: GroupNormalization = field(default_factory=dgpo_normalization)
 
     def __post_init__(self) -> None:
+        check_num_steps(self.num_steps, 1, "a rollout needs a step")
         self.normalization = as_normalization(self.normalization)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("sampler", self.sampler, SAMPLERS)
-        check_positive(self, "num_steps", "beta", "num_train_timesteps", "clip_range", "rollout_batch_size",
+        check_positive(self, "beta", "num_train_timesteps", "clip_range", "rollout_batch_size",
                        "groups_per_forward", "num_minibatches")  # fmt: skip
         if not 0 <= self.max_timestep_index < self.num_steps:
             raise ValueError(

@@ -44,7 +44,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization, compute_advantages
-from g2rpo.algos.base import Algorithm, as_normalization, check_choice
+from g2rpo.algos.base import Algorithm, as_normalization, check_choice, check_num_steps
 from g2rpo.losses import clipped_surrogate
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import GROUP, keyed
@@ -91,8 +91,7 @@ class G2RPO(Algorithm[SingularRollout]):
 
     def __post_init__(self) -> None:
         self.normalization = as_normalization(self.normalization)
-        if self.num_steps < 2:
-            raise ValueError(f"algo.num_steps must be >= 2, got {self.num_steps}")
+        check_num_steps(self.num_steps, 2, "a branch needs an ODE step after its SDE step")
         if self.stochastic_steps is None:
             self.stochastic_steps = list(range(self.num_steps // 2))
         self.stochastic_steps = list(self.stochastic_steps)

@@ -30,6 +30,7 @@ window strategies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -59,6 +60,8 @@ class MixGRPO(StepwiseGRPO):
     roll_back: bool = True  # wrap the window to step 0 after the last start
     init_same_noise: bool = True
     normalization: GroupNormalization = field(default_factory=dance_normalization)
+    MIN_NUM_STEPS: ClassVar[int] = 3
+    MIN_NUM_STEPS_WHY: ClassVar[str] = "a window of at least one SDE step within steps 0 .. T - 3"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from g2rpo.algos.base import (
     Algorithm,
     as_normalization,
     check_choice,
+    check_num_steps,
     check_positive,
     shuffled_minibatches,
 )
@@ -46,8 +48,12 @@ class StepwiseGRPO(Algorithm[SDERollout]):
     num_inner_epochs: int = 1  # passes over each rollout
     num_minibatches: int = 2  # optimiser steps per pass
     normalization: GroupNormalization = field(default_factory=GroupNormalization)
+    #: the fewest rollout steps the variant can train, and why (not fields: each variant's own rule)
+    MIN_NUM_STEPS: ClassVar[int] = 2
+    MIN_NUM_STEPS_WHY: ClassVar[str] = "a trained step and the untrained last step"
 
     def __post_init__(self) -> None:
+        check_num_steps(self.num_steps, self.MIN_NUM_STEPS, self.MIN_NUM_STEPS_WHY)
         self.normalization = as_normalization(self.normalization)
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_positive(self, "noise_level", "beta", allow_zero=True)

@@ -2,20 +2,22 @@
 VLM judge reward and Pair-GRPO's LLM completion of pairs.
 
 Plain HTTP through :func:`g2rpo.rewards.http.post_with_retries` rather than the ``openai`` package: one JSON
-POST needs no new dependency. Constructing a client contacts nothing; the first request does. The API key is
-``api_key``, else the environment variable ``api_key_env``, else ``"EMPTY"`` (what vLLM / SGLang accept when
-started without ``--api-key``).
+POST needs no new dependency. Constructing a client contacts nothing; :meth:`ChatClient.check` (which
+:func:`g2rpo.preflight.check` calls on a reward's clients before the model loads) and the first request do.
+The API key is ``api_key``, else the environment variable ``api_key_env``, else ``"EMPTY"`` (what vLLM /
+SGLang accept when started without ``--api-key``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import os
 import threading
 from typing import Any
 
-from g2rpo.rewards.http import RewardServerError, post_with_retries
+from g2rpo.rewards.http import RewardServerError, get, post_with_retries
 
 RETRIED_STATUS = 429  # a busy server's "too many requests": retried like a 5xx
 
@@ -45,9 +47,11 @@ class ChatClient:
                 f"max_concurrency={max_concurrency}, timeout_s={timeout_s}, max_retries={max_retries}, "
                 f"backoff_s={backoff_s}"
             )
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model = model
         self._api_key = api_key if api_key is not None else os.environ.get(api_key_env, "EMPTY")
+        self._key_source = "api_key" if api_key is not None else f"the environment variable {api_key_env}"
         self.temperature = float(temperature)
         self.max_tokens = int(max_tokens)
         self.max_concurrency = int(max_concurrency)
@@ -59,6 +63,39 @@ class ChatClient:
 
     def __repr__(self) -> str:  # never shows the API key
         return f"ChatClient(url={self.url!r}, model={self.model!r}, max_concurrency={self.max_concurrency})"
+
+    def check(self, timeout_s: float = 5.0) -> None:
+        """Raise :class:`RewardServerError` unless ``GET {base_url}/models`` (served by vLLM, SGLang and hosted
+        APIs alike) answers with a model list holding ``model``: a server that is down, refuses the key, or
+        serves another model fails before the run loads its own, not at its first scored batch."""
+        url = self.base_url + "/models"
+        start = (
+            "start the server first (the vllm / sglang commands are in conf/reward/unified_reward.yaml), or "
+            "correct base_url (the OpenAI API lives under /v1)"
+        )
+        try:
+            status, body = get(url, timeout_s=timeout_s, headers={"Authorization": f"Bearer {self._api_key}"})
+        except (OSError, http.client.HTTPException) as error:
+            raise RewardServerError(
+                f"{self.what} {url} does not answer ({type(error).__name__}: {error}): {start}"
+            ) from None
+        if status in (401, 403):
+            raise RewardServerError(
+                f"{self.what} {url} refused the API key (HTTP {status}); the key comes from {self._key_source}"
+            )
+        try:
+            served = [entry["id"] for entry in json.loads(body)["data"]] if status == 200 else None
+        except (ValueError, KeyError, TypeError):
+            served = None
+        if served is None:
+            raise RewardServerError(
+                f"{self.what} {url} answered HTTP {status} {body[:200]!r}, not an OpenAI model list: {start}"
+            )
+        if self.model not in served:
+            raise RewardServerError(
+                f"{self.what} {url} does not serve model={self.model!r}; it serves {served}: set the client's "
+                f"model to one of them, or start the server with --served-model-name {self.model}"
+            )
 
     def complete_all(self, contents: list[Any]) -> list[str | None]:
         """The assistant's text for each user message ``content`` (a string, or OpenAI's list of parts), in

@@ -1,6 +1,13 @@
 """POST with retries, shared by the reward clients that speak HTTP: :class:`~g2rpo.rewards.remote.RemoteReward`
-(our wire format) and :class:`~g2rpo.rewards.chat.ChatClient` (the OpenAI chat API). Stdlib ``urllib``: one
-JSON POST needs no new dependency.
+(our wire format) and :class:`~g2rpo.rewards.chat.ChatClient` (the OpenAI chat API), and the one GET their
+start-up checks send. Stdlib ``urllib``: one JSON POST needs no new dependency.
+
+Timeouts: ``timeout_s`` is urllib's socket timeout, which bounds each wait on the socket (to connect, for the
+answer to begin, for each next piece of it) but not the whole answer: a server trickling bytes could hold a
+request for ever. So the body is read in pieces against a deadline of ``timeout_s`` from the request's
+start, and a request still receiving past it fails as a timeout. A request thus ends within about
+``2 * timeout_s``: the deadline, plus at most one socket wait. (A server that trickles its status line and
+headers is bounded per wait only; ours, vLLM's and SGLang's send them at once.)
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # A reward server is an internal service: a site-wide http_proxy from the environment must not intercept it.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+#: bytes per read of an answer, between checks of its deadline
+CHUNK_BYTES = 1 << 16
 
 
 class RewardServerError(RuntimeError):
@@ -50,7 +59,7 @@ def post_with_retries(
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
             with OPENER.open(request, timeout=timeout_s) as response:
-                return response.read()
+                return read_before(response, time.monotonic() + timeout_s, timeout_s)
         except urllib.error.HTTPError as error:
             message = error_message(error)
             if error.code < 500 and error.code not in retried_statuses:
@@ -82,6 +91,29 @@ def post_with_retries(
         "No score was made up: the run stops here. Once the server is back, re-run the same command to "
         "resume from the last checkpoint."
     )
+
+
+def read_before(response: http.client.HTTPResponse, deadline: float, timeout_s: float) -> bytes:
+    """The body of ``response``, read in pieces: past ``deadline`` (``time.monotonic()``) with more to come, it
+    raises ``TimeoutError``, which the caller retries as any timeout (the module docstring says why)."""
+    chunks = []
+    while chunk := response.read1(CHUNK_BYTES):
+        chunks.append(chunk)
+        if time.monotonic() > deadline and response.length != 0:  # 0: the whole body is in
+            raise TimeoutError(f"timed out: the answer was still arriving after timeout_s={timeout_s:g} s")
+    return b"".join(chunks)
+
+
+def get(url: str, *, timeout_s: float, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One GET and no retry, for a client's start-up check: the HTTP status and body, an HTTP error's
+    included; a server that cannot be reached raises ``OSError`` (or ``http.client.HTTPException``)."""
+    request = urllib.request.Request(url, headers=headers or {}, method="GET")
+    try:
+        with OPENER.open(request, timeout=timeout_s) as response:
+            return response.status, read_before(response, time.monotonic() + timeout_s, timeout_s)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read(CHUNK_BYTES)
 
 
 def error_message(error: urllib.error.HTTPError) -> str:

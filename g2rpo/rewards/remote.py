@@ -13,7 +13,12 @@ Wire format (JSON only, never pickle, so neither side can run code the other sen
     GET /health -> {"status": "ok"}
 Images are quantised with ``round(x * 255)`` (as the JPEG reward does) and PNG is lossless, so a served
 reward sees the pixels an in-process one would quantise to. Errors come back as ``{"error": message}``:
-400 for a malformed request, 500 when the reward raised.
+400 for a malformed request, 413 for a body over the server's ``--max-request-mb``, 500 when the reward
+raised.
+
+Before the run loads its model, :func:`g2rpo.preflight.check` calls :meth:`RemoteReward.check` (GET /health)
+on every remote reward of its config: a server that is not up fails the run in seconds, not after the model
+load and the first rollout.
 
 Failure policy: connection errors, timeouts and HTTP 5xx are retried ``max_retries`` times with exponential
 backoff; then :class:`RewardServerError` stops the run (the training loop does not catch it), and re-running
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import http.client
 import io
 import json
 import logging
@@ -34,7 +40,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import torch
@@ -43,11 +49,17 @@ from PIL import Image
 from torch import Tensor
 
 from g2rpo.rewards.base import RewardFunction
-from g2rpo.rewards.http import RewardServerError, post_with_retries
+from g2rpo.rewards.http import RewardServerError, get, post_with_retries
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 1 << 30
+#: the server's default request limit: 32 images of 1024x1024 at PNG's worst case (incompressible pixels: 3 MiB
+#: each, 4 MiB in base64) are 128 MiB; twice that leaves room for metadata and larger batches of smaller images
+MAX_REQUEST_MB = 256
+#: how long a server thread waits on a silent client (each socket operation) before dropping it
+REQUEST_TIMEOUT_S = 60.0
+#: how long a client's start-up check waits for GET /health
+HEALTH_TIMEOUT_S = 5.0
 
 
 def encode_image(pixels: np.ndarray) -> str:
@@ -101,6 +113,42 @@ class RemoteReward:
 
     def __repr__(self) -> str:
         return f"RemoteReward(url={self.url!r}, batch_size={self.batch_size})"
+
+    @property
+    def health_url(self) -> str:
+        """``GET /health`` beside the scoring endpoint (``.../score`` -> ``.../health``)."""
+        parts = urlsplit(self.url)
+        return urlunsplit((parts.scheme, parts.netloc, parts.path.rsplit("/", 1)[0] + "/health", "", ""))
+
+    def check(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        """Raise :class:`RewardServerError` unless the server answers ``GET /health`` with ``{"status": "ok"}``:
+        called before the run loads its model, so a server that is not up fails in seconds, naming its URL."""
+        url = self.health_url
+        where = urlsplit(self.url)
+        elsewhere = where.hostname not in ("127.0.0.1", "localhost", "::1")
+        command = "python -m g2rpo.rewards.remote <dotted.path.of.a.Reward>" + (
+            " --host 0.0.0.0" if elsewhere else ""
+        )
+        command += f" --port {where.port}" if where.port else ""
+        start = (
+            f"start it first{f' on {where.hostname}' if elsewhere else ''} with `{command}` (docs/rewards.md, "
+            "remote rewards), or correct the reward's url"
+        )
+        try:
+            status, body = get(url, timeout_s=timeout_s)
+        except (OSError, http.client.HTTPException) as error:
+            raise RewardServerError(
+                f"reward server {url} does not answer ({type(error).__name__}: {error}): {start}"
+            ) from None
+        try:
+            ok = status == 200 and json.loads(body) == {"status": "ok"}
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RewardServerError(
+                f'reward server {url} answered HTTP {status} {body[:200]!r}, not {{"status": "ok"}}: is it '
+                f"a g2rpo reward server? {start}"
+            )
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> Tensor:
         scores: list[float | None] = []
@@ -195,14 +243,29 @@ class RewardServer:
 
     Requests are decoded in their own threads, but the reward is called under one lock, one call per
     request: a GPU model is never run concurrently. The socket is bound at construction, so ``port=0``
-    picks a free port, read back from :attr:`port`.
+    picks a free port, read back from :attr:`port`. A body over ``max_request_mb`` MiB gets a 413 that tells
+    the client to lower its ``batch_size``; a client silent for ``request_timeout_s`` (on any one read or
+    write) is dropped, so a stalled one does not hold a thread for ever.
     """
 
     def __init__(
-        self, reward: RewardFunction, host: str = "127.0.0.1", port: int = 0, device: str = "cpu"
+        self,
+        reward: RewardFunction,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        device: str = "cpu",
+        max_request_mb: float = MAX_REQUEST_MB,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
+        if max_request_mb <= 0 or request_timeout_s <= 0:
+            raise ValueError(
+                f"RewardServer needs max_request_mb > 0 and request_timeout_s > 0; got {max_request_mb}, "
+                f"{request_timeout_s}"
+            )
         self.reward = reward
         self.device = torch.device(device)
+        self.max_request_mb = max_request_mb
+        self.request_timeout_s = float(request_timeout_s)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -279,9 +342,19 @@ class _HTTPServer(ThreadingHTTPServer):
     reward_server: RewardServer
 
 
+class _TooLarge(ValueError):
+    """A body over the server's limit (answered 413, after it is read and discarded)."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     server_version = "g2rpo-reward/1"
+
+    def setup(self) -> None:
+        self.timeout = (
+            self.server.reward_server.request_timeout_s
+        )  # StreamRequestHandler sets it on the socket
+        super().setup()
 
     def do_GET(self) -> None:
         if urlsplit(self.path).path == "/health":
@@ -296,8 +369,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             images, prompts, metadata = self._read_request()
+        except _TooLarge as error:
+            self._send(413, {"error": str(error)})
+            return
         except ValueError as error:
             self._send(400, {"error": f"malformed request: {error}"})
+            return
+        except (
+            TimeoutError
+        ):  # the client went silent mid-body: drop it (the socket timeout freed this thread)
+            log.warning("reward server: a client sent no data for %g s; dropped", self.timeout)
+            self.close_connection = True
             return
         server = self.server.reward_server
         if path == "/scores" and not callable(getattr(server.reward, "scores", None)):
@@ -323,8 +405,18 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise ValueError("a Content-Length header is required")
-        if int(length) > MAX_REQUEST_BYTES:
-            raise ValueError(f"the body has {length} bytes, over the {MAX_REQUEST_BYTES} limit")
+        limit_mb = self.server.reward_server.max_request_mb
+        if int(length) > limit_mb * 2**20:
+            left = int(length)
+            while left > 0:  # read and drop the body: a client still sending would miss the answer otherwise
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            raise _TooLarge(
+                f"the body has {int(length) / 2**20:.1f} MiB, over this server's limit of {limit_mb:g} MiB: lower "
+                "the client's batch_size (images per request), or restart the server with a larger --max-request-mb"
+            )
         payload = json.loads(self.rfile.read(int(length)))
         if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
             raise ValueError('the body must be a JSON object with an "images" list')
@@ -376,13 +468,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--kwargs", default="{}", help="JSON constructor arguments, e.g. '{\"quality\": 95}'")
     parser.add_argument("--device", default="cpu", help="where the images are put before the reward's call")
+    parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=MAX_REQUEST_MB,
+        help="largest request body in MiB (default %(default)s: 32 images of 1024x1024 at PNG's worst case, "
+        "twice over); a larger one gets HTTP 413, telling the client to lower its batch_size",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kwargs = json.loads(args.kwargs)
     if not isinstance(kwargs, dict):
         parser.error("--kwargs must be a JSON object")
     reward = get_class(args.reward)(**kwargs)
-    server = RewardServer(reward, host=args.host, port=args.port, device=args.device)
+    server = RewardServer(
+        reward, host=args.host, port=args.port, device=args.device, max_request_mb=args.max_request_mb
+    )
     print(f"serving {args.reward} on {server.url} (GET /health); Ctrl-C stops", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
