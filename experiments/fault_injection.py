@@ -3,7 +3,8 @@ with those of an uninterrupted run (docs/testing.md, "Fault injection"). Not in 
 
     python -m experiments.fault_injection --trials 50     # the benchmark: about 25 minutes on 2 CPU cores
 
-Half the kills come at a random moment of the run; the other half at a random checkpoint-file event: some
+Half the kills come at a random moment of the training (uniform between the first iteration's record and
+the uninterrupted run's end, imports left out); the other half at a random checkpoint-file event: some
 bytes into the n-th write of a checkpoint file (through its file object), or just before the n-th rename
 of one into place or removal of one (Python's audit hooks), so that kills land inside checkpoint writes,
 which last milliseconds and a random moment would rarely hit. ``$TMPDIR`` is put on another filesystem (``/dev/shm``)
@@ -188,6 +189,15 @@ def completed_iterations(run_dir: Path) -> int:
     return max(steps) + 1 if steps else 0
 
 
+def _first_iteration(process: subprocess.Popen, run_dir: Path) -> bool:
+    """Wait until the run has written its first metrics record (False: it ended first)."""
+    while not (run_dir / "metrics.jsonl").is_file():
+        if process.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def trial(index: int, seconds: float, straight: dict, root: Path, rng: random.Random) -> dict:
     """One killed-and-resumed run in a fresh directory; what happened, as a JSON-able record."""
     from g2rpo.resume import ResumeError, newest_checkpoint
@@ -197,7 +207,8 @@ def trial(index: int, seconds: float, straight: dict, root: Path, rng: random.Ra
     repo = Path(__file__).resolve().parents[1]
     env = {**environment(), "PYTHONPATH": str(repo)}
     if index % 2 == 0:
-        kill = {"mode": "time", "after_s": round(rng.uniform(0.3, seconds), 2)}
+        # a moment of the training: after the first iteration's record, before the uninterrupted run's end
+        kill = {"mode": "time", "after_first_iteration_s": round(rng.uniform(0.0, seconds), 2)}
         process = subprocess.Popen(
             [sys.executable, "-m", "g2rpo.run", *OVERRIDES],
             cwd=cwd,
@@ -205,8 +216,10 @@ def trial(index: int, seconds: float, straight: dict, root: Path, rng: random.Ra
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        started = _first_iteration(process, cwd / RUN_DIR)
+        kill["started"] = started
         try:
-            process.wait(timeout=kill["after_s"])
+            process.wait(timeout=kill["after_first_iteration_s"])
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -257,11 +270,21 @@ def benchmark(trials: int, seed: int, output: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="g2rpo-faults-") as directory:
         root = Path(directory)
         (root / "straight").mkdir()
+        # the uninterrupted run, timed from its first iteration's record to its end (imports left out)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "g2rpo.run", *OVERRIDES],
+            cwd=root / "straight",
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _first_iteration(process, root / "straight" / RUN_DIR)
         started = time.perf_counter()
-        straight_run = run_command(root / "straight")
+        _, stderr = process.communicate()
         seconds = time.perf_counter() - started
-        if straight_run.returncode != 0:
-            raise SystemExit(f"the uninterrupted run failed:\n{straight_run.stderr[-3000:]}")
+        if process.returncode != 0:
+            raise SystemExit(f"the uninterrupted run failed:\n{stderr[-3000:]}")
         straight = final_weights(root / "straight" / RUN_DIR)
         records = []
         for index in range(trials):
@@ -275,7 +298,7 @@ def benchmark(trials: int, seed: int, output: Path) -> None:
     summary = {
         "trials": trials,
         "seed": seed,
-        "uninterrupted_run_s": round(seconds, 1),
+        "uninterrupted_run_after_first_iteration_s": round(seconds, 1),
         "killed": len(killed),
         "killed_inside_checkpoint_file_events": in_writes,
         "exact_weights_after_resume": exact,
