@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from g2rpo.evaluation.evaluator import Evaluation, Evaluator
-from g2rpo.files import atomic_write_text
+from g2rpo.files import PARTIAL, atomic_write_text, replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,37 @@ class SampleImages(L.Callback):
 
 
 class ExportPolicy(L.Callback):
-    """At the end of training, write the policy in its library's format (a diffusers LoRA for LoRA runs)."""
+    """At the end of training, write the policy in its library's format (a diffusers LoRA for LoRA runs).
+
+    The export is written into a staging directory beside ``directory`` and renamed over it once complete,
+    so a run killed while exporting leaves the previous export whole, never a truncated weights file. A run
+    killed after its last checkpoint but before its export is finished when the same command is re-run:
+    Lightning then has no iteration left to train and skips ``on_train_end``, so ``on_fit_end`` exports."""
 
     def __init__(self, directory: str = "policy") -> None:
         self.directory = directory
+        self.exported = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        missing = not (Path(trainer.default_root_dir) / self.directory).is_dir()
+        if not self.exported and trainer.strategy.broadcast(missing):  # rank 0's view, on every rank
+            self._export(trainer, pl_module)
+
+    def _export(self, trainer: L.Trainer, pl_module) -> None:
+        target = Path(trainer.default_root_dir) / self.directory
+        staging = target.with_name(f".{target.name}{PARTIAL}")  # one name on every rank
+        if trainer.is_global_zero:
+            shutil.rmtree(staging, ignore_errors=True)  # an export a kill interrupted
         # on every rank: FSDP's shards are gathered, and rank 0 writes
         with pl_module.evaluation_weights():  # the evaluated weights: the EMA when the run keeps one
-            pl_module.policy.save_pretrained(Path(trainer.default_root_dir) / self.directory)
+            pl_module.policy.save_pretrained(staging)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            replace_directory(staging, target)
+        self.exported = True
 
 
 class CurriculumHistograms(L.Callback):

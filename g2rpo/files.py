@@ -1,7 +1,7 @@
 """Writes that a kill cannot leave half done.
 
-A file that a run resumes from (a checkpoint) or that its results are read from (an evaluation's JSON) is
-written beside its final name and renamed over it: ``rename`` within one directory is
+A file that a run resumes from (a checkpoint) or that its results are read from (an evaluation's JSON, the
+exported policy's directory) is written beside its final name and renamed over it: ``rename`` within one directory is
 atomic on POSIX filesystems, so at every moment the name holds either the old complete file or the new one.
 The temporary file lives in the target's own directory, never in ``$TMPDIR``: across filesystems a
 "move" is a copy, and a kill during the copy leaves the target truncated (Lightning's fsspec writer does
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,19 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda stream: stream.write(text.encode()))
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Put the complete directory ``source`` at ``target``, in place of an old one. The old one is renamed
+    aside before the new one is renamed in, then removed: a kill between the renames leaves no directory at
+    ``target`` but both whole beside it, never a mix of old and new files."""
+    old = partial_path(target) if target.exists() else None
+    if old is not None:
+        target.rename(old)
+    source.rename(target)
+    _sync_directory(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _sync_directory(directory: Path) -> None:

@@ -55,12 +55,16 @@ class JsonlLogger(Logger):
             cut_partial_line(self.path)
             self._repaired = True
         line = (json.dumps(record) + "\n").encode()
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
-            if os.write(descriptor, line) != len(line):
-                raise OSError(f"{self.path}: a metrics record was written only in part (disk full?)")
-        finally:
-            os.close(descriptor)
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                written = os.write(descriptor, line)
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            raise OSError(f"could not append step {step}'s record to {self.path}: {error}") from error
+        if written != len(line):  # the next run cuts the partial line off (cut_partial_line)
+            raise OSError(f"{self.path}: step {step}'s record was written only in part (disk full?)")
 
 
 def cut_partial_line(path: Path) -> None:

@@ -1,22 +1,26 @@
 """Nothing lost, nothing silent: the faults of a long run, injected in-process (a kill inside a checkpoint
 write is in test_resume.py, the NaN-reward and flat-reward stops in test_run.py)."""
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import pathlib
 import pickle
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import FAST_RUN
 from hydra.utils import instantiate
 
+from g2rpo.callbacks import ExportPolicy
 from g2rpo.checkpoint import CheckpointWriteError, load_policy
 from g2rpo.files import atomic_write
-from g2rpo.loggers import read_metrics
+from g2rpo.loggers import JsonlLogger, read_metrics
 from g2rpo.resume import ResumeError
 from g2rpo.run import train
 
@@ -197,3 +201,50 @@ def test_reading_metrics_skips_a_bad_line_naming_it(tmp_path, caplog):
     path.write_text('{"step": 0, "a": 1.0}\nnot json\n{"step": 1, "a": 2.0}\n')
     assert [r["a"] for r in read_metrics(path)] == [1.0, 2.0]
     assert f"{path}:2: skipping a line that is not a metrics record" in caplog.text
+
+
+def test_an_export_interrupted_midway_leaves_the_previous_export_whole(tmp_path):
+    class Policy:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def save_pretrained(self, directory):
+            directory.mkdir(parents=True)
+            (directory / "weights.safetensors").write_bytes(b"new, cut" if self.fail else b"new")
+            if self.fail:
+                raise KeyboardInterrupt  # the run is stopped while exporting
+
+    def module(fail: bool) -> SimpleNamespace:
+        return SimpleNamespace(policy=Policy(fail), evaluation_weights=contextlib.nullcontext)
+
+    strategy = SimpleNamespace(barrier=lambda: None, broadcast=lambda value: value)
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True, strategy=strategy)
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "weights.safetensors").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        ExportPolicy().on_train_end(trainer, module(fail=True))
+    assert (tmp_path / "policy" / "weights.safetensors").read_bytes() == b"old"
+    ExportPolicy().on_train_end(trainer, module(fail=False))  # the next export clears the interrupted one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert (tmp_path / "policy" / "weights.safetensors").read_bytes() == b"new"
+
+
+def test_a_metrics_record_that_cannot_be_written_stops_naming_the_file(tmp_path, monkeypatch):
+    logger = JsonlLogger(tmp_path)
+    logger.log_metrics({"a": 1.0}, step=0)
+
+    def disk_full(descriptor, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError, match=r"could not append step 1's record to .*metrics.jsonl: .*No space"):
+        logger.log_metrics({"a": 2.0}, step=1)
+
+
+def test_a_run_killed_before_its_export_exports_when_resumed(compose_config):
+    cfg = compose_config(*FAST_RUN)
+    train(cfg)
+    policy = Path(cfg.run_dir) / "policy"
+    shutil.rmtree(policy)  # killed after the last checkpoint, before the export
+    train(compose_config(*FAST_RUN))  # nothing left to train
+    assert (policy / "pytorch_lora_weights.safetensors").is_file()
