@@ -295,7 +295,13 @@ def benchmark(trials: int, seed: int, output: Path) -> None:
     exact = sum(r["exact"] for r in records)
     lost = sum(1 for r in records if r["redone"] is None or r["redone"] > 1)
     in_writes = sum(1 for r in killed if r["mode"] == "event")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     summary = {
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": f"{os.cpu_count()} CPU cores, one thread per run",
         "trials": trials,
         "seed": seed,
         "uninterrupted_run_after_first_iteration_s": round(seconds, 1),

@@ -4,8 +4,10 @@ Re-running a command resumes its run directory (``ckpt_path: last``):
 
 - **Which checkpoint.** The newest one that loads (by the iteration it holds), whether it is ``last.ckpt``
   or the ``epoch=N`` file written just before it: a run killed between the two writes, or whose
-  ``last.ckpt`` is missing or damaged, loses no iteration. Unreadable files are named in the log, with why.
-  If there are checkpoints and none loads, the run stops rather than start over.
+  ``last.ckpt`` is missing or damaged, loses no iteration. ``last.ckpt`` is then made a copy of that file,
+  since a run killed after its last iteration's ``epoch=N`` has no iteration left that would rewrite it,
+  and ``last.ckpt`` is what evaluation and users read. Unreadable files are named in the log, with why. If
+  there are checkpoints and none loads, the run stops rather than start over.
 - **Which settings.** The config is compared with the one the checkpoint was trained with (stored in it;
   ``config.yaml`` for older checkpoints). Fields that say *how* to go on take the new value, listed in the
   log: the optimiser's hyper-parameters and the learning-rate schedule (:func:`apply_optimizer_config`,
@@ -34,7 +36,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from g2rpo.files import PARTIAL
+from g2rpo.files import PARTIAL, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ APPLIED = (
 )
 #: ... except these: the optimiser's saved state belongs to its class.
 REFUSED = ("optimizer._target_",)
+LAST = "last.ckpt"  # ModelCheckpoint's save_last file
 #: What a run that starts over moves aside, from its run directory.
 RECORDS = ("checkpoints", "metrics.jsonl", "config.yaml")
 
@@ -132,6 +135,8 @@ def resume_point(
                 f"ckpt_path={ckpt_path} cannot be read ({type(error).__name__}: {error}). Give a readable "
                 "checkpoint, or ckpt_path=last to take the newest readable one of this run."
             ) from error
+    if ckpt_path == "last" and checkpoint.path.name != LAST:
+        restore_last(checkpoint.path)
     previous = checkpoint.config
     if previous is None and (run_dir / "config.yaml").is_file():  # a checkpoint from before configs were kept
         previous = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -187,6 +192,19 @@ def check_config_changes(previous: Mapping, current: Mapping, accepts: list[str]
             "resume: settings changed since the checkpoint, applied from now on:\n  %s", "\n  ".join(applied)
         )
     return applied
+
+
+@rank_zero_only
+def restore_last(newest: Path) -> None:
+    """Make ``last.ckpt`` beside ``newest`` a copy of it (atomically)."""
+    last = newest.parent / LAST
+
+    def copy(stream) -> None:
+        with newest.open("rb") as source:
+            shutil.copyfileobj(source, stream, 1 << 24)
+
+    atomic_write(last, copy)
+    log.warning("resume: %s was missing, older or unreadable: it is now a copy of %s", last, newest.name)
 
 
 @rank_zero_only

@@ -158,7 +158,22 @@ def test_resume_takes_the_newest_readable_checkpoint(compose_config, caplog, dam
     assert _steps(run) == [0, 1, 2, 3]  # one run, no iteration redone or restarted
     assert "iteration 2 was the last completed, training goes on from iteration 3" in caplog.text
     assert (damage == "truncated") == ("skipping an unreadable checkpoint" in caplog.text)
+    assert "last.ckpt was missing, older or unreadable: it is now a copy of epoch=2-" in caplog.text
     assert torch.load(last, weights_only=True)["epoch"] == 3
+
+
+def test_a_run_killed_after_its_last_epoch_file_ends_with_an_up_to_date_last_ckpt(compose_config):
+    """Killed between the last iteration's ``epoch=N`` and ``last.ckpt``: no iteration is left to rewrite
+    ``last.ckpt``, so the resume makes it a copy of ``epoch=N``."""
+    cfg = compose_config(*FAST_RUN)
+    train(cfg)
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    iteration_1 = last.read_bytes()
+    train(compose_config(*FAST_RUN, "trainer.max_epochs=3"))
+    last.write_bytes(iteration_1)  # as if killed before iteration 2's last.ckpt
+    train(compose_config(*FAST_RUN, "trainer.max_epochs=3"))  # nothing left to train
+    (newest,) = last.parent.glob("epoch=2-*.ckpt")
+    assert last.read_bytes() == newest.read_bytes()
 
 
 def test_no_readable_checkpoint_stops_naming_each_file(compose_config):

@@ -119,6 +119,8 @@ def test_wandb_shows_the_evaluation_panel_and_tables(compose_config):
     assert [row[0] for row in table["data"]] == [
         "single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"
     ]  # fmt: skip
-    panels = [json.loads(p.read_text()) for p in sorted((media / "table" / "eval").glob("panel_table_*.json"))]
+    panels = [
+        json.loads(p.read_text()) for p in sorted((media / "table" / "eval").glob("panel_table_*.json"))
+    ]
     assert len(panels) == 2 and all(len(p["data"]) == 6 for p in panels)
     assert [row[1] for row in panels[0]["data"]] == [row[1] for row in panels[1]["data"]]  # the same prompts
