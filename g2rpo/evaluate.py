@@ -23,9 +23,11 @@ from g2rpo.checkpoint import load_policy
 from g2rpo.config import torch_device
 from g2rpo.evaluation.evaluator import Evaluation
 from g2rpo.files import atomic_write_text
+from g2rpo.preflight import check_servers
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
+    check_servers(cfg, roots=("eval",))  # a suite's served rewards answer before the model loads
     model_cfg = cfg.model
     if cfg.checkpoint:
         checkpoint = Path(cfg.checkpoint)

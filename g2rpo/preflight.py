@@ -205,12 +205,13 @@ def _served(node: object, path: str) -> Iterator[tuple[str, dict]]:
             yield from _served(value, f"{path}[{index}]")
 
 
-def server_problems(cfg: DictConfig) -> list[str]:
-    """The served rewards whose server does not answer its client's ``check()`` (seconds at most each)."""
+def server_problems(cfg: DictConfig, roots: tuple[str, ...] = SERVED_ROOTS) -> list[str]:
+    """The served rewards under ``cfg``'s ``roots`` whose server does not answer its client's ``check()``
+    (seconds at most each)."""
     from g2rpo.rewards.http import RewardServerError
 
     found = []
-    for root in SERVED_ROOTS:
+    for root in roots:
         try:
             node = OmegaConf.to_container(cfg[root], resolve=True) if cfg.get(root) else None
         except Exception:  # a config that does not resolve fails when built, with its own message
@@ -269,7 +270,12 @@ def check(cfg: DictConfig) -> None:
         if any("GPU" in problem for problem in found):
             lines.append(f"  {estimate_here(cfg)}")
         raise PreflightError("\n".join(lines))
-    found = server_problems(cfg)
+    check_servers(cfg)
+
+
+def check_servers(cfg: DictConfig, roots: tuple[str, ...] = SERVED_ROOTS) -> None:
+    """Raise :class:`PreflightError` listing the served rewards under ``roots`` whose server does not answer."""
+    found = server_problems(cfg, roots)
     if found:
         lines = ["a reward server does not answer (nothing is loaded until it does):"]
         raise PreflightError("\n".join([*lines, *(f"  - {problem}" for problem in found)]))

@@ -18,6 +18,7 @@ from g2rpo.evaluation.evaluator import Evaluator, UnifiedEvaluator, items, panel
 from g2rpo.evaluation.layout import load_image, read_images
 from g2rpo.evaluation.prompts import prompt_set
 from g2rpo.evaluation.protocol import Protocol, image_seed
+from g2rpo.preflight import PreflightError
 from g2rpo.rewards.clip import AestheticMLP
 from g2rpo.rewards.geneval import GenEval
 from g2rpo.rewards.jpeg import JpegCompressibility
@@ -354,3 +355,11 @@ def test_unified_evaluation_adds_an_understanding_column_and_can_stand_alone():
     assert set(alone.scores) == {"understanding"} and alone.num_images == 0
     assert UnifiedEvaluator(generation, understanding).with_steps(3).generation.protocol.num_steps == 3
     assert generation.protocol.num_steps == 40  # with_steps copies, the run's evaluator is unchanged
+
+
+def test_a_suites_reward_servers_are_asked_before_the_model_loads(monkeypatch):
+    """eval=drawbench_served scores through a VLM server and a reward server; neither runs here."""
+    monkeypatch.setattr("g2rpo.evaluate.instantiate", lambda *a, **k: pytest.fail("something was built"))
+    with pytest.raises(PreflightError) as error:
+        evaluate(compose_evaluate("eval=drawbench_served", "hydra.run.dir=unused"))
+    assert "127.0.0.1:17140/v1/models" in str(error.value) and "127.0.0.1:18086/health" in str(error.value)
