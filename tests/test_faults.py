@@ -176,6 +176,18 @@ def test_a_run_killed_after_its_last_epoch_file_ends_with_an_up_to_date_last_ckp
     assert last.read_bytes() == newest.read_bytes()
 
 
+def test_a_run_killed_in_its_first_last_ckpt_write_goes_on_writing_last_ckpt(compose_config):
+    """The first ``epoch=0`` file records no ``last.ckpt`` yet: Lightning's version counter then wrote
+    ``last-v1.ckpt`` beside the copy the resume made, and ``last.ckpt`` stayed at iteration 0."""
+    cfg = compose_config(*FAST_RUN, "trainer.max_epochs=1")
+    train(cfg)
+    checkpoints = Path(cfg.run_dir) / "checkpoints"
+    (checkpoints / "last.ckpt").unlink()  # killed while writing it
+    train(compose_config(*FAST_RUN, "trainer.max_epochs=3"))
+    assert sorted(p.name for p in checkpoints.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
 def test_no_readable_checkpoint_stops_naming_each_file(compose_config):
     cfg = compose_config(*FAST_RUN)
     train(cfg)
