@@ -147,6 +147,37 @@ def read_image(path: Path, size: int) -> Tensor:
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+def source_images(metadata: Sequence[dict], size: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """The source images ``[N, 3, size, size]`` in [0, 1] of the edits in ``metadata``: a shapes-world scene
+    (``source``, rendered at its own ``image_size`` and resized) or an image file (``source_image``). None when
+    no prompt is an edit; a batch that mixes edits and text-to-image prompts is an error."""
+    from g2rpo.types import source_of
+
+    found = [source_of(meta) is not None for meta in metadata]
+    if not any(found):
+        return None
+    if not all(found):
+        raise ValueError(
+            f"{found.count(False)} of {len(found)} prompts have no source image while the others are edits: "
+            "a data set is either text-to-image or editing"
+        )
+    images = []
+    for meta in metadata:
+        if "source" in meta:
+            from g2rpo.shapes.editing import as_objects
+            from g2rpo.shapes.world import render
+
+            image = render(as_objects(meta["source"]), size=int(meta.get("image_size", 32)))
+            if image.shape[-1] != size:
+                image = torch.nn.functional.interpolate(
+                    image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )[0].clamp(0, 1)
+        else:
+            image = read_image(Path(meta["source_image"]), size)
+        images.append(image)
+    return torch.stack(images).to(device)
+
+
 def pair_dataset(path: str, image_root: str | None = None, image_size: int = 384) -> PromptDataset:
     """Pair-GRPO data at scale (e.g. PairUni's PairUG-16k) from a JSONL file, one pair per line:
     ``{"prompt": caption, "question", "answer", "image": path of the understanding image, "kind": "aligned" |

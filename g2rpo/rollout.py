@@ -68,8 +68,8 @@ def sde_rollout(
     comes from its own stream keyed by ``batch.sample_ids[i]`` (``g2rpo.randomness``), so it does not depend
     on ``batch_size`` or on the rank that samples it.
     """
-    prompts, cond_index = batch.unique()
-    cond = policy.encode(prompts, negative=negative or guidance_scale > 1)
+    prompts, cond_index, metadata = batch.unique()
+    cond = policy.encode(prompts, negative=negative or guidance_scale > 1, sources=policy.sources(metadata))
     sigmas = policy.sigmas(num_steps).to(policy.device)
     generators = keyed(generator, batch.sample_ids)
     latents, log_probs, images = [], [], []
@@ -219,8 +219,8 @@ def ode_rollout(
     not need it (CFG-free rollouts whose training uses text dropout or a guided reference). Initial noise
     is keyed by ``batch.sample_ids`` as in :func:`sde_rollout`, unless ``initial_noise`` (``[B, ...]``) is given.
     """
-    prompts, cond_index = batch.unique()
-    cond = policy.encode(prompts, negative=negative or guidance_scale > 1)
+    prompts, cond_index, metadata = batch.unique()
+    cond = policy.encode(prompts, negative=negative or guidance_scale > 1, sources=policy.sources(metadata))
     if scheduler is None:
         sigmas = policy.sigmas(num_steps).to(policy.device)
     else:  # the noise levels the scheduler's model calls see: its integer timesteps / num_train_timesteps

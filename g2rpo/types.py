@@ -10,6 +10,7 @@ satisfies :class:`Rollout`: its images (if any) and the prompt of each scored ou
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Protocol
@@ -132,21 +133,42 @@ class PromptBatch:
             sample_ids=self.sample_ids.repeat(times),
         )
 
-    def unique(self) -> tuple[list[str], Tensor]:
-        """The distinct prompts, and for each sample the index of its prompt among them."""
-        order: dict[str, int] = {}
-        index = [order.setdefault(p, len(order)) for p in self.prompts]
-        return list(order), torch.tensor(index, dtype=torch.long)
+    def unique(self) -> tuple[list[str], Tensor, list[dict]]:
+        """The distinct conditions (the prompt, and an edit's source), and for each sample the index of its
+        condition among them; with each condition's metadata, which holds its source."""
+        order: dict[tuple[str, str], int] = {}
+        first: list[int] = []
+        index = []
+        for row, (prompt, meta) in enumerate(zip(self.prompts, self.metadata)):
+            key = (prompt, json.dumps(source_of(meta), sort_keys=True))
+            if key not in order:
+                order[key] = len(order)
+                first.append(row)
+            index.append(order[key])
+        return (
+            [key[0] for key in order],
+            torch.tensor(index, dtype=torch.long),
+            [self.metadata[i] for i in first],
+        )
+
+
+def source_of(metadata: dict) -> object:
+    """An edit's source in its prompt metadata: a shapes-world scene (``source``, a list of objects) or an
+    image file (``source_image``); None for a text-to-image prompt."""
+    return metadata.get("source", metadata.get("source_image"))
 
 
 @dataclass
 class Conditioning:
-    """SD3-style text conditioning: token embeddings and pooled embeddings, with the CFG negatives."""
+    """SD3-style text conditioning: token embeddings and pooled embeddings, with the CFG negatives; for an
+    editing model, the source image's latents too (``context_latents``), which CFG keeps in both rows: the
+    unconditional row drops the instruction, not the image, as the editing pipelines do."""
 
     prompt_embeds: Tensor  # [N, L, D]
     pooled_prompt_embeds: Tensor  # [N, P]
     negative_prompt_embeds: Tensor | None = None
     negative_pooled_prompt_embeds: Tensor | None = None
+    context_latents: Tensor | None = None  # [N, C, h, w] an edit's source image, in the model's latent space
 
     def select(self, index: Tensor) -> Conditioning:
         """Rows ``index`` of every field (a group's members share one encoded prompt)."""

@@ -45,7 +45,7 @@ forwards (nor across ranks: every rank rolls out whole groups), so ``s_g`` alway
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -108,11 +108,12 @@ def drop_text(cond: Conditioning, dropped: Tensor) -> Conditioning:
     if cond.negative_prompt_embeds is None:
         raise ValueError("text dropout needs the empty-prompt embeddings: encode(prompts, negative=True)")
     rows = dropped.to(cond.device)
-    return Conditioning(
-        torch.where(rows[:, None, None], cond.negative_prompt_embeds, cond.prompt_embeds),
-        torch.where(rows[:, None], cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds),
-        cond.negative_prompt_embeds,
-        cond.negative_pooled_prompt_embeds,
+    return replace(  # an edit keeps its source image: only the instruction is dropped
+        cond,
+        prompt_embeds=torch.where(rows[:, None, None], cond.negative_prompt_embeds, cond.prompt_embeds),
+        pooled_prompt_embeds=torch.where(
+            rows[:, None], cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds
+        ),
     )
 
 

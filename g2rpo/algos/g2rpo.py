@@ -124,7 +124,10 @@ class G2RPO(Algorithm[SingularRollout]):
         group_prompts = [batch.prompts[i] for i in groups.first.tolist()]
         if any(batch.prompts[i] != group_prompts[g] for i, g in enumerate(groups.ids.tolist())):
             raise ValueError("G2RPO needs one prompt per group: its members share the anchor trajectory")
-        cond = policy.encode(group_prompts, negative=self.guidance_scale > 1)
+        group_metadata = [batch.metadata[i] for i in groups.first.tolist()]
+        cond = policy.encode(
+            group_prompts, negative=self.guidance_scale > 1, sources=policy.sources(group_metadata)
+        )
         sigmas = policy.sigmas(self.num_steps).to(policy.device)
         members = groups.ids.to(policy.device)
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from g2rpo.data import source_images
 from g2rpo.types import Conditioning
 
 
@@ -40,9 +41,23 @@ class FlowPolicy(Policy):
     ``nfe`` counts the images pushed through the denoiser (a CFG forward of ``B`` images counts ``2B``).
     """
 
-    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
-        """Text conditioning for ``prompts`` (and the empty-prompt negatives when ``negative``)."""
+    def encode(
+        self, prompts: list[str], negative: bool = True, sources: Tensor | None = None
+    ) -> Conditioning:
+        """Text conditioning for ``prompts`` (and the empty-prompt negatives when ``negative``); for an
+        editing model, the ``sources`` images ``[N, 3, H, W]`` in [0, 1] too (:meth:`encode_source`)."""
         raise NotImplementedError
+
+    def sources(self, metadata: list[dict]) -> Tensor | None:
+        """The source images of the edits among ``metadata``, at this policy's resolution (None: no edit)."""
+        return source_images(metadata, getattr(self, "resolution", 0), self.device)
+
+    def encode_source(self, images: Tensor) -> Tensor:
+        """An edit's source images as the ``context_latents`` an editing model conditions on."""
+        raise ValueError(
+            f"{type(self).__name__} generates from text only, and these prompts are edits of a source image: "
+            "use an editing model (model=tiny_flux_kontext, or flux_kontext)"
+        )
 
     def velocity(
         self,
@@ -56,6 +71,7 @@ class FlowPolicy(Policy):
         the unconditional and conditional rows in one batched :meth:`transformer_velocity` call."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         hidden, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
+        context = cond.context_latents
         guided = guidance_scale > 1.0
         if guided:
             if cond.negative_prompt_embeds is None:
@@ -65,7 +81,10 @@ class FlowPolicy(Policy):
             hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
             embeds = torch.cat([cond.negative_prompt_embeds, embeds])
             pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
-        output = self.transformer_velocity(hidden, sigma, embeds, pooled).float()
+            context = None if context is None else torch.cat([context, context])  # CFG keeps the source
+        # an editing model's forward also takes the source (text-to-image models never see the argument)
+        edit = {} if context is None else {"context": context}
+        output = self.transformer_velocity(hidden, sigma, embeds, pooled, **edit).float()
         self.nfe += hidden.shape[0]
         if not guided:
             return output

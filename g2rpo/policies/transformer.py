@@ -128,10 +128,13 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         return self.input_weight.dtype
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
+    def encode(
+        self, prompts: list[str], negative: bool = True, sources: Tensor | None = None
+    ) -> Conditioning:
         embeds, pooled = self.encode_text(list(prompts))
+        context = None if sources is None else self.encode_source(sources)
         if not negative:
-            return Conditioning(embeds, pooled)
+            return Conditioning(embeds, pooled, context_latents=context)
         # The negative prompt is the same "" for every row: encode it once and broadcast (a view).
         negative_embeds, negative_pooled = self.encode_text([""])
         return Conditioning(
@@ -139,6 +142,7 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
             pooled,
             negative_embeds.expand(len(prompts), -1, -1),
             negative_pooled.expand(len(prompts), -1),
+            context,
         )
 
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:

@@ -80,7 +80,7 @@ def make_edit(kind: str, rng: np.random.Generator, image_size: int = 32) -> dict
     for _ in range(1000):
         edit = _try_edit(kind, rng, image_size)
         if edit is not None:
-            return edit
+            return {**edit, "image_size": image_size}
     raise RuntimeError(f"could not make a {kind} edit in a {image_size}px image")
 
 

@@ -83,7 +83,11 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
     # ---- flow side ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], negative: bool = True) -> Conditioning:
+    def encode(
+        self, prompts: list[str], negative: bool = True, sources: Tensor | None = None
+    ) -> Conditioning:
+        if sources is not None:
+            self.encode_source(sources)  # the unified model does not edit: says so
         ids = self.model.caption_ids(list(prompts))
         pooled = torch.zeros(len(prompts), 1, device=self.device)
         if not negative:
