@@ -31,6 +31,8 @@ HUB_LOADERS = {
     "g2rpo.policies.sd3.load_sd3_pipeline": "pipeline",
     "g2rpo.policies.load_flux_pipeline": "pipeline",
     "g2rpo.policies.flux.load_flux_pipeline": "pipeline",
+    "g2rpo.policies.load_flux_kontext_pipeline": "pipeline",
+    "g2rpo.policies.flux.load_flux_kontext_pipeline": "pipeline",
     "g2rpo.policies.janus.load_janus": "janus",
 }
 #: a file every snapshot of the model has

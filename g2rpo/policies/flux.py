@@ -13,13 +13,18 @@
   G2RPO) is an input embedding, ``model.guidance``, and no true CFG runs by default (algorithms' CFG 1).
   A true-CFG scale > 1 uses the empty prompt's embeddings as the negative, as ``true_cfg_scale`` does.
 - **Timestep.** The transformer takes sigma itself (the pipeline divides its 0-1000 timesteps by 1000).
+- **Editing (FLUX.1-Kontext).** ``FluxKontextPipeline`` encodes the source image with the VAE (its mode,
+  ``(z - shift) * scale``), packs it like the latents and appends its tokens after the generated ones, with
+  image ids whose first coordinate is 1 instead of 0; the velocity is read off the generated tokens only.
+  :class:`FluxKontextPolicy` does the same with the pipeline's own methods. The schedule's ``mu`` counts the
+  generated tokens only, as the pipeline's does.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxKontextPipeline, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
@@ -31,6 +36,11 @@ from g2rpo.sampling import sigma_schedule
 def load_flux_pipeline(path: str, dtype: str = "bfloat16") -> FluxPipeline:
     """Load FLUX.1 from a local directory or the Hugging Face cache, never the network."""
     return load_pipeline(FluxPipeline, path, dtype, "FLUX.1")
+
+
+def load_flux_kontext_pipeline(path: str, dtype: str = "bfloat16") -> FluxKontextPipeline:
+    """Load FLUX.1-Kontext from a local directory or the Hugging Face cache, never the network."""
+    return load_pipeline(FluxKontextPipeline, path, dtype, "FLUX.1-Kontext")
 
 
 class FluxPolicy(TransformerPolicy):
@@ -65,22 +75,34 @@ class FluxPolicy(TransformerPolicy):
         )
         return embeds, pooled
 
-    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+    def transformer_velocity(
+        self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor, context: Tensor | None = None
+    ) -> Tensor:
+        """``context``: an edit's source latents (Kontext), appended as tokens with image ids ``(1, y, x)``."""
         batch, channels, height, width = latents.shape
         dtype = self.compute_dtype
         transformer = self.active
+        hidden = FluxPipeline._pack_latents(latents, batch, channels, height, width).to(dtype)
+        ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, dtype)
+        tokens = hidden.shape[1]
+        if context is not None:
+            source_height, source_width = context.shape[-2:]
+            source = FluxPipeline._pack_latents(context, batch, channels, source_height, source_width)
+            source_ids = FluxPipeline._prepare_latent_image_ids(
+                batch, source_height // 2, source_width // 2, latents.device, dtype
+            )
+            source_ids[..., 0] = 1
+            hidden, ids = torch.cat([hidden, source.to(dtype)], dim=1), torch.cat([ids, source_ids])
         output = transformer(
-            hidden_states=FluxPipeline._pack_latents(latents, batch, channels, height, width).to(dtype),
+            hidden_states=hidden,
             timestep=sigma,
             guidance=torch.full_like(sigma, self.guidance) if transformer.config.guidance_embeds else None,
             pooled_projections=pooled.to(dtype),
             encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
-            img_ids=FluxPipeline._prepare_latent_image_ids(
-                batch, height // 2, width // 2, latents.device, dtype
-            ),
+            img_ids=ids,
             return_dict=False,
-        )[0]
+        )[0][:, :tokens]
         # back to [B, C, H, W]: _unpack_latents takes the image size in pixels and the VAE factor
         return FluxPipeline._unpack_latents(
             output, height * self.vae_scale, width * self.vae_scale, self.vae_scale
@@ -106,3 +128,15 @@ class FluxPolicy(TransformerPolicy):
     ) -> Tensor:
         shape = (batch_size, self.transformer.config.in_channels // 4, self.latent_size, self.latent_size)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+
+class FluxKontextPolicy(FluxPolicy):
+    """FLUX.1-Kontext-dev, an in-context editing model: a FLUX.1 transformer that also reads the source
+    image's tokens. Prompts are instructions; each carries its source image (``g2rpo.data.source_images``)."""
+
+    @torch.no_grad()
+    def encode_source(self, images: Tensor) -> Tensor:
+        """The pipeline's own preprocessing (to [-1, 1] at the policy's resolution) and VAE encoding."""
+        pipe = self.pipeline
+        pixels = pipe.image_processor.preprocess(images, self.resolution, self.resolution)
+        return pipe._encode_vae_image(pixels.to(self.device, self.vae.dtype), generator=None)

@@ -13,6 +13,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -235,6 +236,12 @@ def tiny_flux_pipeline(
         tokenizer_2=tokenizer,
         transformer=transformer,
     )
+
+
+def tiny_flux_kontext_pipeline(seed: int = 0, **kwargs) -> FluxKontextPipeline:
+    """:func:`tiny_flux_pipeline`'s components as a ``FluxKontextPipeline``: FLUX.1-Kontext is FLUX.1's
+    architecture, and the pipeline is what differs (the source image's tokens, their ids)."""
+    return FluxKontextPipeline(**tiny_flux_pipeline(seed, **kwargs).components)
 
 
 def random_sd3_pipeline(
