@@ -23,6 +23,7 @@ from g2rpo.rewards.clip import AestheticMLP
 from g2rpo.rewards.geneval import GenEval
 from g2rpo.rewards.jpeg import JpegCompressibility
 from g2rpo.rewards.remote import RemoteNamedReward, RemoteReward, RewardServer
+from g2rpo.shapes.editing import EDIT_TYPES
 from tests.conftest import CONF_DIR, make_policy
 from tests.test_reward_models import tiny_clip
 
@@ -363,3 +364,29 @@ def test_a_suites_reward_servers_are_asked_before_the_model_loads(monkeypatch):
     with pytest.raises(PreflightError) as error:
         evaluate(compose_evaluate("eval=drawbench_served", "hydra.run.dir=unused"))
     assert "127.0.0.1:17140/v1/models" in str(error.value) and "127.0.0.1:18086/health" in str(error.value)
+
+
+def test_the_editing_suite_reports_compliance_and_preservation_per_edit_type(tmp_path):
+    """eval=edit_shapes through the CLI on the tiny Kontext: a column per judged term, a row per edit type, and
+    the images written in GenEval's layout with each edit's metadata (its source scene among it)."""
+    cfg = compose_evaluate(
+        "model=tiny_flux_kontext",
+        "eval=edit_shapes",
+        "eval.dataset.per_type=2",
+        "eval.images_per_task=2",
+        "eval.num_steps=2",
+        "eval.resolution=16",
+        "eval.panel_size=2",
+        f"output={tmp_path / 'eval.json'}",
+        "suite=edit_shapes",
+        f"run_dir={tmp_path}",
+    )
+    evaluate(cfg)
+    record = json.loads((tmp_path / "eval.json").read_text())
+    terms = {"compliance", "compliance_partial", "preservation", "unchanged", "overall"}
+    assert set(record["scores"]) == {f"edit_shapes/{term}" for term in terms}
+    assert set(record["scores"]["edit_shapes/preservation"]) == {*EDIT_TYPES, "overall"}
+    assert record["num_images"] == 12
+    images = read_images(str(tmp_path / "images"))
+    assert len(images) == 12
+    assert all("source" in meta and meta["tag"] == meta["edit"] in EDIT_TYPES for meta, _ in images)

@@ -24,22 +24,26 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from g2rpo.types import source_of
+
 
 def write_images(
     outdir: str | Path, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict], keys: Sequence[int]
 ) -> None:
     """Image ``i`` (``[3, H, W]`` in [0, 1]) as ``<outdir>/<prompt index>/samples/<keys[i]>.png``; prompts are
-    numbered in order of first appearance, as in the metadata file they came from."""
+    numbered in order of first appearance, as in the metadata file they came from. An edit's prompt is its
+    instruction and its source: one instruction over two sources is two folders."""
     outdir = Path(outdir)
-    folders: dict[str, Path] = {}
+    folders: dict[tuple[str, str], Path] = {}
     pixels = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     for array, prompt, meta, key in zip(pixels, prompts, metadata, keys, strict=True):
-        if prompt not in folders:
+        condition = (prompt, json.dumps(source_of(meta), sort_keys=True))
+        if condition not in folders:
             folder = outdir / f"{len(folders):05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
             (folder / "metadata.jsonl").write_text(json.dumps({**meta, "prompt": prompt}))
-            folders[prompt] = folder
-        Image.fromarray(array).save(folders[prompt] / "samples" / f"{key:05d}.png")
+            folders[condition] = folder
+        Image.fromarray(array).save(folders[condition] / "samples" / f"{key:05d}.png")
 
 
 def read_images(outdir: str | Path) -> list[tuple[dict, Path]]:
