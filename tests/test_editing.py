@@ -1,4 +1,5 @@
-"""Editing in the shapes world: edits whose target is known, and the edit_shapes judge on rendered truth."""
+"""Editing in the shapes world: edits whose target is known, the edit_shapes judge on rendered truth, and the
+rewards that read an edit's source image (in process, over the reward server's wire, a VLM edit judge)."""
 
 import json
 import math
@@ -7,6 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from g2rpo.data import source_images
+from g2rpo.rewards import RewardEnsemble
+from g2rpo.rewards.chat import ChatClient
+from g2rpo.rewards.judge import VLMEditJudge
+from g2rpo.rewards.remote import RemoteReward, RewardServer, encode_image, pixels_of
 from g2rpo.shapes.edit_reward import EditShapes, judge_edit
 from g2rpo.shapes.editing import EDIT_TYPES, as_objects, edit_dataset, edits, held_out, make_edit
 from g2rpo.shapes.geneval import ShapesDetector, holds
@@ -143,3 +149,63 @@ def test_the_reward_gives_every_term_and_nan_without_an_edit():
     assert torch.equal(JUDGE(images[:2], ["", ""], metadata[:2]), scores["overall"][:2])
     with pytest.raises(ValueError, match="term='quality' is not one of"):
         EditShapes(term="quality")
+
+
+class SourceReader:
+    """A reward that reads edits' sources, recording what it was given."""
+
+    reads_sources = True
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor | None] = []
+
+    def __call__(self, images, prompts, metadata, sources=None):
+        self.seen.append(sources)
+        return torch.zeros(len(images))
+
+
+def _edit_batch(count: int = 3):
+    dataset = edit_dataset("train", per_type=1, seed=8)
+    metadata = dataset.metadata[:count]
+    images = torch.stack([render(as_objects(m["target"])) for m in metadata])
+    return images, dataset.prompts[:count], metadata
+
+
+def test_the_ensemble_gives_sources_only_to_rewards_that_read_them():
+    images, prompts, metadata = _edit_batch()
+    reader = SourceReader()
+    ensemble = RewardEnsemble({"reader": reader, "edit": EditShapes()})
+    ensemble(images, prompts, metadata)
+    torch.testing.assert_close(reader.seen[0], source_images(metadata, 32))
+    ensemble(images, prompts, [{"tag": "single_object"}] * 3)  # text-to-image prompts: no source
+    assert reader.seen[1] is None
+
+
+def test_a_served_reward_gets_the_sources_over_the_wire():
+    images, prompts, metadata = _edit_batch()
+    reader = SourceReader()
+    with RewardServer(reader) as server:
+        RewardEnsemble({"served": RemoteReward(server.url, batch_size=2)})(images, prompts, metadata)
+    received = torch.cat([seen for seen in reader.seen])
+    expected = (source_images(metadata, 32) * 255).round() / 255  # PNG of the rounded pixels: lossless
+    torch.testing.assert_close(received, expected)
+
+
+def test_the_vlm_edit_judge_sends_the_source_then_the_edit(monkeypatch):
+    images, prompts, metadata = _edit_batch(2)
+    sent = []
+
+    def complete_all(self, contents):
+        sent.extend(contents)
+        return ["Both asked changes are there. Final Score: 4", "no score"]
+
+    monkeypatch.setattr(ChatClient, "complete_all", complete_all)
+    judge = VLMEditJudge(ChatClient(base_url="http://127.0.0.1:9/v1", model="judge"), image_size=None)
+    scores = RewardEnsemble({"judge": judge})(images, prompts, metadata).scores["judge"]
+    assert scores[0] == 0.8 and math.isnan(scores[1])
+    source, edited, text = sent[0]
+    sources = source_images(metadata, 32)
+    assert source["image_url"]["url"].endswith(encode_image(pixels_of(sources[:1])[0]))
+    assert edited["image_url"]["url"].endswith(encode_image(pixels_of(images[:1])[0]))
+    assert f"Instruction: [{prompts[0]}]" in text["text"]
+    assert math.isnan(judge(images, prompts, [{}, {}])[0])  # not edits: no source, NaN

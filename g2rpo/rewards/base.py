@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from g2rpo.data import source_images
 from g2rpo.types import RewardOutput
 
 AGGREGATES = ("reward", "advantage")
@@ -23,6 +24,12 @@ class RewardFunction(Protocol):
     """
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> Tensor: ...
+
+
+def reads_sources(reward: object) -> bool:
+    """Whether a reward takes an edit's source images (``sources=``, ``[B, 3, H, W]``): an edit judge does,
+    and says so with a ``reads_sources = True`` attribute; other rewards are called as before."""
+    return bool(getattr(reward, "reads_sources", False))
 
 
 class RewardEnsemble:
@@ -57,8 +64,15 @@ class RewardEnsemble:
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
         scores = {}
+        # an edit's source, from its prompt's metadata, for the rewards that read it (None: text-to-image)
+        sources = (
+            source_images(metadata, images.shape[-1], images.device)
+            if any(map(reads_sources, self.rewards.values()))
+            else None
+        )
         for name, fn in self.rewards.items():
-            score = fn(images, prompts, metadata)
+            edit = {"sources": sources} if sources is not None and reads_sources(fn) else {}
+            score = fn(images, prompts, metadata, **edit)
             if not isinstance(score, Tensor):
                 score = torch.tensor([float("nan") if s is None else float(s) for s in score])
             score = score.detach().float().to(images.device).flatten()

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from g2rpo.rewards.chat import ChatClient
-from g2rpo.rewards.remote import encode_image
+from g2rpo.rewards.remote import encode_image, pixels_of
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +101,22 @@ class VLMJudge:
             raise ValueError(f"{count} images but {len(prompts)} prompts")
         if count == 0:
             return torch.empty(0)
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         messages = [
-            [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + self._encode(array)}},
-                # replace, not str.format: a rubric may contain other braces (JSON examples)
-                {"type": "text", "text": self.prompt_template.replace("{prompt}", str(prompt))},
-            ]
-            for array, prompt in zip(pixels, prompts)
+            [*self._image_parts(array), self._text_part(prompt)]
+            for array, prompt in zip(pixels_of(images), prompts)
         ]
         answers = self.chat.complete_all(messages)
         return torch.tensor([self._parse_score(answer) for answer in answers], dtype=torch.float32)
+
+    def _image_parts(self, *arrays: np.ndarray) -> list[dict]:
+        return [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + self._encode(a)}}
+            for a in arrays
+        ]
+
+    def _text_part(self, prompt: str) -> dict:
+        # replace, not str.format: a rubric may contain other braces (JSON examples)
+        return {"type": "text", "text": self.prompt_template.replace("{prompt}", str(prompt))}
 
     def _encode(self, pixels: np.ndarray) -> str:
         image = Image.fromarray(pixels)
@@ -141,3 +145,50 @@ class VLMJudge:
             )
             return math.nan
         return score / self.max_score
+
+
+DEFAULT_EDIT_TEMPLATE = (
+    "You are given two images: the first is the original, the second is the result of editing it with the "
+    "instruction below. Evaluate the edit on two criteria:\n"
+    "1. Instruction compliance: whether the second image carries out exactly what the instruction asks.\n"
+    "2. Preservation: whether everything the instruction does not mention is kept as in the first image "
+    "(over-editing, or returning the first image unchanged, are both failures), with no artifacts.\n"
+    "Considering both, rate the edit from 1 (poor) to 5 (excellent). Explain briefly, then end your answer "
+    "with 'Final Score: <score>'.\n"
+    "Instruction: [{prompt}]"
+)
+
+
+class VLMEditJudge(VLMJudge):
+    """An edit judged by a VLM from two images, the source then the edit, and the instruction (as EditReward
+    and VIEScore prompt their judges). Prompts that are not edits score NaN."""
+
+    reads_sources = True
+
+    def __init__(self, chat: ChatClient, prompt_template: str = DEFAULT_EDIT_TEMPLATE, **kwargs) -> None:
+        super().__init__(chat, prompt_template, **kwargs)
+
+    def __repr__(self) -> str:  # never shows the API key
+        return f"VLMEditJudge({self.chat!r})"
+
+    def __call__(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[dict] = (),
+        sources: Tensor | None = None,
+    ) -> Tensor:
+        count = images.shape[0]
+        if len(prompts) != count:
+            raise ValueError(f"{count} images but {len(prompts)} prompts")
+        if sources is None:
+            log.warning("VLM edit judge: %d images without a source image (not edits), scored NaN", count)
+            return torch.full((count,), math.nan)
+        if sources.shape[0] != count:
+            raise ValueError(f"{count} images but {sources.shape[0]} source images")
+        messages = [
+            [*self._image_parts(source, edited), self._text_part(prompt)]
+            for source, edited, prompt in zip(pixels_of(sources), pixels_of(images), prompts)
+        ]
+        answers = self.chat.complete_all(messages)
+        return torch.tensor([self._parse_score(answer) for answer in answers], dtype=torch.float32)

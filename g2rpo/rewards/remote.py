@@ -6,7 +6,8 @@ this client; the model lives behind ``python -m g2rpo.rewards.remote <dotted.pat
 VLM judges served by vLLM / SGLang speak the OpenAI chat API instead, which needs a different client.
 
 Wire format (JSON only, never pickle, so neither side can run code the other sends):
-    POST /score  {"images": [base64 PNG of uint8 HxWx3, ...], "prompts": [str, ...], "metadata": [dict, ...]}
+    POST /score  {"images": [base64 PNG of uint8 HxWx3, ...], "prompts": [str, ...], "metadata": [dict, ...],
+                  "sources": [base64 PNG, ...] (edits only: each image's source, for rewards that read it)}
               -> {"scores": [float or null, ...]}      null = NaN = unscorable (left out of the advantages)
     POST /scores (the same request) -> {"scores": {name: [float or null, ...], ...}}
               a reward's named scores (``scores()``, e.g. GenEval's accuracy and partial), for evaluation
@@ -150,22 +151,32 @@ class RemoteReward:
                 f"a g2rpo reward server? {start}"
             )
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> Tensor:
+    reads_sources = True  # an edit's source images go over the wire, for a served reward that reads them
+
+    def __call__(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[dict] = (),
+        sources: Tensor | None = None,
+    ) -> Tensor:
         scores: list[float | None] = []
-        for body, count in self._requests(images, prompts, metadata):
+        for body, count in self._requests(images, prompts, metadata, sources):
             scores.extend(self._parse(self._post(self.url, body), count))
         return torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
 
     def _requests(
-        self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]
+        self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict], sources: Tensor | None = None
     ) -> Iterator[tuple[bytes, int]]:
-        """The JSON bodies of ``batch_size`` images each, with their image counts."""
+        """The JSON bodies of ``batch_size`` images each (with their edits' sources), and their image counts."""
         count = images.shape[0]
         metadata = list(metadata) if len(metadata) else [{} for _ in range(count)]
         if len(prompts) != count or len(metadata) != count:
             raise ValueError(f"{count} images but {len(prompts)} prompts and {len(metadata)} metadata dicts")
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        if sources is not None and sources.shape[0] != count:
+            raise ValueError(f"{count} images but {sources.shape[0]} source images")
+        pixels = pixels_of(images)
+        source_pixels = None if sources is None else pixels_of(sources)
         for start in range(0, count, self.batch_size):
             stop = min(start + self.batch_size, count)
             payload = {
@@ -173,6 +184,8 @@ class RemoteReward:
                 "prompts": [str(p) for p in prompts[start:stop]],
                 "metadata": [dict(m) for m in metadata[start:stop]],
             }
+            if source_pixels is not None:
+                payload["sources"] = [encode_image(array) for array in source_pixels[start:stop]]
             try:
                 body = json.dumps(payload).encode()
             except TypeError as error:
@@ -218,11 +231,15 @@ class RemoteNamedReward(RemoteReward):
     as :class:`RemoteReward` does."""
 
     def scores(
-        self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[dict] = (),
+        sources: Tensor | None = None,
     ) -> dict[str, Tensor]:
         url = self.url.rsplit("/", 1)[0] + "/scores"
         named: dict[str, list[float | None]] = {}
-        for body, count in self._requests(images, prompts, metadata):
+        for body, count in self._requests(images, prompts, metadata, sources):
             raw = self._post(url, body)
             try:
                 batch = dict(json.loads(raw)["scores"])
@@ -312,18 +329,32 @@ class RewardServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> list[float | None]:
+    def score(
+        self, images: Tensor, prompts: list[str], metadata: list[dict], sources: Tensor | None = None
+    ) -> list[float | None]:
         with self._lock, torch.no_grad():
-            scores = self.reward(images.to(self.device), prompts, metadata)
+            scores = self.reward(images.to(self.device), prompts, metadata, **self._sources(sources))
         return _as_list(scores, images.shape[0])
 
     def named_scores(
-        self, images: Tensor, prompts: list[str], metadata: list[dict]
+        self, images: Tensor, prompts: list[str], metadata: list[dict], sources: Tensor | None = None
     ) -> dict[str, list[float | None]]:
         """The reward's named ``scores()`` (the handler answers 400 to a reward without them)."""
         with self._lock, torch.no_grad():
-            named = self.reward.scores(images.to(self.device), prompts, metadata)
+            named = self.reward.scores(images.to(self.device), prompts, metadata, **self._sources(sources))
         return {str(name): _as_list(values, images.shape[0]) for name, values in named.items()}
+
+    def _sources(self, sources: Tensor | None) -> dict[str, Tensor]:
+        """The keyword that gives a reward reading edits' sources (``reads_sources``) the request's images."""
+        if sources is None or not getattr(self.reward, "reads_sources", False):
+            return {}
+        return {"sources": sources.to(self.device)}
+
+
+def pixels_of(images: Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` floats in [0, 1] as ``uint8 [B, H, W, 3]``, quantised as the module docstring says."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _as_list(scores: Tensor | Sequence, count: int) -> list[float | None]:
@@ -334,6 +365,14 @@ def _as_list(scores: Tensor | Sequence, count: int) -> list[float | None]:
     if len(scores) != count:
         raise ValueError(f"the reward returned {len(scores)} scores for {count} images")
     return scores
+
+
+def _tensor(encoded: list[str]) -> Tensor:
+    """Base64 PNGs of one size as ``[B, 3, H, W]`` floats in [0, 1]."""
+    arrays = [decode_image(data) for data in encoded]
+    if len({array.shape for array in arrays}) > 1:
+        raise ValueError(f"the images differ in size: {sorted({a.shape for a in arrays})}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -368,7 +407,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no such path {self.path!r}; POST /score or /scores"})
             return
         try:
-            images, prompts, metadata = self._read_request()
+            images, prompts, metadata, sources = self._read_request()
         except _TooLarge as error:
             self._send(413, {"error": str(error)})
             return
@@ -392,16 +431,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if path == "/scores":
-                scores = server.named_scores(images, prompts, metadata)
+                scores = server.named_scores(images, prompts, metadata, sources)
             else:
-                scores = server.score(images, prompts, metadata)
+                scores = server.score(images, prompts, metadata, sources)
         except Exception as error:  # the reward's own failure: the client retries a 500
             log.exception("the reward raised on a batch of %d images", len(prompts))
             self._send(500, {"error": f"the reward raised {type(error).__name__}: {error}"})
             return
         self._send(200, {"scores": scores})
 
-    def _read_request(self) -> tuple[Tensor, list[str], list[dict]]:
+    def _read_request(self) -> tuple[Tensor, list[str], list[dict], Tensor | None]:
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise ValueError("a Content-Length header is required")
@@ -431,13 +470,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise ValueError(
                 f"{count} images but {len(prompts)} prompts and {len(metadata)} metadata objects"
             )
-        arrays = [decode_image(data) for data in payload["images"]]
-        if len({array.shape for array in arrays}) > 1:
-            raise ValueError(f"the images differ in size: {sorted({a.shape for a in arrays})}")
-        if not arrays:
-            return torch.empty(0, 3, 0, 0), [], []
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        return images, prompts, metadata
+        sources = payload.get("sources")
+        if sources is not None and (not isinstance(sources, list) or len(sources) != count):
+            raise ValueError(f'"sources" must be a list of {count} images, one per image')
+        if not count:
+            return torch.empty(0, 3, 0, 0), [], [], None
+        return _tensor(payload["images"]), prompts, metadata, None if sources is None else _tensor(sources)
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
