@@ -137,9 +137,16 @@ def child(kind: str, name: str, nth: int, after_bytes: int, overrides: list[str]
 
 
 def environment() -> dict[str, str]:
-    """One thread (the runs are compared bit for bit), no network, and ``$TMPDIR`` on another filesystem when
+    """One thread (the runs are compared bit for bit), no network, this repository importable (the killed
+    runs import this module from their own directory), and ``$TMPDIR`` on another filesystem when
     ``/dev/shm`` is one."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != Path.cwd().stat().st_dev:
         env["TMPDIR"] = str(shm)
@@ -204,8 +211,7 @@ def trial(index: int, seconds: float, straight: dict, root: Path, rng: random.Ra
 
     cwd = root / f"trial_{index:03d}"
     cwd.mkdir()
-    repo = Path(__file__).resolve().parents[1]
-    env = {**environment(), "PYTHONPATH": str(repo)}
+    env = environment()
     if index % 2 == 0:
         # a moment of the training: after the first iteration's record, before the uninterrupted run's end
         kill = {"mode": "time", "after_first_iteration_s": round(rng.uniform(0.0, seconds), 2)}

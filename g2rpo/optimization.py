@@ -105,9 +105,11 @@ class Optimization:
                     scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-        # every rank's samples: a sample with a finite reward in a group whose rewards differ
-        signal = bool(all_sum((advantages.valid & ~advantages.zero_std).sum().reshape(1)))
-        no_reward = not bool(all_sum(advantages.valid.sum().reshape(1)))
+        # over every rank's samples, in one reduction: those with a finite reward, and those among them in a
+        # group whose rewards differ
+        valid = advantages.valid
+        scored, learnable = all_sum(torch.stack([valid.sum(), (valid & ~advantages.zero_std).sum()])).tolist()
+        signal, no_reward = learnable > 0, scored == 0
         self._check_progress(steps, skipped, signal, no_reward, iteration)
         metrics = {f"train/{key}": float(total) / counts[key] for key, total in sums.items()}
         self._check_logprob_gap(metrics.get("train/logprob_gap_before_update", 0.0), iteration)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -73,3 +74,18 @@ def compose_config(tmp_path):
             return compose("config", overrides=[f"run_dir={run_dir}", f"run_name={name}", *overrides])
 
     return _compose
+
+
+def fit_quietly(module, tmp_path, **trainer_options) -> L.Trainer:
+    """Fit ``module`` with a bare CPU ``Trainer`` (no logger, checkpoints, progress bar or summary)."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **trainer_options,
+    )
+    trainer.fit(module)
+    return trainer

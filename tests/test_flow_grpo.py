@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import make_policy, perturb_lora
+from conftest import fit_quietly, make_policy, perturb_lora
 
 from g2rpo.algos import FlowGRPO
 from g2rpo.curriculum import UniformCurriculum
@@ -163,16 +163,6 @@ def test_flow_grpo_increases_a_learnable_reward(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, *args):
             history.append(trainer.callback_metrics["reward"].item())
 
-    trainer = L.Trainer(
-        max_epochs=12,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module)
+    fit_quietly(module, tmp_path, max_epochs=12, callbacks=[Record()])
     start, end = sum(history[:3]) / 3, sum(history[-3:]) / 3
     assert end - start > 0.02, history  # brightness std within a batch is about 0.01

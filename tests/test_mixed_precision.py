@@ -5,7 +5,7 @@ the precision plugin with a CPU ``GradScaler``: the same plugin and code path as
 
 import lightning as L
 import torch
-from conftest import make_policy
+from conftest import fit_quietly, make_policy
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from g2rpo.algos import FlowGRPO
@@ -49,18 +49,13 @@ def _fit(tmp_path, init_scale: float, max_grad_norm: float | None = 1.0):
     )
     recorder = Recorder()
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    trainer = L.Trainer(
+    trainer = fit_quietly(
+        module,
+        tmp_path,
         max_epochs=1,
-        accelerator="cpu",
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
         callbacks=[recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
     )
-    trainer.fit(module)
     return trainer, module, recorder
 
 

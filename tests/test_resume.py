@@ -20,8 +20,6 @@ from experiments.fault_injection import (
     run_command,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> dict:
@@ -30,10 +28,6 @@ def straight(tmp_path_factory) -> dict:
     result = run_command(cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     return final_weights(cwd / RUN_DIR)
-
-
-def _env() -> dict:
-    return {**environment(), "PYTHONPATH": str(REPO)}
 
 
 def _resume_and_compare(cwd: Path, straight: dict) -> str:
@@ -50,7 +44,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, straight):
     process = subprocess.Popen(
         [sys.executable, "-m", "g2rpo.run", *OVERRIDES],
         cwd=tmp_path,
-        env=_env(),
+        env=environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -77,7 +71,7 @@ def test_a_kill_inside_the_write_of_last_ckpt_loses_no_iteration(tmp_path, strai
     killed = subprocess.run(
         killed_command("write", "last.ckpt", 3, 4096),
         cwd=tmp_path,
-        env=_env(),
+        env=environment(),
         capture_output=True,
         timeout=300,
     )

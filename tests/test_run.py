@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import FAST_RUN, make_policy
+from conftest import FAST_RUN, fit_quietly, make_policy
 from hydra.utils import instantiate
 
 from g2rpo.algos import FlowGRPO
@@ -94,17 +93,7 @@ def _module(reward, algorithm=None, **kwargs):
 
 
 def _fit(module, tmp_path, epochs):
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module)
-    return trainer
+    return fit_quietly(module, tmp_path, max_epochs=epochs)
 
 
 def test_nan_rewards_are_reported_and_excluded(tmp_path, caplog):

@@ -50,7 +50,7 @@ class FlowPolicy(Policy):
 
     def sources(self, metadata: list[dict]) -> Tensor | None:
         """The source images of the edits among ``metadata``, at this policy's resolution (None: no edit)."""
-        return source_images(metadata, getattr(self, "resolution", 0), self.device)
+        return source_images(metadata, self.resolution, self.device)
 
     def encode_source(self, images: Tensor) -> Tensor:
         """An edit's source images as the ``context_latents`` an editing model conditions on."""

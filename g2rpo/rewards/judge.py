@@ -93,7 +93,7 @@ class VLMJudge:
         return self.chat.model
 
     def __repr__(self) -> str:  # never shows the API key
-        return f"VLMJudge({self.chat!r})"
+        return f"{type(self).__name__}({self.chat!r})"
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> Tensor:
         count = images.shape[0]
@@ -101,10 +101,15 @@ class VLMJudge:
             raise ValueError(f"{count} images but {len(prompts)} prompts")
         if count == 0:
             return torch.empty(0)
-        messages = [
-            [*self._image_parts(array), self._text_part(prompt)]
-            for array, prompt in zip(pixels_of(images), prompts)
-        ]
+        return self._ask(
+            [
+                [*self._image_parts(array), self._text_part(prompt)]
+                for array, prompt in zip(pixels_of(images), prompts)
+            ]
+        )
+
+    def _ask(self, messages: list[list[dict]]) -> Tensor:
+        """The judge's score of each user message, divided by ``max_score`` (NaN where it gave none)."""
         answers = self.chat.complete_all(messages)
         return torch.tensor([self._parse_score(answer) for answer in answers], dtype=torch.float32)
 
@@ -168,9 +173,6 @@ class VLMEditJudge(VLMJudge):
     def __init__(self, chat: ChatClient, prompt_template: str = DEFAULT_EDIT_TEMPLATE, **kwargs) -> None:
         super().__init__(chat, prompt_template, **kwargs)
 
-    def __repr__(self) -> str:  # never shows the API key
-        return f"VLMEditJudge({self.chat!r})"
-
     def __call__(
         self,
         images: Tensor,
@@ -186,9 +188,9 @@ class VLMEditJudge(VLMJudge):
             return torch.full((count,), math.nan)
         if sources.shape[0] != count:
             raise ValueError(f"{count} images but {sources.shape[0]} source images")
-        messages = [
-            [*self._image_parts(source, edited), self._text_part(prompt)]
-            for source, edited, prompt in zip(pixels_of(sources), pixels_of(images), prompts)
-        ]
-        answers = self.chat.complete_all(messages)
-        return torch.tensor([self._parse_score(answer) for answer in answers], dtype=torch.float32)
+        return self._ask(
+            [
+                [*self._image_parts(source, edited), self._text_part(prompt)]
+                for source, edited, prompt in zip(pixels_of(sources), pixels_of(images), prompts)
+            ]
+        )

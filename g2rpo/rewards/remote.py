@@ -91,6 +91,8 @@ class RemoteReward:
     the scores come back in order. See the module docstring for the retry and failure policy.
     """
 
+    reads_sources = True  # an edit's source images go over the wire, for a served reward that reads them
+
     def __init__(
         self,
         url: str,
@@ -150,8 +152,6 @@ class RemoteReward:
                 f'reward server {url} answered HTTP {status} {body[:200]!r}, not {{"status": "ok"}}: is it '
                 f"a g2rpo reward server? {start}"
             )
-
-    reads_sources = True  # an edit's source images go over the wire, for a served reward that reads them
 
     def __call__(
         self,

@@ -113,7 +113,9 @@ def judge_edit(
         checks.append(float(matcher.take(edit["shape"], edit["colour"])))
     elif kind == "count":
         wanted = edit["count"]
-        found = sum(1 for _ in iter(lambda: matcher.take(edit["shape"]), False))
+        found = 0
+        while matcher.take(edit["shape"]):
+            found += 1
         checks.append(max(0.0, 1.0 - abs(found - wanted) / wanted))
     else:
         raise ValueError(f"unknown edit type {kind!r}")

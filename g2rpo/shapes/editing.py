@@ -110,9 +110,9 @@ def _try_edit(kind: str, rng: np.random.Generator, image_size: int) -> dict | No
             target = _add_object(rng, target, shape, colours[rng.integers(len(colours))], image_size)
             if target is None:
                 return None
-        words = NUMBERS.get(want, "one")
-        plural = f"{shape}s" if want > 1 else shape
-        instruction = f"make the number of {shape}s {words}" if want > 1 else f"leave only one {plural}"
+        instruction = (
+            f"make the number of {shape}s {NUMBERS[want]}" if want > 1 else f"leave only one {shape}"
+        )
         return _record(kind, instruction, source, target, mine, shape=shape, count=want)
     source = _distinct_scene(rng, int(rng.integers(2 if kind == "swap" else 1, MAX_OBJECTS + 1)), image_size)
     index = int(rng.integers(len(source)))
