@@ -14,7 +14,7 @@ LOCKER := .venv-lock
 PIP_TOOLS := pip-tools==7.7.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest run test test-all docs bench bench-gpu gpu-check plans reproduce base-model unified-model reward-model lint format clean
+.PHONY: help install lock test-latest run test test-all docs bench bench-gpu gpu-check plans reproduce base-model edit-model unified-model reward-model lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -79,6 +79,10 @@ reproduce: $(STAMP) ## Run the experiment suites and regenerate the result table
 BASE_STEPS := 12000
 base-model: $(STAMP) ## Regenerate the shapes base model in g2rpo/shapes/weights/base (deterministic; see its README)
 	$(PY) -m g2rpo.shapes.training.base --steps $(BASE_STEPS) --threads 2 --out g2rpo/shapes/weights/base
+
+EDIT_STEPS := 3000
+edit-model: $(STAMP) ## Regenerate the shapes editing model in g2rpo/shapes/weights/edit from the base (deterministic; see its README)
+	$(PY) -m g2rpo.shapes.training.edit --steps $(EDIT_STEPS) --threads 2 --out g2rpo/shapes/weights/edit
 
 UNIFIED_STEPS := 5000
 unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/shapes/weights/unified (see its README)

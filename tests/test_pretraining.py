@@ -34,6 +34,15 @@ def base(out):
     return module, RenderedPairs(batch_size=2, seed=0)
 
 
+def editor(out):
+    from g2rpo.shapes.model import edit_pipeline, shapes_pipeline
+    from g2rpo.shapes.training.edit import RenderedEdits
+
+    pipeline = edit_pipeline(shapes_pipeline(seed=0, num_layers=1, attention_head_dim=8))
+    module = FlowMatchingPretraining(pipeline, lr=1e-3, warmup_steps=2, export_every=2, out=out)
+    return module, RenderedEdits(batch_size=2, seed=0)
+
+
 def interrupted_at(module, step: int):
     """Stop the run after ``step`` as a kill would, without changing its total (the cool-down depends on it)."""
     hook = module.on_train_batch_end
@@ -63,7 +72,7 @@ def test_batches_depend_on_seed_and_step_only():
     assert next(iter(again))["answers"] == batches.batch(5)["answers"]
 
 
-@pytest.mark.parametrize("build", [unified, base], ids=["unified", "base"])
+@pytest.mark.parametrize("build", [unified, base, editor], ids=["unified", "base", "editor"])
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, build):
     torch.manual_seed(0)
     straight, batches = build(tmp_path / "straight" / "model")

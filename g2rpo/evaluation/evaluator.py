@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from g2rpo.data import PromptDataset
+from g2rpo.data import PromptDataset, source_images
 from g2rpo.evaluation.layout import write_images
 from g2rpo.evaluation.protocol import Protocol, image_seed
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.policies.tokens import TokenPolicy
-from g2rpo.rewards.base import RewardFunction
+from g2rpo.rewards.base import RewardFunction, reads_sources
 from g2rpo.rollout import ode_rollout
 from g2rpo.types import PromptBatch
 
@@ -140,7 +140,8 @@ def generate(policy: Any, chosen: list[Item], protocol: Protocol, batch_size: in
         else:
             noise = policy.initial_noise(len(chosen), generators)
         index = torch.arange(len(chosen))
-        batch = PromptBatch(prompts, [{}] * len(chosen), group_ids=index, prompt_ids=index)
+        # the metadata travels: an edit's source image is in it
+        batch = PromptBatch(prompts, [item.metadata for item in chosen], group_ids=index, prompt_ids=index)
         images = ode_rollout(
             policy, batch, num_steps=protocol.num_steps, guidance_scale=protocol.guidance_scale,
             batch_size=batch_size, generator=generators[0], initial_noise=noise,
@@ -286,13 +287,20 @@ class Evaluator:
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, Tensor]:
         columns: dict[str, Tensor] = {}
+        # an edit's source images, for the rewards that read them (as RewardEnsemble gives them in training)
+        sources = (
+            source_images(metadata, images.shape[-1], images.device)
+            if any(map(reads_sources, self.rewards.values()))
+            else None
+        )
         for name, reward in self.rewards.items():
+            edit = {"sources": sources} if sources is not None and reads_sources(reward) else {}
             named = getattr(reward, "scores", None)
             if callable(named):
-                for key, values in named(images, prompts, metadata).items():
+                for key, values in named(images, prompts, metadata, **edit).items():
                     columns[f"{name}/{key}"] = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
             else:
-                values = reward(images, prompts, metadata)
+                values = reward(images, prompts, metadata, **edit)
                 if not isinstance(values, Tensor):
                     values = [math.nan if v is None else float(v) for v in values]
                 columns[name] = torch.as_tensor(values, dtype=torch.float32).detach().flatten().cpu()

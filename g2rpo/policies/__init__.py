@@ -3,7 +3,7 @@
 
 from g2rpo.policies.base import FlowPolicy, Policy
 from g2rpo.policies.flux import FluxKontextPolicy, FluxPolicy, load_flux_kontext_pipeline, load_flux_pipeline
-from g2rpo.policies.sd3 import SD3Policy, load_sd3_pipeline
+from g2rpo.policies.sd3 import SD3EditPolicy, SD3Policy, load_sd3_pipeline
 from g2rpo.policies.tiny import (
     char_tokenizer,
     tiny_flux_kontext_pipeline,
@@ -16,6 +16,7 @@ __all__ = [
     "FluxKontextPolicy",
     "FluxPolicy",
     "Policy",
+    "SD3EditPolicy",
     "SD3Policy",
     "char_tokenizer",
     "load_flux_kontext_pipeline",

@@ -68,3 +68,48 @@ class SD3Policy(TransformerPolicy):
         size = self.resolution // self.vae_scale
         shape = (batch_size, self.transformer.config.in_channels, size, size)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+
+class SD3EditPolicy(SD3Policy):
+    """In-context editing with an SD3 transformer, as a diptych: the source image's latents sit beside the
+    generated image's (along the width), the joint blocks attend over both, and only the generated half's
+    velocity is kept. The halves are told apart by their positions in the transformer's position table,
+    which must hold twice the image width (``pos_embed_max_size``).
+
+    FLUX.1-Kontext appends the source tokens to the sequence with RoPE ids ``(1, y, x)``; SD3's positions are
+    a cropped absolute table, so the diptych (as In-Context LoRA and ICEdit lay out edits for FLUX) is how
+    its stock forward sees two images. The source is clean at every noise level; CFG drops the instruction
+    and keeps the source (:meth:`FlowPolicy.velocity`).
+    """
+
+    def _check_resolution(self, resolution: int, key: str) -> None:
+        super()._check_resolution(resolution, key)
+        patches = resolution // self.latent_multiple
+        table = self.transformer.config.pos_embed_max_size
+        if table is not None and 2 * patches > table:
+            raise ValueError(
+                f"{key}={resolution}: a diptych of two {patches}-patch-wide images needs pos_embed_max_size "
+                f">= {2 * patches}; this transformer's is {table}"
+            )
+
+    @torch.no_grad()
+    def encode_source(self, images: Tensor) -> Tensor:
+        """Source images in [0, 1] as latents: [-1, 1] pixels (pixel-space model) or the VAE's scaled mode."""
+        pixels = images.to(self.device, torch.float32) * 2 - 1
+        if self.vae is None:
+            return pixels
+        config = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        return (latents.float() - (config.shift_factor or 0.0)) * config.scaling_factor
+
+    def transformer_velocity(
+        self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor, context: Tensor | None = None
+    ) -> Tensor:
+        if context is None:
+            raise ValueError(
+                f"{type(self).__name__} edits a source image: every prompt needs one (metadata `source` or "
+                "`source_image`, docs/models.md, editing)"
+            )
+        width = latents.shape[-1]
+        diptych = torch.cat([latents, context.to(latents.dtype)], dim=-1)
+        return super().transformer_velocity(diptych, sigma, embeds, pooled)[..., :width]

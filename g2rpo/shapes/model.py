@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusion3Pipeline
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
@@ -23,6 +24,9 @@ from g2rpo.shapes.prompts import NUMBERS, RELATIONS
 from g2rpo.shapes.world import COLOURS, SHAPES
 
 BASE_MODEL_DIR = Path(__file__).parent / "weights" / "base"
+EDIT_MODEL_DIR = Path(__file__).parent / "weights" / "edit"
+#: the words of the editing instructions (g2rpo.shapes.editing) that captions never use
+EDIT_WORDS = ("add", "into", "leave", "make", "number", "one", "only", "remove", "swap", "the", "turn")
 SPECIAL = ("<|startoftext|>", "<|endoftext|>", "<unk>")
 
 
@@ -40,6 +44,11 @@ def vocabulary() -> list[str]:
     ]
     words += sorted({w for relation in RELATIONS for w in relation.split()} - set(words))
     return [*SPECIAL, *dict.fromkeys(words)]
+
+
+def edit_vocabulary() -> list[str]:
+    """The captions' vocabulary, then the instructions' own words: appended, so every caption keeps its ids."""
+    return [*vocabulary(), *EDIT_WORDS]
 
 
 def word_tokenizer(max_length: int = 16, words: list[str] | None = None) -> PreTrainedTokenizerFast:
@@ -105,17 +114,69 @@ def shapes_pipeline(
 
 def load_base_model(path: str | None = None, dtype: str = "float32") -> StableDiffusion3Pipeline:
     """The pretrained base (shipped in ``g2rpo/shapes/weights/base``, or ``path``), loaded like any SD3."""
-    directory = Path(path) if path else BASE_MODEL_DIR
+    return _load(Path(path) if path else BASE_MODEL_DIR, dtype, "base model", "make base-model", "90 minutes")
+
+
+def load_edit_model(path: str | None = None, dtype: str = "float32") -> StableDiffusion3Pipeline:
+    """The editing model (shipped in ``g2rpo/shapes/weights/edit``, or ``path``), for ``SD3EditPolicy``."""
+    return _load(Path(path) if path else EDIT_MODEL_DIR, dtype, "editing model", "make edit-model", "an hour")
+
+
+def _load(directory: Path, dtype: str, what: str, target: str, time: str) -> StableDiffusion3Pipeline:
     if not (directory / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"model: no shapes base model at {directory}. It ships with the repository; regenerate it with "
-            "`make base-model` (about 30 minutes on 2 CPU cores)."
+            f"model: no shapes {what} at {directory}. It ships with the repository; regenerate it with "
+            f"`{target}` (about {time} on 2 CPU cores)."
         )
     return StableDiffusion3Pipeline.from_pretrained(
         directory,
         dtype=getattr(torch, dtype),
         local_files_only=True,
         vae=None,  # pixel space; no T5
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def diptych_positions(embed_dim: int, patches: int) -> torch.Tensor:
+    """SD3's sin-cos position table for a ``2 patches`` square grid, laid out so that the centre crop a
+    ``patches x 2 patches`` diptych takes gives the generated (left) half exactly the positions a
+    ``patches``-wide image has in the base model (rows and columns ``0..patches-1``), and the source (right)
+    half the columns after them. Shape ``[1, (2 patches)^2, embed_dim]``, as ``PatchEmbed.pos_embed``."""
+    size = 2 * patches
+    table = get_2d_sincos_pos_embed(embed_dim, size, base_size=size, output_type="pt")
+    table = table.reshape(size, size, embed_dim)
+    top = (size - patches) // 2  # where PatchEmbed.cropped_pos_embed starts the diptych's rows
+    return table.roll(top, dims=0).reshape(1, size * size, embed_dim).float()
+
+
+def edit_pipeline(base: StableDiffusion3Pipeline) -> StableDiffusion3Pipeline:
+    """The base made an in-context editor, before training (``make edit-model`` trains it): the same
+    weights, a position table twice as wide (:func:`diptych_positions`) and the instructions' words added to
+    both tokenizers and text encoders (new embedding rows drawn around the old ones' mean, as transformers
+    resizes)."""
+    transformer = base.transformer
+    patches = transformer.config.sample_size // transformer.config.patch_size
+    config = {**transformer.config, "pos_embed_max_size": 2 * patches}
+    wide = type(transformer).from_config(config)
+    weights = {k: v for k, v in transformer.state_dict().items() if k != "pos_embed.pos_embed"}
+    missing, unexpected = wide.load_state_dict(weights, strict=False)
+    assert missing == ["pos_embed.pos_embed"] and not unexpected, (missing, unexpected)
+    wide.pos_embed.pos_embed.copy_(
+        diptych_positions(wide.config.num_attention_heads * wide.config.attention_head_dim, patches)
+    )
+    words = edit_vocabulary()
+    tokenizer = word_tokenizer(base.tokenizer.model_max_length, words)
+    for encoder in (base.text_encoder, base.text_encoder_2):
+        encoder.resize_token_embeddings(len(words))
+    return StableDiffusion3Pipeline(
+        transformer=wide,
+        scheduler=base.scheduler,
+        vae=None,
+        text_encoder=base.text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=tokenizer,
         text_encoder_3=None,
         tokenizer_3=None,
     )

@@ -82,19 +82,23 @@ class FlowMatchingPretraining(EMAPretraining):
         return [*self.transformer.parameters(), *self.text_encoders.parameters()]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, captions = batch
+        """Flow matching on ``(images, captions)``; with a third element, the edits' source images, the
+        editing model's diptych (source beside the noisy target, loss on the target half only)."""
+        images, captions, *sources = batch
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=list(captions), prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=0,
         )  # fmt: skip
         noisy, sigma, velocity = rectified_flow_inputs(images)
+        if sources:
+            noisy = torch.cat([noisy, sources[0]], dim=-1)
         prediction = self.transformer(
             hidden_states=noisy,
             timestep=sigma * self.pipeline.scheduler.config.num_train_timesteps,
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
             return_dict=False,
-        )[0]
+        )[0][..., : images.shape[-1]]
         loss = torch.nn.functional.mse_loss(prediction, velocity)
         self.log("loss", loss, prog_bar=True)
         self.losses = {"loss": loss.item()}
