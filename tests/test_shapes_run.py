@@ -124,3 +124,27 @@ def test_wandb_shows_the_evaluation_panel_and_tables(compose_config):
     ]
     assert len(panels) == 2 and all(len(p["data"]) == 6 for p in panels)
     assert [row[1] for row in panels[0]["data"]] == [row[1] for row in panels[1]["data"]]  # the same prompts
+
+
+def test_the_shipped_editing_model_trains_on_edits_and_is_judged_on_held_out_ones(compose_config):
+    """The editing miniature's setting (experiment=suite/editing) for one iteration of each of its algorithms."""
+    from g2rpo.shapes.model import EDIT_MODEL_DIR
+
+    assert (EDIT_MODEL_DIR / "model_index.json").is_file(), "the editing model ships with the repository"
+    for algo, *options in (["flow_grpo"], ["dgpo", "algo.max_timestep_index=2", "algo.num_train_timesteps=2"]):
+        cfg = compose_config(
+            "experiment=suite/editing", f"algo={algo}", *options, *SHAPES_RUN[1:], "trainer.max_epochs=1",
+            "eval.images_per_task=2", name=algo,
+        )  # fmt: skip
+        train(cfg)
+        records = read_metrics(Path(cfg.run_dir) / "metrics.jsonl")
+        evaluated = [r for r in records if "eval/edit_shapes/overall/overall" in r]
+        assert [r["step"] for r in evaluated] == [0, 1]  # before and after
+        for record in evaluated:
+            assert {
+                f"eval/edit_shapes/{term}/{kind}"
+                for term in ("compliance", "preservation", "unchanged")
+                for kind in ("recolor", "reshape", "add", "remove", "swap", "count")
+            } <= record.keys()
+        (trained,) = [r for r in records if "reward/edit_shapes/mean" in r]
+        assert 0.0 <= trained["reward/edit_shapes/mean"] <= 1.0
