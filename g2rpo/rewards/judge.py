@@ -180,17 +180,26 @@ class VLMEditJudge(VLMJudge):
         metadata: Sequence[dict] = (),
         sources: Tensor | None = None,
     ) -> Tensor:
+        pairs = self._edit_pixels(images, prompts, sources)
+        if pairs is None:
+            return torch.full((images.shape[0],), math.nan)
+        return self._ask(
+            [
+                [*self._image_parts(source, edited), self._text_part(prompt)]
+                for source, edited, prompt in zip(*pairs, prompts)
+            ]
+        )
+
+    def _edit_pixels(
+        self, images: Tensor, prompts: Sequence[str], sources: Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(sources, edits)`` as ``uint8 [N, H, W, 3]``; None (logged) when the prompts are not edits."""
         count = images.shape[0]
         if len(prompts) != count:
             raise ValueError(f"{count} images but {len(prompts)} prompts")
         if sources is None:
             log.warning("VLM edit judge: %d images without a source image (not edits), scored NaN", count)
-            return torch.full((count,), math.nan)
+            return None
         if sources.shape[0] != count:
             raise ValueError(f"{count} images but {sources.shape[0]} source images")
-        return self._ask(
-            [
-                [*self._image_parts(source, edited), self._text_part(prompt)]
-                for source, edited, prompt in zip(pixels_of(sources), pixels_of(images), prompts)
-            ]
-        )
+        return pixels_of(sources), pixels_of(images)
