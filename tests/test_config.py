@@ -24,7 +24,9 @@ NEEDS_DOWNLOADED_WEIGHTS = {
 # prompt files of the papers' data sets, not shipped (README, "Rewards": prompt data)
 NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file"}
 # evaluation suites on the papers' prompt sets (conf/eval/*.yaml say where to get each)
-EVAL_NEEDS_DOWNLOADED_DATA = {"geneval", "drawbench", "drawbench_served", "ocr", "pairuni"}
+EVAL_NEEDS_DOWNLOADED_DATA = {
+    "geneval", "drawbench", "drawbench_served", "ocr", "pairuni", "gedit_bench", "imgedit_bench",
+}  # fmt: skip
 # ddp and fsdp default to GPUs; tests run them on CPU (test_distributed.py)
 NEEDS_A_GPU = {"gpu", "ddp", "fsdp"}
 # the GPU benchmark's 2.2B-parameter random model: built on the meta device here, no weights allocated
