@@ -39,13 +39,15 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                 f"checkpoint={checkpoint}: its run's config.yaml ({run_config}) is missing"
             )
         model_cfg = OmegaConf.load(run_config).model
+    # the suite's files and rewards before the model: a missing download stops it in seconds, not after a
+    # 20 GB load; the seed after, so the policy is built on the same random state as ever
+    evaluator = instantiate(cfg.eval)
     L.seed_everything(0, verbose=False)
     policy = instantiate(model_cfg)
     if cfg.checkpoint:
         load_policy(policy, Path(cfg.checkpoint))
     device = torch.device(torch_device(cfg.trainer.accelerator))
     policy = policy.to(device).eval()
-    evaluator = instantiate(cfg.eval)
     output = Path(cfg.output)
     images_dir = output.parent / "images" if cfg.save_images else None
     evaluation = evaluator(policy, images_dir=images_dir)  # as in training's callback: no autocast

@@ -426,3 +426,25 @@ def test_the_gedit_suite_scores_the_tiny_kontexts_edits_per_type(monkeypatch, tm
     first = written[0][0]
     expected_source = pixels_of(source_images([first], 16))[0]  # the raw source, at the edit's size
     assert asked[0][0]["image_url"]["url"] == _image_url(expected_source)
+
+
+def test_a_missing_benchmark_stops_the_evaluation_before_the_model_loads(monkeypatch, tmp_path):
+    """model=flux_kontext has no weights here either: the benchmark's files are what the command names first."""
+    monkeypatch.setattr(ChatClient, "check", lambda self, timeout_s=5.0: None)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                "model=flux_kontext",
+                "eval=gedit_bench",
+                f"eval.dataset.path={tmp_path / 'GEdit-Bench'}",
+                f"output={tmp_path / 'eval.json'}",
+                "suite=gedit_bench",
+                f"run_dir={tmp_path}",
+            ],
+        )
+    with pytest.raises(Exception, match=r"no prompt file at .*GEdit-Bench's \*.arrow") as error:
+        evaluate(cfg)
+    assert f"hf download stepfun-ai/GEdit-Bench --repo-type dataset --local-dir {tmp_path}" in str(
+        error.value
+    )
