@@ -448,3 +448,24 @@ def test_a_missing_benchmark_stops_the_evaluation_before_the_model_loads(monkeyp
     assert f"hf download stepfun-ai/GEdit-Bench --repo-type dataset --local-dir {tmp_path}" in str(
         error.value
     )
+
+
+@pytest.mark.parametrize(
+    ("suite", "resolution", "reward", "port"),
+    [("gedit_bench", 512, "gedit", 17142), ("imgedit_bench", 1024, "imgedit", 17143)],
+)
+def test_the_editing_suites_pin_their_protocol(suite, resolution, reward, port):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"eval={suite}"]).eval
+    protocol = (
+        cfg.images_per_prompt,
+        cfg.resolution,
+        cfg.num_steps,
+        cfg.guidance_scale,
+        cfg.seed,
+        cfg.overall,
+    )
+    assert protocol == (1, resolution, 28, 1.0, 0, "tasks") and cfg.noise == "prompt"
+    assert set(cfg.rewards) == {reward} and cfg.rewards[reward].image_size is None
+    assert cfg.rewards[reward].chat.base_url == f"http://127.0.0.1:{port}/v1"
+    assert cfg.rewards[reward].chat.temperature == 0.0
