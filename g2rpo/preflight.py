@@ -5,9 +5,9 @@ setting torch rejects, ``trainer=fsdp`` with CurES's varying group sizes. Those 
 model has loaded, or mid-run. Its last check (:func:`server_problems`) asks every served reward's server
 whether it is up: otherwise the first request would go out after the model load and the first rollout.
 
-A hub model (SD3.5, FLUX.1, Janus-Pro) trains only with its weights on disk, on a CUDA GPU, and on a reward
-and prompts made for real images. Without this check the run would spend minutes loading 10-20 GB before
-failing on the first missing piece, or worse, train SD3.5 on the 32x32 shapes world's reward on a CPU.
+A hub model (SD3.5, FLUX.1, Qwen-Image, Janus-Pro) trains only with its weights on disk, on a CUDA GPU, and
+on a reward and prompts made for real images. Without this check the run would spend minutes loading 10-60 GB
+before failing on the first missing piece, or worse, train SD3.5 on the 32x32 shapes world's reward on a CPU.
 Everything missing is reported at once, with the command that fixes each, and, when the GPU is what is
 missing, the plan's estimate of the run on this machine (``g2rpo.plan``: one iteration on fake weights,
 priced at this CPU's measured matmul throughput).
@@ -33,6 +33,10 @@ HUB_LOADERS = {
     "g2rpo.policies.flux.load_flux_pipeline": "pipeline",
     "g2rpo.policies.load_flux_kontext_pipeline": "pipeline",
     "g2rpo.policies.flux.load_flux_kontext_pipeline": "pipeline",
+    "g2rpo.policies.load_qwen_image_pipeline": "pipeline",
+    "g2rpo.policies.qwen_image.load_qwen_image_pipeline": "pipeline",
+    "g2rpo.policies.load_qwen_image_edit_pipeline": "pipeline",
+    "g2rpo.policies.qwen_image.load_qwen_image_edit_pipeline": "pipeline",
     "g2rpo.policies.janus.load_janus": "janus",
 }
 #: a file every snapshot of the model has

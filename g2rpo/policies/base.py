@@ -56,7 +56,8 @@ class FlowPolicy(Policy):
         """An edit's source images as the ``context_latents`` an editing model conditions on."""
         raise ValueError(
             f"{type(self).__name__} generates from text only, and these prompts are edits of a source image: "
-            "use an editing model (model=tiny_flux_kontext, or flux_kontext)"
+            "use an editing model (model=tiny_flux_kontext, flux_kontext, tiny_qwen_image_edit or "
+            "qwen_image_edit)"
         )
 
     def velocity(
@@ -67,8 +68,8 @@ class FlowPolicy(Policy):
         guidance_scale: float = 1.0,
         detach_uncond: bool = False,
     ) -> Tensor:
-        """fp32 velocity ``v(x, sigma)``; with ``guidance_scale > 1`` the CFG combination ``u + w (c - u)``,
-        the unconditional and conditional rows in one batched :meth:`transformer_velocity` call."""
+        """fp32 velocity ``v(x, sigma)``; with ``guidance_scale > 1`` the CFG combination (:meth:`guide`) of
+        the unconditional and conditional rows, computed in one batched :meth:`transformer_velocity` call."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         hidden, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
         context = cond.context_latents
@@ -91,6 +92,11 @@ class FlowPolicy(Policy):
         uncond, text = output.chunk(2)
         if detach_uncond:
             uncond = uncond.detach()
+        return self.guide(uncond, text, guidance_scale)
+
+    def guide(self, uncond: Tensor, text: Tensor, guidance_scale: float) -> Tensor:
+        """The CFG combination ``u + w (c - u)`` of the unconditional and conditional velocities (a model
+        whose pipeline combines them otherwise, as Qwen-Image's, says so here)."""
         return uncond + guidance_scale * (text - uncond)
 
     def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:

@@ -22,6 +22,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers import FluxKontextPipeline, FluxPipeline
@@ -41,6 +44,26 @@ def load_flux_pipeline(path: str, dtype: str = "bfloat16") -> FluxPipeline:
 def load_flux_kontext_pipeline(path: str, dtype: str = "bfloat16") -> FluxKontextPipeline:
     """Load FLUX.1-Kontext from a local directory or the Hugging Face cache, never the network."""
     return load_pipeline(FluxKontextPipeline, path, dtype, "FLUX.1-Kontext")
+
+
+def packed_sigmas(
+    config: Mapping[str, Any], num_steps: int, image_tokens: int, shift: float | None = None
+) -> Tensor:
+    """The grid of the pipelines that pack latents (FLUX.1, Qwen-Image): ``linspace(1, 1/T, T)`` shifted by
+    the ``mu`` of ``calculate_shift(image_tokens)`` (the scheduler's dynamic shifting), or by a static
+    ``shift``, plus the terminal 0."""
+    unshifted = np.linspace(1.0, 1 / num_steps, num_steps)
+    if shift is not None:
+        static = {**config, "use_dynamic_shifting": False, "shift": shift}
+        return sigma_schedule(static, num_steps, sigmas=unshifted)
+    mu = calculate_shift(
+        image_tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    return sigma_schedule(config, num_steps, mu=mu, sigmas=unshifted)
 
 
 class FluxPolicy(TransformerPolicy):
@@ -109,19 +132,7 @@ class FluxPolicy(TransformerPolicy):
         )
 
     def sigmas(self, num_steps: int) -> Tensor:
-        config = self.scheduler_config
-        unshifted = np.linspace(1.0, 1 / num_steps, num_steps)
-        if self.shift is not None:
-            static = {**config, "use_dynamic_shifting": False, "shift": self.shift}
-            return sigma_schedule(static, num_steps, sigmas=unshifted)
-        mu = calculate_shift(
-            self.num_image_tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return sigma_schedule(config, num_steps, mu=mu, sigmas=unshifted)
+        return packed_sigmas(self.scheduler_config, num_steps, self.num_image_tokens, self.shift)
 
     def initial_noise(
         self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None

@@ -1,9 +1,11 @@
-"""Tiny SD3, FLUX and Janus models built from configs in code: no download, random but seeded weights.
+"""Tiny SD3, FLUX, Qwen-Image and Janus models built from configs in code: no download, random but seeded
+weights.
 
 They have the real architecture (``SD3Transformer2DModel``, optionally an ``AutoencoderKL``, two CLIP text
-encoders; T5 omitted as diffusers allows; Janus's Llama, vision encoder and VQ-VAE) at a few hundred thousand
-parameters, as diffusers' and transformers' own fast tests do, so the code path that drives SD3.5 or
-Janus-Pro is the one tested here. Tokenisation is byte-level: a BPE tokenizer with a byte vocabulary and no
+encoders; T5 omitted as diffusers allows; Qwen-Image's MMDiT, video VAE and Qwen2.5-VL with its vision
+tower; Janus's Llama, vision encoder and VQ-VAE) at a few hundred thousand parameters, as diffusers' and
+transformers' own fast tests do, so the code path that drives SD3.5, Qwen-Image-Edit or Janus-Pro is the
+one tested here. Tokenisation is byte-level: a BPE tokenizer with a byte vocabulary and no
 merges, built locally.
 """
 
@@ -12,10 +14,14 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImageEditPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -34,12 +40,17 @@ from transformers import (
     JanusVQVAEConfig,
     LlamaConfig,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
     T5Config,
     T5EncoderModel,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from g2rpo.policies.janus import Janus
+from g2rpo.policies.qwen_image import ImageOnlyQwen2VLProcessor
 
 
 def char_tokenizer(max_length: int = 16) -> CLIPTokenizer:
@@ -242,6 +253,126 @@ def tiny_flux_kontext_pipeline(seed: int = 0, **kwargs) -> FluxKontextPipeline:
     """:func:`tiny_flux_pipeline`'s components as a ``FluxKontextPipeline``: FLUX.1-Kontext is FLUX.1's
     architecture, and the pipeline is what differs (the source image's tokens, their ids)."""
     return FluxKontextPipeline(**tiny_flux_pipeline(seed, **kwargs).components)
+
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+]  # fmt: skip
+
+
+def tiny_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level ``Qwen2Tokenizer`` (no merges) with the chat and vision tokens the Qwen-Image pipelines'
+    templates use, built offline."""
+    vocab = {token: i for i, token in enumerate(QWEN_SPECIAL_TOKENS)}
+    for symbol in bytes_to_unicode().values():
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS]
+    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return Qwen2Tokenizer(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+def tiny_qwen_image_components(
+    seed: int = 0, latent_channels: int = 4, text_hidden_size: int = 32, vision_patch_size: int = 4
+) -> dict:
+    """The parts of a tiny Qwen-Image(-Edit), as diffusers' Qwen-Image tests size them: the real
+    ``QwenImageTransformer2DModel`` (RoPE axes summing to the head dimension), an ``AutoencoderKLQwenImage``
+    downsampling 2x with non-trivial latent normalisation constants, a Qwen2.5-VL with its vision tower
+    (multimodal RoPE sections summing to half the text head dimension), the byte-level tokenizer and a VL
+    processor that cuts images into ``vision_patch_size`` patches, merged 2x2 into tokens; the scheduler is
+    Qwen-Image's own config. Weights depend only on ``seed``."""
+    tokenizer = tiny_qwen_tokenizer()
+    token = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_hidden_size,
+            "intermediate_size": 2 * text_hidden_size,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6},
+            "bos_token_id": None,
+            "eos_token_id": token("<|im_end|>"),
+            "pad_token_id": token("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": text_hidden_size,
+            "patch_size": vision_patch_size,
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=token("<|image_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * latent_channels,  # 2x2 packed latents
+            out_channels=latent_channels,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=text_hidden_size,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=latent_channels,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False],
+            latents_mean=torch.linspace(-0.8, 0.4, latent_channels).tolist(),
+            latents_std=torch.linspace(1.2, 2.8, latent_channels).tolist(),
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=vision_patch_size,
+        merge_size=2,
+        min_pixels=(2 * vision_patch_size) ** 2,
+        max_pixels=(32 * vision_patch_size) ** 2,
+    )
+    # Qwen-Image's scheduler: dynamic shifting by the number of image tokens, exponential time shift
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "processor": ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        "scheduler": scheduler,
+    }
+
+
+def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """A tiny Qwen-Image (text to image) of :func:`tiny_qwen_image_components`."""
+    components = tiny_qwen_image_components(seed)
+    del components["processor"]
+    return QwenImagePipeline(**components)
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
+    """A tiny Qwen-Image-Edit of :func:`tiny_qwen_image_components`: the same parts as the text-to-image
+    model, the VL processor added for the source image."""
+    return QwenImageEditPipeline(**tiny_qwen_image_components(seed))
 
 
 def random_sd3_pipeline(

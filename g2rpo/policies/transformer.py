@@ -34,13 +34,18 @@ def load_pipeline(
             path, dtype=getattr(torch, dtype), local_files_only=True, **kwargs
         )
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(
-            f"model: cannot load {hub_name} weights from {path!r} without network access.\n"
-            f"  Download them once with `hf download {path}` (accept the model licence on the Hub and run "
-            "`hf auth login` first),\n"
-            "  or point model.pipeline.path at a local directory that contains model_index.json.\n"
-            f"  ({type(error).__name__}: {error})"
-        ) from error
+        raise missing_weights(hub_name, path, error) from error
+
+
+def missing_weights(hub_name: str, path: str, error: Exception) -> FileNotFoundError:
+    """The error a loader raises when ``path`` holds no weights: how to get them."""
+    return FileNotFoundError(
+        f"model: cannot load {hub_name} weights from {path!r} without network access.\n"
+        f"  Download them once with `hf download {path}` (accept the model licence on the Hub and run "
+        "`hf auth login` first),\n"
+        "  or point model.pipeline.path at a local directory that contains model_index.json.\n"
+        f"  ({type(error).__name__}: {error})"
+    )
 
 
 class TransformerPolicy(FrozenReference, FlowPolicy):
@@ -74,7 +79,7 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         )
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.vae_scale = pipeline.vae_scale_factor if self.vae is not None else 1  # the pipeline's own factor
         self._check_resolution(resolution, "model.resolution")
 
         for frozen in (self.vae, self.text_encoders):
