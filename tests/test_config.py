@@ -19,7 +19,7 @@ from g2rpo.config import run_name
 GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
 NEEDS_DOWNLOADED_WEIGHTS = {
     "sd3", "sd35_medium", "flux_dev", "flux_kontext", "pickscore", "clipscore", "aesthetic", "hps", "hps_clip", "imagereward",
-    "janus_pro_1b", "janus_pro_7b",
+    "janus_pro_1b", "janus_pro_7b", "qwen_image", "qwen_image_edit",
 }  # fmt: skip
 # prompt files of the papers' data sets, not shipped (README, "Rewards": prompt data)
 NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file"}
