@@ -165,7 +165,7 @@ class Conditioning:
     unconditional row drops the instruction, not the image, as the editing pipelines do."""
 
     prompt_embeds: Tensor  # [N, L, D]
-    pooled_prompt_embeds: Tensor  # [N, P]
+    pooled_prompt_embeds: Tensor  # [N, P]; Qwen-Image, which has no pooled vector: the text mask [N, L]
     negative_prompt_embeds: Tensor | None = None
     negative_pooled_prompt_embeds: Tensor | None = None
     context_latents: Tensor | None = None  # [N, C, h, w] an edit's source image, in the model's latent space

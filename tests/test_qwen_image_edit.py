@@ -163,10 +163,9 @@ def test_the_loader_reads_the_hub_layout_without_torchvision(tmp_path):
     )
     shutil.rmtree(tmp_path / "processor")
     tiny_qwen_tokenizer().save_pretrained(tmp_path / "processor")
-    image_config = saved.processor.image_processor.to_dict()
-    (tmp_path / "processor" / "preprocessor_config.json").write_text(json.dumps(
-        {**image_config, "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
-    ))  # fmt: skip
+    hub_names = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
+    preprocessor = {**saved.processor.image_processor.to_dict(), **hub_names}
+    (tmp_path / "processor" / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     loaded = load_qwen_image_edit_pipeline(str(tmp_path), dtype="float32")
     image = saved.image_processor.numpy_to_pil(np.random.default_rng(0).random((1, 24, 24, 3)))
     expected, _ = saved.encode_prompt(["make it blue"], image=image)
