@@ -160,15 +160,18 @@ def source_of(metadata: dict) -> object:
 
 @dataclass
 class Conditioning:
-    """SD3-style text conditioning: token embeddings and pooled embeddings, with the CFG negatives; for an
-    editing model, the source image's latents too (``context_latents``), which CFG keeps in both rows: the
-    unconditional row drops the instruction, not the image, as the editing pipelines do."""
+    """Text conditioning: token embeddings, pooled embeddings (SD3, FLUX) or a token mask (models whose prompts
+    are padded per batch: Qwen-Image), with the CFG negatives; for an editing model, the source image's
+    latents too (``context_latents``), which CFG keeps in both rows: the unconditional row drops the
+    instruction, not the image, as the editing pipelines do."""
 
     prompt_embeds: Tensor  # [N, L, D]
-    pooled_prompt_embeds: Tensor  # [N, P]; Qwen-Image, which has no pooled vector: the text mask [N, L]
+    pooled_prompt_embeds: Tensor | None = None  # [N, P]
     negative_prompt_embeds: Tensor | None = None
     negative_pooled_prompt_embeds: Tensor | None = None
     context_latents: Tensor | None = None  # [N, C, h, w] an edit's source image, in the model's latent space
+    prompt_mask: Tensor | None = None  # [N, L] 1 for a prompt token, 0 for padding
+    negative_prompt_mask: Tensor | None = None
 
     def select(self, index: Tensor) -> Conditioning:
         """Rows ``index`` of every field (a group's members share one encoded prompt)."""
@@ -181,20 +184,20 @@ class Conditioning:
             }
         )
 
+    def unconditional(self) -> Conditioning:
+        """The negatives as the conditioning (the source image kept): CFG's unconditional row."""
+        if self.negative_prompt_embeds is None:
+            raise ValueError("guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)")
+        return Conditioning(
+            self.negative_prompt_embeds,
+            self.negative_pooled_prompt_embeds,
+            context_latents=self.context_latents,
+            prompt_mask=self.negative_prompt_mask,
+        )
+
     @property
     def device(self) -> torch.device:
         return self.prompt_embeds.device
-
-    @cached_property
-    def guided(self) -> tuple[Tensor, Tensor]:
-        """``[negatives; prompts]`` token and pooled embeddings for a CFG forward, built once per selection
-        (a rollout reuses them for every step)."""
-        if self.negative_prompt_embeds is None:
-            raise ValueError("guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)")
-        return (
-            torch.cat([self.negative_prompt_embeds, self.prompt_embeds]),
-            torch.cat([self.negative_pooled_prompt_embeds, self.pooled_prompt_embeds]),
-        )
 
 
 @dataclass

@@ -104,12 +104,14 @@ def test_cfg_drops_the_instruction_not_the_source():
         blank, _ = pipe.encode_prompt([" "], image=image)
         length = blank.shape[1]
         torch.testing.assert_close(cond.negative_prompt_embeds[row, :length], blank[0])
-        assert cond.negative_pooled_prompt_embeds[row].sum() == length  # the mask: the rest is padding
+        assert cond.negative_prompt_mask[row].sum() == length  # the rest is padding
     assert not torch.allclose(cond.negative_prompt_embeds[0], cond.negative_prompt_embeds[1])
     assert not torch.allclose(cond.prompt_embeds[0], cond.prompt_embeds[1])  # the VL encoder sees the source
     x = policy.initial_noise(2, torch.Generator().manual_seed(0))
     uncond = Conditioning(
-        cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds, context_latents=cond.context_latents
+        cond.negative_prompt_embeds,
+        context_latents=cond.context_latents,
+        prompt_mask=cond.negative_prompt_mask,
     )
     text, blank = policy.velocity(x, 0.6, cond), policy.velocity(x, 0.6, uncond)
     # the pipeline's true CFG, by hand on its packed tokens: u + w (c - u), rescaled to |c| per token

@@ -66,7 +66,7 @@ def test_guidance_scale_one_is_the_conditional_velocity_and_cfg_combines_both():
     policy = make_policy()
     latents = policy.initial_noise(2, torch.Generator().manual_seed(0))
     cond = policy.encode(["a photo of a red circle", "a photo of a square above a triangle"])
-    assert cond.prompt_embeds.dtype == torch.long and cond.pooled_prompt_embeds.shape == (2, 1)
+    assert cond.prompt_embeds.dtype == torch.long and cond.pooled_prompt_embeds is None
     with torch.no_grad():
         text = policy.velocity(latents, 0.6, cond)
         one = policy.velocity(latents, 0.6, cond, guidance_scale=1.0)

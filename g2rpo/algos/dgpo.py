@@ -108,12 +108,17 @@ def drop_text(cond: Conditioning, dropped: Tensor) -> Conditioning:
     if cond.negative_prompt_embeds is None:
         raise ValueError("text dropout needs the empty-prompt embeddings: encode(prompts, negative=True)")
     rows = dropped.to(cond.device)
+
+    def swap(negative: Tensor | None, positive: Tensor | None) -> Tensor | None:
+        if positive is None:
+            return None
+        return torch.where(rows.view(-1, *[1] * (positive.dim() - 1)), negative, positive)
+
     return replace(  # an edit keeps its source image: only the instruction is dropped
         cond,
-        prompt_embeds=torch.where(rows[:, None, None], cond.negative_prompt_embeds, cond.prompt_embeds),
-        pooled_prompt_embeds=torch.where(
-            rows[:, None], cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds
-        ),
+        prompt_embeds=swap(cond.negative_prompt_embeds, cond.prompt_embeds),
+        pooled_prompt_embeds=swap(cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds),
+        prompt_mask=swap(cond.negative_prompt_mask, cond.prompt_mask),
     )
 
 

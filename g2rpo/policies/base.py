@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ class Policy(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def stack_rows(first: Conditioning, second: Conditioning) -> Conditioning:
+    """The rows of ``first`` then those of ``second``, field by field (a field None in both stays None)."""
+    return Conditioning(
+        **{
+            f.name: None
+            if getattr(first, f.name) is None
+            else torch.cat([getattr(first, f.name), getattr(second, f.name)])
+            for f in fields(first)
+        }
+    )
 
 
 class FlowPolicy(Policy):
@@ -71,21 +84,17 @@ class FlowPolicy(Policy):
         """fp32 velocity ``v(x, sigma)``; with ``guidance_scale > 1`` the CFG combination (:meth:`guide`) of
         the unconditional and conditional rows, computed in one batched :meth:`transformer_velocity` call."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
-        hidden, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
-        context = cond.context_latents
+        hidden, rows = latents, cond
         guided = guidance_scale > 1.0
-        if guided:
-            if cond.negative_prompt_embeds is None:
-                raise ValueError(
-                    "guidance_scale > 1 needs negative embeddings: encode(prompts, negative=True)"
-                )
+        if guided:  # rows [unconditional; conditional]; the unconditional keeps the source (an edit's)
             hidden, sigma = torch.cat([hidden, hidden]), torch.cat([sigma, sigma])
-            embeds = torch.cat([cond.negative_prompt_embeds, embeds])
-            pooled = torch.cat([cond.negative_pooled_prompt_embeds, pooled])
-            context = None if context is None else torch.cat([context, context])  # CFG keeps the source
-        # an editing model's forward also takes the source (text-to-image models never see the argument)
-        edit = {} if context is None else {"context": context}
-        output = self.transformer_velocity(hidden, sigma, embeds, pooled, **edit).float()
+            rows = stack_rows(cond.unconditional(), cond)
+        # what only some models take: an edit's source; the text mask of prompts padded per batch
+        extra = {"context": rows.context_latents, "mask": rows.prompt_mask}
+        extra = {key: value for key, value in extra.items() if value is not None}
+        output = self.transformer_velocity(
+            hidden, sigma, rows.prompt_embeds, rows.pooled_prompt_embeds, **extra
+        ).float()
         self.nfe += hidden.shape[0]
         if not guided:
             return output
@@ -99,7 +108,9 @@ class FlowPolicy(Policy):
         whose pipeline combines them otherwise, as Qwen-Image's, says so here)."""
         return uncond + guidance_scale * (text - uncond)
 
-    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+    def transformer_velocity(
+        self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor | None
+    ) -> Tensor:
         """One forward of the active denoiser (the policy's or the reference) on ``[B, C, H, W]`` latents at
         noise levels ``sigma`` ``[B]`` with ``encode``'s embeddings, in the model's own input conventions."""
         raise NotImplementedError

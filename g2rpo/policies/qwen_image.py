@@ -7,8 +7,8 @@ differs from FLUX.1, all taken from the pipelines.
   of ``img_shapes``. The algorithms keep latents as ``[B, C, H, W]``, as for FLUX.
 - **Text.** Qwen2.5-VL's last hidden states of the prompt inside a chat template, the template's system
   prefix dropped. Sequences keep their own lengths, so rows are padded and masked. Qwen-Image has no pooled
-  text vector: :class:`~g2rpo.types.Conditioning`'s pooled slot carries the text mask ``[N, L]``, which CFG
-  stacks and DGPO's text dropout swaps together with the embeddings.
+  text vector; the mask (``Conditioning.prompt_mask``) travels with the embeddings through CFG and DGPO's text
+  dropout.
 - **Guidance.** True CFG, the negative prompt ``" "`` (the model card's and Flow-GRPO's), the combination
   rescaled token by token to the conditional velocity's norm (:meth:`QwenImagePolicy.guide`), as the
   pipelines' ``true_cfg_scale`` does. No distilled guidance embedding.
@@ -104,13 +104,14 @@ class QwenImagePolicy(TransformerPolicy):
     def encode(
         self, prompts: list[str], negative: bool = True, sources: Tensor | None = None
     ) -> Conditioning:
-        """Embeddings and masks (in the pooled slot) of ``prompts``; the negatives are ``" "``, with each
+        """Embeddings and masks of ``prompts``; the negatives are ``" "``, with each
         row's source for an edit (one encoding broadcast to every row otherwise)."""
         prompts = list(prompts)
         context = None if sources is None else self.encode_source(sources)
         embeds, mask = self.encode_text(prompts, sources)
         if not negative:
-            return Conditioning(*pad_text(embeds, mask, embeds.shape[1]), context_latents=context)
+            embeds, mask = pad_text(embeds, mask, embeds.shape[1])
+            return Conditioning(embeds, context_latents=context, prompt_mask=mask)
         rows = len(prompts) if sources is not None else 1
         negative_embeds, negative_mask = self.encode_text([self.negative_prompt] * rows, sources)
         length = max(embeds.shape[1], negative_embeds.shape[1])
@@ -118,10 +119,10 @@ class QwenImagePolicy(TransformerPolicy):
         negative_embeds, negative_mask = pad_text(negative_embeds, negative_mask, length)
         return Conditioning(
             embeds,
-            mask,
-            negative_embeds.expand(len(prompts), -1, -1),
-            negative_mask.expand(len(prompts), -1),
-            context,
+            negative_prompt_embeds=negative_embeds.expand(len(prompts), -1, -1),
+            context_latents=context,
+            prompt_mask=mask,
+            negative_prompt_mask=negative_mask.expand(len(prompts), -1),
         )
 
     def encode_text(self, prompts: list[str], sources: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -132,9 +133,15 @@ class QwenImagePolicy(TransformerPolicy):
         )
 
     def transformer_velocity(
-        self, latents: Tensor, sigma: Tensor, embeds: Tensor, mask: Tensor, context: Tensor | None = None
+        self,
+        latents: Tensor,
+        sigma: Tensor,
+        embeds: Tensor,
+        pooled: None,
+        mask: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
-        """``mask``: the text mask from the pooled slot; ``context``: an edit's source latents, appended as
+        """``pooled``: none (Qwen-Image has no pooled text vector); ``mask``: the text mask; ``context``: an edit's source latents, appended as
         tokens after the generated ones and listed second in ``img_shapes``."""
         batch, channels, height, width = latents.shape
         dtype = self.compute_dtype
@@ -152,7 +159,7 @@ class QwenImagePolicy(TransformerPolicy):
             timestep=sigma,
             encoder_hidden_states=embeds.to(dtype),
             # as the pipelines: no mask when no token is padded (the attention then needs none)
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            encoder_hidden_states_mask=None if mask is None or bool(mask.all()) else mask,
             img_shapes=[shapes] * batch,
             return_dict=False,
         )[0][:, :tokens]

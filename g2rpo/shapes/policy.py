@@ -50,8 +50,8 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
 
     ``encode`` returns caption *token ids* in :class:`~g2rpo.types.Conditioning`'s ``prompt_embeds``
     (long ``[N, caption_length]``): they are embedded inside the shared transformer, so a generation
-    loss trains the word embeddings that understanding reads too. The model has no pooled text vector;
-    ``pooled_prompt_embeds`` is an ``[N, 1]`` zero tensor that only keeps the dataclass's shape contract.
+    loss trains the word embeddings that understanding reads too. The model has no pooled text vector
+    (``pooled_prompt_embeds`` is None).
     """
 
     trained_module = "model"
@@ -89,13 +89,12 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
         if sources is not None:
             self.encode_source(sources)  # the unified model does not edit: says so
         ids = self.model.caption_ids(list(prompts))
-        pooled = torch.zeros(len(prompts), 1, device=self.device)
         if not negative:
-            return Conditioning(ids, pooled)
+            return Conditioning(ids)
         empty = self.model.caption_ids([""]).expand(len(prompts), -1)
-        return Conditioning(ids, pooled, empty, pooled)
+        return Conditioning(ids, negative_prompt_embeds=empty)
 
-    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+    def transformer_velocity(self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: None) -> Tensor:
         """``embeds`` are caption token ids; the model has no pooled vector."""
         return self.active.velocity(embeds, latents, sigma)
 
