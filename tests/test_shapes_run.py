@@ -131,7 +131,10 @@ def test_the_shipped_editing_model_trains_on_edits_and_is_judged_on_held_out_one
     from g2rpo.shapes.model import EDIT_MODEL_DIR
 
     assert (EDIT_MODEL_DIR / "model_index.json").is_file(), "the editing model ships with the repository"
-    for algo, *options in (["flow_grpo"], ["dgpo", "algo.max_timestep_index=2", "algo.num_train_timesteps=2"]):
+    for algo, *options in (
+        ["flow_grpo"],
+        ["dgpo", "algo.max_timestep_index=2", "algo.num_train_timesteps=2"],
+    ):
         cfg = compose_config(
             "experiment=suite/editing", f"algo={algo}", *options, *SHAPES_RUN[1:], "trainer.max_epochs=1",
             "eval.images_per_task=2", name=algo,
