@@ -66,14 +66,12 @@ def packed_sigmas(
     return sigma_schedule(config, num_steps, mu=mu, sigmas=unshifted)
 
 
-class FluxPolicy(TransformerPolicy):
-    """A FLUX.1 policy (``FluxTransformer2DModel``: joint double-stream blocks, then single-stream ones)."""
+class PackedLatentPolicy(TransformerPolicy):
+    """A policy whose pipeline packs latents in 2x2 patches (FLUX.1, Qwen-Image): latents kept ``[B, C, H, W]``
+    with ``C`` the transformer's input channels / 4, and :func:`packed_sigmas`'s grid."""
 
-    block_lists = ("transformer_blocks", "single_transformer_blocks")
-
-    def __init__(self, *args, guidance: float = 3.5, shift: float | None = None, **kwargs) -> None:
+    def __init__(self, *args, shift: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.guidance = guidance
         self.shift = shift  # None: the pipeline's dynamic mu; a number: that static shift
 
     @property
@@ -83,6 +81,25 @@ class FluxPolicy(TransformerPolicy):
     @property
     def num_image_tokens(self) -> int:
         return (self.latent_size // 2) ** 2
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        return packed_sigmas(self.scheduler_config, num_steps, self.num_image_tokens, self.shift)
+
+    def initial_noise(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> Tensor:
+        shape = (batch_size, self.transformer.config.in_channels // 4, self.latent_size, self.latent_size)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+
+class FluxPolicy(PackedLatentPolicy):
+    """A FLUX.1 policy (``FluxTransformer2DModel``: joint double-stream blocks, then single-stream ones)."""
+
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+
+    def __init__(self, *args, guidance: float = 3.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.guidance = guidance
 
     @property
     def latent_multiple(self) -> int:
@@ -130,15 +147,6 @@ class FluxPolicy(TransformerPolicy):
         return FluxPipeline._unpack_latents(
             output, height * self.vae_scale, width * self.vae_scale, self.vae_scale
         )
-
-    def sigmas(self, num_steps: int) -> Tensor:
-        return packed_sigmas(self.scheduler_config, num_steps, self.num_image_tokens, self.shift)
-
-    def initial_noise(
-        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
-    ) -> Tensor:
-        shape = (batch_size, self.transformer.config.in_channels // 4, self.latent_size, self.latent_size)
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
 
 class FluxKontextPolicy(FluxPolicy):

@@ -29,14 +29,13 @@ from functools import partial
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from g2rpo.data import source_images
-from g2rpo.policies.flux import packed_sigmas
-from g2rpo.policies.transformer import TransformerPolicy, load_pipeline, missing_weights
+from g2rpo.policies.flux import PackedLatentPolicy
+from g2rpo.policies.transformer import load_pipeline, missing_weights
 from g2rpo.types import Conditioning
 
 
@@ -78,23 +77,11 @@ def pad_text(embeds: Tensor, mask: Tensor | None, length: int) -> tuple[Tensor, 
     return torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
 
 
-class QwenImagePolicy(TransformerPolicy):
+class QwenImagePolicy(PackedLatentPolicy):
     """A Qwen-Image policy: a ``QwenImageTransformer2DModel`` trained by LoRA or fully, Qwen2.5-VL and the
     VAE frozen (the module docstring says what differs from FLUX)."""
 
     negative_prompt = " "
-
-    def __init__(self, *args, shift: float | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.shift = shift  # None: the pipeline's dynamic mu; a number: that static shift
-
-    @property
-    def latent_size(self) -> int:
-        return self.resolution // self.vae_scale
-
-    @property
-    def num_image_tokens(self) -> int:
-        return (self.latent_size // 2) ** 2
 
     @property
     def input_weight(self) -> Tensor:
@@ -183,15 +170,6 @@ class QwenImagePolicy(TransformerPolicy):
         latents = latents.float()[:, :, None] * std + mean
         images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0][:, :, 0]
         return self.pipeline.image_processor.postprocess(images.float(), output_type="pt")
-
-    def sigmas(self, num_steps: int) -> Tensor:
-        return packed_sigmas(self.scheduler_config, num_steps, self.num_image_tokens, self.shift)
-
-    def initial_noise(
-        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None
-    ) -> Tensor:
-        shape = (batch_size, self.transformer.config.in_channels // 4, self.latent_size, self.latent_size)
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
 
 class QwenImageEditPolicy(QwenImagePolicy):
