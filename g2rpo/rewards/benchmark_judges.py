@@ -158,10 +158,28 @@ def imgedit_criteria(answer: str | None) -> list[int]:
     return found
 
 
-class GEditJudge(VLMEditJudge):
+class BenchmarkJudge(VLMEditJudge):
+    """A benchmark's judge: :meth:`scores` gives its named scores on the benchmark's own scale (the evaluation
+    table's columns); called as a reward, its ``reward_term`` / ``max_score``."""
+
+    reward_term: str  # the named score that is the reward
+
+    def __call__(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[dict] = (),
+        sources: Tensor | None = None,
+    ) -> Tensor:
+        return self.scores(images, prompts, metadata, sources)[self.reward_term] / self.max_score
+
+
+class GEditJudge(BenchmarkJudge):
     """GEdit-Bench's VIEScore: named scores ``sc``, ``pq`` and ``overall`` = sqrt(SC * PQ), each 0 to 10 as
     the paper reports them; called as a reward, the overall / 10. ``image_size`` None sends the images as
     sampled (the server's processor resizes them)."""
+
+    reward_term = "overall"
 
     def __init__(self, chat: ChatClient, prompts_path: str, image_size: int | None = None) -> None:
         semantic, self.quality_prompt = viescore_prompts(prompts_path)
@@ -191,15 +209,6 @@ class GEditJudge(VLMEditJudge):
         sc, pq = answers[:count], answers[count:]
         return {"sc": sc, "pq": pq, "overall": torch.sqrt(sc * pq)}
 
-    def __call__(
-        self,
-        images: Tensor,
-        prompts: Sequence[str],
-        metadata: Sequence[dict] = (),
-        sources: Tensor | None = None,
-    ) -> Tensor:
-        return self.scores(images, prompts, metadata, sources)["overall"] / self.max_score
-
     def _parse_score(self, answer: str | None) -> float:
         """The minimum of the answer's score list (VIEScore's SC or PQ), on its 0-10 scale."""
         scores = viescore_list(answer)
@@ -212,9 +221,11 @@ class GEditJudge(VLMEditJudge):
         return min(scores)
 
 
-class ImgEditJudge(VLMEditJudge):
+class ImgEditJudge(BenchmarkJudge):
     """ImgEdit-Bench's judge: the named score ``score`` (1 to 5, the mean of the three criteria of the edit's
     type, ``metadata["edit_type"]``); called as a reward, score / 5."""
+
+    reward_term = "score"
 
     def __init__(self, chat: ChatClient, prompts_path: str, image_size: int | None = None) -> None:
         self.rubrics = imgedit_rubrics(prompts_path)
@@ -248,15 +259,6 @@ class ImgEditJudge(VLMEditJudge):
                 [[text, *self._image_parts(source, edited)] for text, source, edited in zip(texts, *pairs)]
             )
         }
-
-    def __call__(
-        self,
-        images: Tensor,
-        prompts: Sequence[str],
-        metadata: Sequence[dict] = (),
-        sources: Tensor | None = None,
-    ) -> Tensor:
-        return self.scores(images, prompts, metadata, sources)["score"] / self.max_score
 
     def _parse_score(self, answer: str | None) -> float:
         """The mean of the answer's criteria, rounded to two decimals as ``step1_get_avgscore.py`` does."""
