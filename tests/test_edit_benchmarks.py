@@ -374,6 +374,16 @@ def test_the_judges_rubric_files_say_where_to_get_them(tmp_path):
         ImgEditJudge(CLIENT, str(tmp_path / "prompts.json"))
 
 
+def gedit_command(tmp_path, *overrides: str):
+    """``python -m g2rpo.evaluate eval=gedit_bench <overrides>``'s config, writing into ``tmp_path``."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "evaluate",
+            overrides=["eval=gedit_bench", f"output={tmp_path / 'eval.json'}", "suite=gedit_bench",
+                       f"run_dir={tmp_path}", *overrides],
+        )  # fmt: skip
+
+
 def test_the_gedit_suite_scores_the_tiny_kontexts_edits_per_type(monkeypatch, tmp_path):
     """eval=gedit_bench through the CLI: the tiny Kontext edits each English case's raw source, the judge (faked)
     gets that source beside the edit, and the table has SC, PQ and O per type with O's mean of type means."""
@@ -394,22 +404,9 @@ def test_the_gedit_suite_scores_the_tiny_kontexts_edits_per_type(monkeypatch, tm
 
     _fake_judge(monkeypatch, answer)
     monkeypatch.setattr(ChatClient, "check", lambda self, timeout_s=5.0: None)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                "model=tiny_flux_kontext",
-                "eval=gedit_bench",
-                f"eval.dataset.path={root}",
-                f"eval.rewards.gedit.prompts_path={prompts_path}",
-                "eval.num_steps=2",
-                "eval.resolution=16",
-                "eval.panel_size=2",
-                f"output={tmp_path / 'eval.json'}",
-                "suite=gedit_bench",
-                f"run_dir={tmp_path}",
-            ],
-        )
+    cfg = gedit_command(tmp_path, "model=tiny_flux_kontext", f"eval.dataset.path={root}",
+                        f"eval.rewards.gedit.prompts_path={prompts_path}", "eval.num_steps=2", "eval.resolution=16",
+                        "eval.panel_size=2")  # fmt: skip
     evaluate(cfg)
     record = json.loads((tmp_path / "eval.json").read_text())
     scores = record["scores"]
@@ -431,18 +428,7 @@ def test_the_gedit_suite_scores_the_tiny_kontexts_edits_per_type(monkeypatch, tm
 def test_a_missing_benchmark_stops_the_evaluation_before_the_model_loads(monkeypatch, tmp_path):
     """model=flux_kontext has no weights here either: the benchmark's files are what the command names first."""
     monkeypatch.setattr(ChatClient, "check", lambda self, timeout_s=5.0: None)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                "model=flux_kontext",
-                "eval=gedit_bench",
-                f"eval.dataset.path={tmp_path / 'GEdit-Bench'}",
-                f"output={tmp_path / 'eval.json'}",
-                "suite=gedit_bench",
-                f"run_dir={tmp_path}",
-            ],
-        )
+    cfg = gedit_command(tmp_path, "model=flux_kontext", f"eval.dataset.path={tmp_path / 'GEdit-Bench'}")
     with pytest.raises(Exception, match=r"no prompt file at .*GEdit-Bench's \*.arrow") as error:
         evaluate(cfg)
     assert f"hf download stepfun-ai/GEdit-Bench --repo-type dataset --local-dir {tmp_path}" in str(

@@ -1,7 +1,8 @@
 """Editing with Qwen-Image-Edit through the same adapter the real model uses, on a tiny one built in code: the
 policy's ODE rollout is the stock ``QwenImageEditPipeline`` given the same sources (true CFG included), CFG
 drops the instruction and keeps the source, an exported LoRA changes a stock pipeline's output as it changes
-the policy's, the loader reads the hub's layout, and every algorithm trains on the shapes world's edits.
+the policy's, and the loader reads the hub's layout (every algorithm's iteration on edits:
+test_editing_algorithms.py).
 
 The stock pipeline resizes every source to about 1 MP (``calculate_dimensions(1024 * 1024, ratio)``) before
 encoding it; the tests pin that size to the policy's ``source_resolution`` (32 px), as a CPU cannot run a
@@ -14,12 +15,10 @@ import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as stock_edit
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_RUN
 from diffusers import QwenImagePipeline
 from peft import LoraConfig
 
 from g2rpo.data import source_images
-from g2rpo.loggers import read_metrics
 from g2rpo.policies import (
     QwenImageEditPolicy,
     QwenImagePolicy,
@@ -29,7 +28,6 @@ from g2rpo.policies import (
 )
 from g2rpo.policies.tiny import tiny_qwen_tokenizer
 from g2rpo.rollout import ode_rollout
-from g2rpo.run import train
 from g2rpo.shapes.editing import make_edit
 from g2rpo.types import Conditioning, PromptBatch
 
@@ -174,31 +172,3 @@ def test_the_loader_reads_the_hub_layout_without_torchvision(tmp_path):
     torch.testing.assert_close(loaded.encode_prompt(["make it blue"], image=image)[0], expected)
     with pytest.raises(FileNotFoundError, match="hf download Qwen/Qwen-Image-Edit"):
         load_qwen_image_edit_pipeline("Qwen/Qwen-Image-Edit")
-
-
-ALGOS = {
-    "flow_grpo": ["algo=flow_grpo"],
-    "dance_grpo": ["algo=dance_grpo", "algo.num_steps=4", "algo.timestep_fraction=0.5"],
-    "mix_grpo": ["algo=mix_grpo", "algo.num_steps=4", "algo.window_size=1"],
-    "g2rpo": ["algo=g2rpo", "algo.num_steps=4"],
-    "dgpo": ["algo=dgpo", "algo.max_timestep_index=3"],
-    "cures": ["algo=flow_grpo", "curriculum=cures"],
-}
-
-
-@pytest.mark.parametrize("algo", ALGOS.values(), ids=ALGOS.keys())
-def test_every_algorithm_trains_on_edits(compose_config, monkeypatch, algo):
-    """With true CFG, as Qwen-Image-Edit is trained (Flow-GRPO's scale 4): both rows carry the source."""
-    encoded = []
-    original = QwenImageEditPolicy.encode_source
-    monkeypatch.setattr(
-        QwenImageEditPolicy,
-        "encode_source",
-        lambda self, images: encoded.append(len(images)) or original(self, images),
-    )
-    cfg = compose_config(*FAST_RUN, "model=tiny_qwen_image_edit", "data=edit_shapes", "data.per_type=2",
-                         "reward=edit_shapes", *algo, "algo.guidance_scale=4.0", "trainer.max_epochs=1")  # fmt: skip
-    train(cfg)
-    (record,) = read_metrics(cfg.run_dir + "/metrics.jsonl")
-    assert 0.0 <= record["reward/edit_shapes/mean"] <= 1.0 and record["reward/invalid_count"] == 0
-    assert encoded  # the rollout conditioned on the sources
