@@ -15,7 +15,7 @@ import re
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from g2rpo.algos import DGPO, G2RPO, DanceGRPO, FlowGRPO, MixGRPO, PairGRPO
+from g2rpo.algos import DGPO, G2RPO, RFT, DanceGRPO, FlowGRPO, MixGRPO, PairGRPO
 from g2rpo.curriculum import CurESCurriculum, UniformCurriculum
 
 SCHEMAS = {
@@ -26,6 +26,7 @@ SCHEMAS = {
         "g2rpo": G2RPO,
         "dgpo": DGPO,
         "pair_grpo": PairGRPO,
+        "rft": RFT,
     },
     "curriculum": {"uniform": UniformCurriculum, "cures": CurESCurriculum},
 }

@@ -73,6 +73,11 @@ class FlowPolicy(Policy):
             "qwen_image_edit)"
         )
 
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images ``[N, 3, H, W]`` in [0, 1] at this policy's resolution as the latents :meth:`decode` turns
+        back into them (fine-tuning on image files: ``algo=rft`` offline)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images into its latent space")
+
     def velocity(
         self,
         latents: Tensor,

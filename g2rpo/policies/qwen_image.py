@@ -163,6 +163,17 @@ class QwenImagePolicy(PackedLatentPolicy):
         norm = partial(torch.linalg.vector_norm, dim=(1, 3, 5), keepdim=True)  # over a token's features
         return (guided * (norm(text.reshape(patches)) / norm(guided))).reshape(text.shape)
 
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """One frame through the VAE, normalised by its ``latents_mean`` / ``latents_std`` (:meth:`decode`'s
+        inverse)."""
+        config = self.vae.config
+        pixels = images.to(self.device, self.vae.dtype)[:, :, None] * 2 - 1
+        latents = self.vae.encode(pixels).latent_dist.mode().float()
+        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        return ((latents - mean) / std)[:, :, 0]
+
     def decode(self, latents: Tensor) -> Tensor:
         config = self.vae.config
         mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)

@@ -92,15 +92,9 @@ class SD3EditPolicy(SD3Policy):
                 f">= {2 * patches}; this transformer's is {table}"
             )
 
-    @torch.no_grad()
     def encode_source(self, images: Tensor) -> Tensor:
-        """Source images in [0, 1] as latents: [-1, 1] pixels (pixel-space model) or the VAE's scaled mode."""
-        pixels = images.to(self.device, torch.float32) * 2 - 1
-        if self.vae is None:
-            return pixels
-        config = self.vae.config
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
-        return (latents.float() - (config.shift_factor or 0.0)) * config.scaling_factor
+        """Source images in the generated images' latent space (:meth:`encode_images`)."""
+        return self.encode_images(images)
 
     def transformer_velocity(
         self, latents: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor, context: Tensor | None = None

@@ -154,6 +154,16 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         """Token and pooled embeddings of ``prompts`` from the pipeline's own ``encode_prompt``."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """[-1, 1] pixels (pixel-space model), or the VAE's mode shifted and scaled as :meth:`decode` undoes."""
+        pixels = images.to(self.device, torch.float32) * 2 - 1
+        if self.vae is None:
+            return pixels
+        config = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        return (latents.float() - (config.shift_factor or 0.0)) * config.scaling_factor
+
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae is None:  # pixel-space model: latents are images in [-1, 1]
             images = latents

@@ -98,6 +98,9 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
         """``embeds`` are caption token ids; the model has no pooled vector."""
         return self.active.velocity(embeds, latents, sigma)
 
+    def encode_images(self, images: Tensor) -> Tensor:
+        return images.to(self.device, torch.float32) * 2 - 1
+
     def decode(self, latents: Tensor) -> Tensor:
         """Pixel space: latents are images in [-1, 1]."""
         return (latents.float() / 2 + 0.5).clamp(0, 1)
