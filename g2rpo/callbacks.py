@@ -1,5 +1,5 @@
 """Callbacks: held-out evaluation, sample images (PNG grid in the run dir and W&B images with prompts),
-policy export, and the curriculum's state as W&B histograms."""
+policy export, the curriculum's state as W&B histograms, and a compute budget that ends training."""
 
 from __future__ import annotations
 
@@ -248,3 +248,47 @@ class CurriculumHistograms(L.Callback):
             )
         for logger in loggers:
             logger.log_metrics(payload, step=iteration)
+
+
+class ComputeBudget(L.Callback):
+    """Stop training once the denoiser work done reaches ``forward_equivalents``: rows of a table trained for
+    equal compute, counted in what ran rather than in seconds (which depend on what else the machine runs).
+
+    An iteration costs ``nfe/curriculum + nfe/rollout + nfe/train`` forwards plus ``backward_weight`` (2: a
+    backward pass costs about two forwards) per forward that was differentiated (``nfe/train_backward``),
+    summed over ranks. ``spent_before`` charges work done before the run, such as the curation of an offline
+    dataset. The sum so far is logged as ``compute/forward_equivalents`` and saved in checkpoints, so a
+    resumed run stops where the uninterrupted one would have. A reward model's forwards are not counted.
+    """
+
+    def __init__(
+        self, forward_equivalents: float, backward_weight: float = 2.0, spent_before: float = 0.0
+    ) -> None:
+        if forward_equivalents <= 0 or backward_weight < 0 or spent_before < 0:
+            raise ValueError(
+                "callbacks.compute_budget: forward_equivalents must be > 0, backward_weight and spent_before >= 0"
+            )
+        self.forward_equivalents = forward_equivalents
+        self.backward_weight = backward_weight
+        self.spent = spent_before
+
+    def iteration_cost(self, metrics: dict) -> float:
+        forwards = sum(float(metrics.get(f"nfe/{part}", 0.0)) for part in ("curriculum", "rollout", "train"))
+        return forwards + self.backward_weight * float(metrics.get("nfe/train_backward", 0.0))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.spent += trainer.world_size * self.iteration_cost(outputs["metrics"])
+        pl_module.log("compute/forward_equivalents", self.spent, on_step=True, on_epoch=False, batch_size=1)
+        if self.spent >= self.forward_equivalents:
+            log.info(
+                "compute budget reached: %.3g of %.3g forward-equivalents",
+                self.spent,
+                self.forward_equivalents,
+            )
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"spent": self.spent}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.spent = state_dict["spent"]

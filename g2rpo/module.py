@@ -204,13 +204,14 @@ class RLModule(L.LightningModule):
             )
 
         clock = time.perf_counter()
-        self.policy.nfe = 0
+        self.policy.nfe = self.policy.nfe_backward = 0
         metrics.update(self._optimize(rollout, advantages, training, iteration))
         metrics.update(
             {
                 "nfe/curriculum": nfe_curriculum,
                 "nfe/rollout": nfe_rollout,
                 "nfe/train": self.policy.nfe,
+                "nfe/train_backward": self.policy.nfe_backward,
                 "time/curriculum_s": curriculum_seconds,
                 "time/rollout_s": rollout_seconds,
                 "time/reward_s": reward_seconds,

@@ -20,10 +20,12 @@ class Policy(nn.Module):
     """A model under training, whatever it samples: the part of the interface every algorithm uses.
 
     ``nfe`` counts network forwards, so every cost the framework reports is what actually ran (each kind of
-    policy says what one forward is).
+    policy says what one forward is); ``nfe_backward`` those of them run with gradients enabled, which a
+    backward pass follows (a flow policy counts them; compute budgets weigh them, ``g2rpo.callbacks.ComputeBudget``).
     """
 
     nfe: int = 0
+    nfe_backward: int = 0
 
     def reference(self) -> AbstractContextManager:
         """Context in which the policy runs the frozen reference model (for KL terms)."""
@@ -101,6 +103,8 @@ class FlowPolicy(Policy):
             hidden, sigma, rows.prompt_embeds, rows.pooled_prompt_embeds, **extra
         ).float()
         self.nfe += hidden.shape[0]
+        if torch.is_grad_enabled():
+            self.nfe_backward += hidden.shape[0]
         if not guided:
             return output
         uncond, text = output.chunk(2)
