@@ -3,7 +3,7 @@
     python -m experiments.reproduce [SUITE ...] [--seeds 0 1] [--collect-only | --index-only]
                                     [--launcher-args hydra/launcher=joblib]
 
-A suite (``experiments/suites/<name>.yaml``) defines its table rows, each by its Hydra overrides on top of
+A suite (``experiments/suites/<name>.yaml``) defines its table rows (after the commands it ``prepare``s), each by its Hydra overrides on top of
 the suite's own (usually ``experiment=suite/<base>``, a ``conf/experiment/suite/*.yaml``), with seeds, the
 columns to summarise, the curves to plot and optionally a speed-up table. Each row runs as one Hydra
 ``--multirun`` over the seeds (so any Hydra launcher can run them: local, joblib, submitit/SLURM) into
@@ -135,6 +135,9 @@ class Suite:
     overrides: list[str] = field(default_factory=list)  # every row's, after the row's own
     runs: str = ""  # another suite's run directory to share (same overrides), e.g. an ablation of its rows
     speedup: Speedup | None = None
+    # commands run once before the rows, each ``[module, arg, ...]`` run as ``python -m module args``; they must be
+    # resumable (a finished one returns at once), as a dataset curated for the rows (`python -m g2rpo.curate`)
+    prepare: list[list[str]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> Suite:
@@ -167,6 +170,10 @@ def row_key(row: dict) -> tuple[str, tuple[str, ...]]:
 def run(suite: Suite, launcher_args: list[str]) -> None:
     """Each row as one Hydra multirun over the seeds, its own overrides first (``collect`` reads them back
     as those before ``seed=``); finished runs resume to their end at once."""
+    for module, *args in suite.prepare:
+        command = [sys.executable, "-m", module, *args]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
     seeds = ",".join(str(s) for s in suite.seeds)
     rows = {row_key(row): row["overrides"] for row in suite.rows if "runs" not in row}
     for overrides in rows.values():
@@ -318,9 +325,10 @@ def definition(suite: Suite) -> str:
     """The suite's file, its command and each row's overrides: what a reader needs to rerun one row."""
     command = " ".join(["python -m g2rpo.run <row> seed=<seed>", *suite.overrides])
     shared = f", in the run directories of {suite.runs}" if suite.runs else ""
+    prepared = "".join(f"`python -m {' '.join(step)}`, then " for step in suite.prepare)
     lines = [
         f"Suite `experiments/suites/{suite.name}.yaml`: `python -m experiments.reproduce {suite.name}` runs "
-        f"each row as `{command}`{shared}, where `<row>` is:",
+        f"{prepared}each row as `{command}`{shared}, where `<row>` is:",
         "",
     ]
     for row in suite.rows:

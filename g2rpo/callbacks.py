@@ -257,8 +257,9 @@ class ComputeBudget(L.Callback):
     An iteration costs ``nfe/curriculum + nfe/rollout + nfe/train`` forwards plus ``backward_weight`` (2: a
     backward pass costs about two forwards) per forward that was differentiated (``nfe/train_backward``),
     summed over ranks. ``spent_before`` charges work done before the run, such as the curation of an offline
-    dataset. The sum so far is logged as ``compute/forward_equivalents`` and saved in checkpoints, so a
-    resumed run stops where the uninterrupted one would have. A reward model's forwards are not counted.
+    dataset, to its first iteration. Each iteration's cost is logged as ``compute/iteration`` (a curve's x
+    axis) and the sum so far as ``compute/forward_equivalents``, which checkpoints keep, so a resumed run
+    stops where the uninterrupted one would have. A reward model's forwards are not counted.
     """
 
     def __init__(
@@ -270,15 +271,24 @@ class ComputeBudget(L.Callback):
             )
         self.forward_equivalents = forward_equivalents
         self.backward_weight = backward_weight
-        self.spent = spent_before
+        self.spent_before = spent_before
+        self.spent = 0.0
 
     def iteration_cost(self, metrics: dict) -> float:
         forwards = sum(float(metrics.get(f"nfe/{part}", 0.0)) for part in ("curriculum", "rollout", "train"))
         return forwards + self.backward_weight * float(metrics.get("nfe/train_backward", 0.0))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self.spent += trainer.world_size * self.iteration_cost(outputs["metrics"])
-        pl_module.log("compute/forward_equivalents", self.spent, on_step=True, on_epoch=False, batch_size=1)
+        cost = trainer.world_size * self.iteration_cost(outputs["metrics"])
+        if self.spent == 0.0:  # the first iteration carries what was spent before the run
+            cost += self.spent_before
+        self.spent += cost
+        pl_module.log_dict(
+            {"compute/iteration": cost, "compute/forward_equivalents": self.spent},
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
         if self.spent >= self.forward_equivalents:
             log.info(
                 "compute budget reached: %.3g of %.3g forward-equivalents",

@@ -299,6 +299,19 @@ def test_each_row_runs_as_a_multirun_over_the_seeds_and_is_found_by_its_override
     ]
 
 
+def test_prepare_commands_run_once_before_the_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(Suite, "output_dir", property(lambda self: tmp_path / "runs"))
+    suite = Suite(name="s", title="S", rows=[_row("G", "algo=g")], seeds=[0, 1],
+                  columns=[Column(key="eval/score", label="score")],
+                  prepare=[["g2rpo.curate", "curate.output=x"]])  # fmt: skip
+    commands = []
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda command, **_: commands.append(command))
+    reproduce.run(suite, [])
+    assert commands[0][1:] == ["-m", "g2rpo.curate", "curate.output=x"]
+    assert len(commands) == 2 and "--multirun" in commands[1]
+    assert "`python -m g2rpo.curate curate.output=x`, then each row" in reproduce.definition(suite)
+
+
 def test_count_reducer_counts_the_records_that_have_the_key():
     records = [
         {"step": 0, "eval/score": 0.1},
