@@ -70,17 +70,14 @@ class CurationConfigError(ValueError):
 
 
 def chosen_prompts(num_prompts: int, max_prompts: int | None, seed: int) -> list[int]:
-    """The prompt ids to curate, in the order they are sampled: every prompt, or the first ``max_prompts`` of
-    a permutation seeded by ``seed``, so that a subset mixes the dataset's tasks, a killed run's part is a
-    random subset too, and a larger ``max_prompts`` extends a smaller one."""
-    if max_prompts is None:
-        return list(range(num_prompts))
-    if max_prompts < 1:
+    """The prompt ids to curate, in the order they are sampled: a permutation seeded by ``seed``, whole or its
+    first ``max_prompts``. So a subset mixes the dataset's tasks, a killed run's part is a random subset too,
+    and a larger ``max_prompts`` (or null) extends a smaller one into the file an uninterrupted run writes."""
+    if max_prompts is not None and max_prompts < 1:
         raise ValueError(
             f"curate.max_prompts={max_prompts}: give a positive number, or null for every prompt"
         )
-    order = torch.randperm(num_prompts, generator=seeded(seed, STREAM)).tolist()
-    return order[:max_prompts]
+    return torch.randperm(num_prompts, generator=seeded(seed, STREAM)).tolist()[:max_prompts]
 
 
 def sample_noise(policy: FlowPolicy, seed: int, prompt_ids: Sequence[int], samples: Sequence[int]) -> Tensor:
@@ -121,11 +118,14 @@ def sample_images(
 
 
 def passes(sample: CuratedSample, threshold: float, check_threshold: float | None) -> bool:
-    """Kept: the total at least ``threshold`` and, if checked, the check at least ``check_threshold`` (a NaN,
-    an unscorable image, never passes)."""
-    if not sample.total >= threshold:
+    """Kept: the total at least ``threshold`` and, if checked, the check at least ``check_threshold``. The
+    thresholds are rounded to float32, the rewards' precision, so that a reward of exactly 0.9 (stored as
+    0.89999998) passes 0.9; a NaN (an unscorable image) never passes."""
+    if not sample.total >= float(np.float32(threshold)):
         return False
-    return sample.check is None or (check_threshold is not None and sample.check >= check_threshold)
+    return sample.check is None or (
+        check_threshold is not None and sample.check >= float(np.float32(check_threshold))
+    )
 
 
 def write_png(path: Path, pixels: Tensor) -> None:
