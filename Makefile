@@ -14,7 +14,7 @@ LOCKER := .venv-lock
 PIP_TOOLS := pip-tools==7.7.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest run test test-all docs bench bench-gpu gpu-check plans reproduce base-model edit-model unified-model reward-model lint format clean
+.PHONY: help install lock test-latest run test test-all docs bench bench-gpu gpu-check plans reproduce base-model edit-model unified-model reward-model curate-shapes lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -91,6 +91,10 @@ unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/
 REWARD_STEPS := 400
 reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weights/shapes_score
 	$(PY) -m g2rpo.shapes.training.score --steps $(REWARD_STEPS) --out g2rpo/shapes/weights/shapes_score
+
+CURATE_PROMPTS := 256
+curate-shapes: $(STAMP) ## Curate the shapes train prompts with the shipped base (256 x 8 ODE samples, GenEval-shapes >= 0.9) into outputs/curated/shapes
+	$(PY) -m g2rpo.curate model=shapes reward=geneval_shapes data=shapes curate.max_prompts=$(CURATE_PROMPTS) curate.samples_per_prompt=8 curate.num_steps=10 curate.guidance_scale=4.5 curate.threshold=0.9 curate.output=outputs/curated/shapes $(ARGS)
 
 lint: $(STAMP) ## Ruff lint and format check
 	$(PY) -m ruff check g2rpo experiments tests requirements

@@ -29,7 +29,7 @@ from g2rpo.curation import SAMPLES_FILE, CuratedSample, read_kept, read_samples,
 
 SCORES = [0.95, 0.2, 0.9, 0.5]  # per prompt; 0.9 sits on the threshold, which keeps it
 TAGS = ["a", "b", "a", "b"]
-SAMPLES_PER_PROMPT = 3
+SAMPLES_PER_PROMPT = 2
 
 
 class PromptScore:
@@ -106,13 +106,16 @@ def test_keeps_exactly_the_samples_over_the_threshold_whose_check_passes(tmp_pat
         samples_per_prompt=SAMPLES_PER_PROMPT, seed=0, num_steps=2, guidance_scale=4.5, batch_size=5,
     )  # fmt: skip
     brightness = Brightness()(expected.float() / 255, None, None)
-    middle = brightness.sort().values[5:7]  # half the images pass the check; none is within 1e-6 of the line
+    half = len(brightness) // 2  # half the images pass the check; none is within 1e-6 of the line
+    middle = brightness.sort().values[half - 1 : half + 1]
     cfg.curate.check_threshold = float(middle.mean())
     assert middle[1] - middle[0] > 1e-4
     curate(cfg)
 
     samples = read_samples(tmp_path / "out")
-    assert [(s.prompt_id, s.sample) for s in samples] == [(p, k) for p in order for k in range(3)]
+    assert [(s.prompt_id, s.sample) for s in samples] == [
+        (p, k) for p in order for k in range(SAMPLES_PER_PROMPT)
+    ]
     verdicts = []
     for index, sample in enumerate(samples):
         score = SCORES[sample.prompt_id]
@@ -147,7 +150,8 @@ def test_a_killed_run_resumes_into_the_uninterrupted_runs_file_without_resamplin
     assert sampled == order[:2]
     # the kill: the first prompt whole, one line of the second, and half of its next line
     lines = (killed / SAMPLES_FILE).read_text().splitlines(keepends=True)
-    (killed / SAMPLES_FILE).write_text("".join(lines[:4]) + lines[4][:40])
+    torn = SAMPLES_PER_PROMPT + 1
+    (killed / SAMPLES_FILE).write_text("".join(lines[:torn]) + lines[torn][:40])
     sampled.clear()
     curate(compose_curate(tmp_path, killed))  # the uninterrupted run's command (max_prompts: null)
     assert sampled == order[1:]
@@ -243,3 +247,6 @@ def test_the_default_directory_is_named_by_the_overrides_that_change_the_data():
         hydra.cfg = previous
     assert outputs == ["outputs/curated/curate.threshold=0.8"] * 2 + ["outputs/curated/default"]
     assert composed[2].curate.check is None and composed[2].curate.threshold == 0.9
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        checked = compose("curate", overrides=["+reward@curate.check=shapes_score", "curate.output=unused"])
+    assert set(instantiate(checked.curate.check).rewards) == {"shapes_score"}  # a reward option as the check
