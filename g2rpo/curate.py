@@ -218,12 +218,11 @@ def curate(cfg: DictConfig) -> Path:
     directory = Path(settings.output)
     if settings.report_only:
         return write_report(directory, settings.threshold)
-    check_servers(cfg, roots=("reward", "curate"))  # served rewards answer before anything loads
-    config = OmegaConf.to_container(cfg, resolve=True)
-    check_directory(directory, config)
     n = settings.samples_per_prompt
     if n < 1:
         raise ValueError(f"curate.samples_per_prompt={n}: give at least 1")
+    check_servers(cfg, roots=("reward", "curate"))  # served rewards answer before anything loads
+    check_directory(directory, OmegaConf.to_container(cfg, resolve=True))
     dataset = instantiate(cfg.data)
     prompt_ids = chosen_prompts(len(dataset), settings.max_prompts, cfg.seed)
     done = complete_prompts(directory, n)
