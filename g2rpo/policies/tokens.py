@@ -4,7 +4,9 @@ algorithms drive a :class:`~g2rpo.policies.base.FlowPolicy`: sample under ``no_g
 what was sampled, then recompute those log-probs with gradients during the update.
 
 A policy can implement both interfaces over shared weights (a unified model): the understanding side samples
-``task="answer"`` tokens, the generation side is a flow policy or ``task="image"`` tokens.
+``task="answer"`` tokens, the generation side is a flow policy or ``task="image"`` tokens. A judge samples
+``task="compare"`` tokens: which of two images (``images`` A, ``other_images`` B, ``[B, 3, H, W]`` in [0, 1])
+matches a caption (``questions``) better, as ``<answer>A</answer>`` or ``<answer>B</answer>``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor
 from g2rpo.policies.base import Policy
 from g2rpo.types import TokenRollout
 
-TOKEN_TASKS = ("answer", "image")
+TOKEN_TASKS = ("answer", "image", "compare")
 
 
 class TokenPolicy(Policy):

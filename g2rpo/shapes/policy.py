@@ -37,6 +37,7 @@ from g2rpo.types import Conditioning, TokenRollout
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HELDOUT_SEED = 20_240_811  # understanding evaluation scenes: a stream no training step draws from
 HELDOUT_PER_TYPE = 200
+TASKS = ("answer", "compare")  # compare: the judge's (a model with_judge_tokens)
 
 
 class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
@@ -121,26 +122,33 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
     # ---- token side ---------------------------------------------------------------------------------
 
     def _check_task(self, task: str) -> None:
-        if task != "answer":
+        if task not in TASKS:
             raise ValueError(
-                f"UnifiedPolicy samples task='answer' tokens only, not {task!r}: it draws images by flow "
-                "matching, so train its generation with a flow algorithm (e.g. algo=flow_grpo)"
+                f"UnifiedPolicy samples task='answer' or 'compare' tokens only, not {task!r}: it draws images by "
+                "flow matching, so train its generation with a flow algorithm (e.g. algo=flow_grpo)"
             )
+        if task == "compare":
+            self.model.check_judges()
 
-    def _answer_context(self, images: Tensor, questions: list[str]) -> tuple[Tensor, list[list[int]]]:
-        """Images in [-1, 1] on the model's device, and each question's ``words <|answer|>`` ids."""
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images for {len(questions)} questions")
-        return images.to(self.device).float() * 2 - 1, [self.model.question_prefix(q) for q in questions]
+    def _context(self, task: str, inputs: Mapping[str, Any]) -> tuple[tuple[Tensor, ...], list[list[int]]]:
+        """The images in [-1, 1] on the model's device (``answer``: the image; ``compare``: A then B) and each
+        sample's text up to its reply (``question <|answer|>``, or ``caption <|judge|>``)."""
+        questions = list(inputs["questions"])
+        images = (inputs["images"],) if task == "answer" else (inputs["images"], inputs["other_images"])
+        if any(len(i) != len(questions) for i in images):
+            raise ValueError(f"{[len(i) for i in images]} images for {len(questions)} questions")
+        prefix = self.model.question_prefix if task == "answer" else self.model.judge_prefix
+        return tuple(i.to(self.device).float() * 2 - 1 for i in images), [prefix(q) for q in questions]
 
-    def _logits_at(self, images: Tensor, rows: list[list[int]], offsets: Tensor) -> Tensor:
-        """Logits ``[B, K, V]`` at text positions ``offsets`` ``[B, K]`` of ``<bos> [image] rows`` (rows
+    def _logits_at(self, images: tuple[Tensor, ...], rows: list[list[int]], offsets: Tensor) -> Tensor:
+        """Logits ``[B, K, V]`` at text positions ``offsets`` ``[B, K]`` of ``<bos> [images] rows`` (rows
         right-padded with end tokens, which causal attention hides from the positions read)."""
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.model.eos_id, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        logits = self.active.answer_logits(images, ids.to(self.device))
+        forward = self.active.answer_logits if len(images) == 1 else self.active.compare_logits
+        logits = forward(*images, ids.to(self.device))
         index = offsets.to(self.device)[..., None].expand(-1, -1, logits.shape[-1])
         return logits.gather(1, index).float()
 
@@ -159,7 +167,10 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
         max_new_tokens: int | None = None,
         guidance_scale: float = 1.0,
     ) -> TokenRollout:
-        """Answers to ``inputs["questions"]`` about ``inputs["images"]`` ([B, 3, H, W] in [0, 1]).
+        """Answers to ``inputs["questions"]`` about ``inputs["images"]`` ([B, 3, H, W] in [0, 1]); for
+        ``task="compare"``, verdicts on which of ``inputs["images"]`` (A) and ``inputs["other_images"]`` (B)
+        matches the caption ``inputs["questions"]`` better (texts ``<answer>A</answer>`` when the format is
+        kept, the tokens joined without spaces).
 
         Sample ``i`` draws from ``generators[i]`` only; temperature 0 is greedy, and its log-probs are
         those of the argmax under temperature 1. Every rollout has ``max_new_tokens`` (default 4) columns:
@@ -170,7 +181,7 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
         questions = list(inputs["questions"])
         if len(generators) != len(questions):
             raise ValueError(f"{len(generators)} generators for {len(questions)} questions")
-        images, prefixes = self._answer_context(inputs["images"], questions)
+        images, prefixes = self._context(task, inputs)
         steps = 4 if max_new_tokens is None else max_new_tokens
         batch, eos = len(questions), self.model.eos_id
         tokens = torch.full((batch, steps), eos, dtype=torch.long)
@@ -196,10 +207,12 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
             done |= picked == eos
             if bool(done.all()):
                 break
-        texts = [self.model.decode_answer(row[m].tolist()) for row, m in zip(tokens, mask)]
+        decode = self.model.decode_answer if task == "answer" else self.model.decode_verdict
+        texts = [decode(row[m].tolist()) for row, m in zip(tokens, mask)]
+        kept = ("images", "questions") if task == "answer" else ("images", "other_images", "questions")
         return TokenRollout(
-            task="answer",
-            inputs={"images": inputs["images"], "questions": questions},
+            task=task,
+            inputs={key: questions if key == "questions" else inputs[key] for key in kept},
             tokens=tokens.to(self.device),
             mask=mask.to(self.device),
             log_probs=log_probs.to(self.device),
@@ -208,10 +221,11 @@ class UnifiedPolicy(FrozenReference, FlowPolicy, TokenPolicy):
         )
 
     def token_log_probs(self, rollout: TokenRollout) -> Tensor:
-        """One differentiable forward over ``<bos> [image] question <|answer|> tokens``: the same logits
-        as the step-by-step sampling (causal text), so the ratio is 1 before an update."""
+        """One differentiable forward over ``<bos> [image] question <|answer|> tokens`` (or the comparison
+        layout): the same logits as the step-by-step sampling (causal text), so the ratio is 1 before an
+        update."""
         self._check_task(rollout.task)
-        images, prefixes = self._answer_context(rollout.inputs["images"], list(rollout.inputs["questions"]))
+        images, prefixes = self._context(rollout.task, rollout.inputs)
         mask, tokens = rollout.mask.to(self.device), rollout.tokens.to(self.device)
         tokens = torch.where(mask, tokens, torch.full_like(tokens, self.model.eos_id))  # padding: any id
         steps = tokens.shape[1]

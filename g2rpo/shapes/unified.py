@@ -11,6 +11,11 @@ Layouts (a 32x32 RGB image in [-1, 1] cut into 4x4 patches is 64 image tokens)::
 
     understanding   <bos> [image at sigma = 0] question words <|answer|> answer <eos>
     generation      <bos> caption words <eos> <eos> ... [image at sigma]        (fixed caption length)
+    comparison      <bos> [image A] [image B] caption words <|judge|> <answer> A|B </answer> <eos>
+
+The comparison layout is the judge's (:func:`with_judge_tokens` adds its tokens; UniPic's Skywork-ImgReward
+in miniature): two clean images, each bidirectional within itself, told apart by a learned image-index
+embedding, then the caption both were drawn for.
 
 Captions are padded with end tokens as CLIP pads them, so no padding mask is needed: text is causal and
 never sees what follows it, and every caption has the same length in training and sampling. Questions
@@ -35,6 +40,11 @@ from g2rpo.shapes.model import SPECIAL, vocabulary, word_tokenizer
 
 UNIFIED_MODEL_DIR = Path(__file__).parent / "weights" / "unified"
 ANSWER_MARKER = "<|answer|>"
+JUDGE_MARKER = "<|judge|>"
+#: the verdict's tokens, appended after the unified vocabulary so that every earlier id is kept. ``A`` and
+#: ``B`` are produced by id, never read from text (the lowercasing normalizer would read "A" as "a").
+VERDICT_OPEN, VERDICT_CLOSE, CHOICES = "<answer>", "</answer>", ("A", "B")
+JUDGE_TOKENS = (JUDGE_MARKER, VERDICT_OPEN, VERDICT_CLOSE, *CHOICES)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 DEFAULT_SIZES = {
     "hidden_size": 128,
@@ -61,12 +71,14 @@ def unified_tokenizer(caption_length: int = DEFAULT_SIZES["caption_length"]) -> 
 
 
 @lru_cache(maxsize=64)
-def block_causal_mask(before: int, image: int, after: int) -> Tensor:
-    """``[1, 1, S, S]`` additive mask (0 = attend): causal over the sequence, except that the ``image``
-    tokens after the first ``before`` text tokens all see each other (Transfusion's mask)."""
-    size = before + image + after
+def block_causal_mask(before: int, image: int, after: int, images: int = 1) -> Tensor:
+    """``[1, 1, S, S]`` additive mask (0 = attend): causal over the sequence, except that each of the
+    ``images`` consecutive blocks of ``image`` tokens after the first ``before`` text tokens sees itself
+    whole (Transfusion's mask; a later image also sees the earlier ones, causally)."""
+    size = before + images * image + after
     allowed = torch.ones(size, size, dtype=torch.bool).tril()
-    allowed[before : before + image, before : before + image] = True
+    for start in range(before, before + images * image, image):
+        allowed[start : start + image, start : start + image] = True
     mask = torch.zeros(size, size).masked_fill(~allowed, torch.finfo(torch.float32).min)
     return mask[None, None]
 
@@ -78,6 +90,10 @@ class UnifiedModel(nn.Module):
     learned 2-D position embedding and the noise-level embedding (diffusers' sinusoidal ``Timesteps`` of
     ``1000 sigma`` and its ``TimestepEmbedding`` MLP), added to every image token. The LM head reads text
     positions, ``image_out`` reads image positions (the velocity ``noise - x0`` of each patch).
+
+    A tokenizer with the judge's tokens (:data:`JUDGE_TOKENS`) makes a judge: it gains ``image_index``, one
+    row per compared image, added to that image's tokens; a model without them has exactly the parameters
+    (and outputs) it had before judges existed.
     """
 
     def __init__(self, sizes: dict, tokenizer: PreTrainedTokenizerFast) -> None:
@@ -124,6 +140,13 @@ class UnifiedModel(nn.Module):
         self.image_out = nn.Linear(hidden, patch_dim)
         nn.init.zeros_(self.image_out.weight)  # a zero velocity at initialisation, as DiT's final layer
         nn.init.zeros_(self.image_out.bias)
+        self.judges = JUDGE_MARKER in tokenizer.get_vocab()
+        if self.judges:
+            # zero: before training both images look as the understanding layout's single image does
+            self.image_index = nn.Parameter(torch.zeros(len(CHOICES), hidden))
+            self.judge_id, self.open_id, self.close_id, *self.choice_ids = tokenizer.convert_tokens_to_ids(
+                list(JUDGE_TOKENS)
+            )
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +170,29 @@ class UnifiedModel(nn.Module):
     def question_prefix(self, question: str) -> list[int]:
         """The text after the image up to the answer: ``question words <|answer|>``."""
         return [*self.words(question), self.marker_id]
+
+    def judge_prefix(self, caption: str) -> list[int]:
+        """The text after the two images up to the verdict: ``caption words <|judge|>``."""
+        self.check_judges()
+        return [*self.words(caption), self.judge_id]
+
+    def verdict_ids(self, choice: str) -> list[int]:
+        """``<answer> A|B </answer> <eos>``: the exact format (for the format cold start)."""
+        return [self.open_id, self.choice_ids[CHOICES.index(choice)], self.close_id, self.eos_id]
+
+    def decode_verdict(self, tokens: list[int]) -> str:
+        """The tokens before the first end token, joined without spaces: ``<answer>A</answer>`` when the
+        format is kept (the answer task's decoding would put spaces between the verdict's tokens)."""
+        if self.eos_id in tokens:
+            tokens = tokens[: tokens.index(self.eos_id)]
+        return "".join(self.tokenizer.convert_ids_to_tokens(tokens))
+
+    def check_judges(self) -> None:
+        if not self.judges:
+            raise ValueError(
+                "this unified model has no judge tokens: compare images with the shipped judge "
+                "(g2rpo/shapes/weights/judge, `make judge-model`) or a model from with_judge_tokens()"
+            )
 
     def decode_answer(self, tokens: list[int]) -> str:
         """The words before the first end token."""
@@ -196,6 +242,24 @@ class UnifiedModel(nn.Module):
         hidden = self.hidden_states(torch.cat([first, image, text], dim=1), before=1)
         return self.lm_head(hidden[:, 1 + self.num_image_tokens :])
 
+    def compare_logits(self, images: Tensor, others: Tensor, text_ids: Tensor) -> Tensor:
+        """Comparison: ``[B, T, V]`` logits at each of ``text_ids``' positions in ``<bos> [image A]
+        [image B] text_ids`` (clean images in [-1, 1]; ``images`` is A, ``others`` B)."""
+        self.check_judges()
+        bos = torch.full((images.shape[0], 1), self.bos_id, dtype=torch.long, device=text_ids.device)
+        first, text = self.llama.embed_tokens(bos), self.llama.embed_tokens(text_ids)
+        clean = torch.zeros(images.shape[0], device=images.device)
+        pictures = [
+            self.image_embeds(pixels.to(text.dtype), clean) + self.image_index[index]
+            for index, pixels in enumerate((images, others))
+        ]
+        embeds = torch.cat([first, *pictures, text], dim=1)
+        mask = block_causal_mask(1, self.num_image_tokens, text.shape[1], images=2)
+        hidden = self.llama(
+            inputs_embeds=embeds, attention_mask=mask.to(embeds.device, embeds.dtype), use_cache=False
+        ).last_hidden_state
+        return self.lm_head(hidden[:, 1 + 2 * self.num_image_tokens :])
+
     # ---- files --------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
@@ -215,6 +279,35 @@ def unified_model(seed: int = 0, **sizes) -> UnifiedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UnifiedModel(sizes, unified_tokenizer(sizes["caption_length"]))
+
+
+def with_judge_tokens(model: UnifiedModel, seed: int = 0) -> UnifiedModel:
+    """A copy of ``model`` that can also judge (:meth:`UnifiedModel.compare_logits`): the tokenizer gains
+    :data:`JUDGE_TOKENS` (after every existing id), the word embeddings and LM head gain their rows, and the
+    image-index embedding starts at zero. New embedding rows are drawn around the old rows' mean with their
+    spread (as transformers' mean resizing), new LM-head rows are the old rows' mean, so every new token
+    starts with the mean logit. The weights depend only on ``model`` and ``seed``."""
+    if model.judges:
+        raise ValueError("the model already has the judge tokens")
+    words = list(model.tokenizer.convert_ids_to_tokens(list(range(len(model.tokenizer)))))
+    tokenizer = word_tokenizer(model.sizes["caption_length"], [*words, *JUDGE_TOKENS])
+    with torch.random.fork_rng(devices=[]):  # the fresh model's initialisation is overwritten below
+        judge = UnifiedModel(model.sizes, tokenizer).to(model.device)
+    grown = ("llama.embed_tokens.weight", "lm_head.weight")
+    missing, unexpected = judge.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k not in grown}, strict=False
+    )
+    assert set(missing) == {*grown, "image_index"} and not unexpected, (missing, unexpected)
+    old = len(words)
+    embed, head = model.llama.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(JUDGE_TOKENS), embed.shape[1], generator=generator).to(embed)
+    with torch.no_grad():
+        judge.llama.embed_tokens.weight[:old] = embed
+        judge.llama.embed_tokens.weight[old:] = embed.mean(0) + noise * embed.std(0)
+        judge.lm_head.weight[:old] = head
+        judge.lm_head.weight[old:] = head.mean(0)
+    return judge
 
 
 def load_unified_model(path: str | None = None, dtype: str = "float32") -> UnifiedModel:
