@@ -15,7 +15,7 @@ import re
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from g2rpo.algos import DGPO, G2RPO, RFT, DanceGRPO, FlowGRPO, MixGRPO, PairGRPO
+from g2rpo.algos import DGPO, G2RPO, RFT, DanceGRPO, FlowGRPO, MixGRPO, PairGRPO, TokenGRPO
 from g2rpo.curriculum import CurESCurriculum, UniformCurriculum
 
 SCHEMAS = {
@@ -27,6 +27,7 @@ SCHEMAS = {
         "dgpo": DGPO,
         "pair_grpo": PairGRPO,
         "rft": RFT,
+        "token_grpo": TokenGRPO,
     },
     "curriculum": {"uniform": UniformCurriculum, "cures": CurESCurriculum},
 }

@@ -37,7 +37,8 @@ from g2rpo.algos.base import (
 from g2rpo.data import read_image
 from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy
 from g2rpo.randomness import TOKEN, keyed
-from g2rpo.types import LossOutput, PromptBatch, TokenRollout, TrainingUnit
+from g2rpo.rewards.base import RewardEnsemble
+from g2rpo.types import LossOutput, PromptBatch, RewardOutput, TokenRollout, TrainingUnit
 
 AGGREGATIONS = ("token", "sequence")
 
@@ -92,23 +93,35 @@ def token_kl(log_probs: Tensor, ref_log_probs: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def _images(batch: PromptBatch, key: str, task: str) -> Tensor:
+    """``metadata[key]`` of every sample, a tensor or a path (g2rpo.data.pair_dataset) read when its sample
+    is rolled out."""
+    missing = [i for i, meta in enumerate(batch.metadata) if key not in meta]
+    if missing:
+        raise ValueError(
+            f"algo task={task} needs metadata[{key!r}] per sample; samples {missing[:5]} have none: use "
+            f"{'a question dataset such as data=shapes_pairs' if task == 'answer' else 'data=judge_pairs'}"
+        )
+    images = [
+        read_image(Path(meta[key]), meta["image_size"]) if isinstance(meta[key], str) else meta[key]
+        for meta in batch.metadata
+    ]
+    return torch.stack(images)
+
+
 def token_inputs(task: str, batch: PromptBatch) -> dict:
     """What :meth:`TokenPolicy.sample_tokens` needs from a prompt batch: ``answer`` reads each sample's image
-    from ``metadata["image"]`` and asks ``prompts`` (the questions); ``image`` draws ``prompts``."""
+    from ``metadata["image"]`` and asks ``prompts`` (the questions); ``compare`` reads images A and B from
+    ``metadata["image"]`` and ``metadata["other_image"]`` with ``prompts`` as the captions; ``image`` draws
+    ``prompts``."""
     if task == "answer":
-        missing = [i for i, meta in enumerate(batch.metadata) if "image" not in meta]
-        if missing:
-            raise ValueError(
-                f"algo task=answer needs an image per question (metadata['image']); samples {missing[:5]} have "
-                "none: use a question dataset such as data=shapes_pairs"
-            )
-        images = [
-            read_image(Path(meta["image"]), meta["image_size"])
-            if isinstance(meta["image"], str)
-            else meta["image"]
-            for meta in batch.metadata
-        ]  # a path (g2rpo.data.pair_dataset) is read when its sample is rolled out
-        return {"images": torch.stack(images), "questions": batch.prompts}
+        return {"images": _images(batch, "image", task), "questions": batch.prompts}
+    if task == "compare":
+        return {
+            "images": _images(batch, "image", task),
+            "other_images": _images(batch, "other_image", task),
+            "questions": batch.prompts,
+        }
     return {"prompts": batch.prompts}
 
 
@@ -116,7 +129,7 @@ def token_inputs(task: str, batch: PromptBatch) -> dict:
 class TokenGRPO(Algorithm[TokenRollout]):
     """Defaults: PairUni's (temperature 1, beta 0, group std), with PPO's clip 0.2 (DeepSeekMath)."""
 
-    task: str = "answer"  # answer (text out) | image (an autoregressive model's image tokens)
+    task: str = "answer"  # answer (text out) | compare (a judge's verdict) | image (image tokens)
     temperature: float = 1.0
     max_new_tokens: int = 4  # answer task: the shapes world's answers are one word and an end token
     guidance_scale: float = 5.0  # image task: CFG of the image-token logits (PairUni: 5); unused for answers
@@ -145,6 +158,13 @@ class TokenGRPO(Algorithm[TokenRollout]):
     def uses_reference(self) -> bool:
         return self.beta > 0
 
+    def score(self, reward: RewardEnsemble, rollout: TokenRollout) -> RewardOutput:
+        """Text tasks (``answer``, ``compare``) are scored on the decoded texts (rewards such as
+        :mod:`g2rpo.rewards.preference`'s read texts where others read images); ``image`` on the images."""
+        if self.task == "image":
+            return super().score(reward, rollout)
+        return reward(rollout.texts, rollout.scored.prompts, rollout.scored.metadata)
+
     def rollout(
         self, policy: TokenPolicy, batch: PromptBatch, generator: torch.Generator, iteration: int = 0
     ) -> TokenRollout:
@@ -154,9 +174,10 @@ class TokenGRPO(Algorithm[TokenRollout]):
         guidance = self.guidance_scale if self.task == "image" else 1.0
         chunks = []
         for rows in torch.arange(len(batch)).split(self.rollout_batch_size):
-            chunk_inputs = {key: [value[i] for i in rows.tolist()] for key, value in inputs.items()}
-            if "images" in chunk_inputs:
-                chunk_inputs["images"] = inputs["images"][rows]
+            chunk_inputs = {
+                key: value[rows] if isinstance(value, Tensor) else [value[i] for i in rows.tolist()]
+                for key, value in inputs.items()
+            }
             chunks.append(
                 policy.sample_tokens(
                     self.task,

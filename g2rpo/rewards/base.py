@@ -62,12 +62,18 @@ class RewardEnsemble:
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.rewards}
         self.aggregate = aggregate
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
+    def __call__(
+        self, images: Tensor | Sequence[str], prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> RewardOutput:
+        """``images`` ``[B, 3, H, W]``, or the decoded texts of a text rollout (token GRPO's answer and compare
+        tasks), which its rewards read in their place."""
         scores = {}
+        texts = not isinstance(images, Tensor)
+        device = "cpu" if texts else images.device
         # an edit's source, from its prompt's metadata, for the rewards that read it (None: text-to-image)
         sources = (
             source_images(metadata, images.shape[-1], images.device)
-            if any(map(reads_sources, self.rewards.values()))
+            if not texts and any(map(reads_sources, self.rewards.values()))
             else None
         )
         for name, fn in self.rewards.items():
@@ -75,10 +81,9 @@ class RewardEnsemble:
             score = fn(images, prompts, metadata, **edit)
             if not isinstance(score, Tensor):
                 score = torch.tensor([float("nan") if s is None else float(s) for s in score])
-            score = score.detach().float().to(images.device).flatten()
-            if score.shape[0] != images.shape[0]:
-                raise ValueError(
-                    f"reward {name!r} returned {score.shape[0]} scores for {images.shape[0]} images"
-                )
+            score = score.detach().float().to(device).flatten()
+            if score.shape[0] != len(images):
+                what = "texts" if texts else "images"
+                raise ValueError(f"reward {name!r} returned {score.shape[0]} scores for {len(images)} {what}")
             scores[name] = score
         return RewardOutput(scores=scores, weights=self.weights, aggregate=self.aggregate)
