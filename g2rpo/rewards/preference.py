@@ -1,6 +1,6 @@
 """Pairwise preferences: the rewards that train a judge, and the reward a trained judge gives images.
 
-UniPic's Skywork-ImgReward (arXiv 2508.03320, sec. on reward models) is a VLM judge trained by GRPO with
+UniPic's Skywork-ImgReward (arXiv 2508.03320, its reward models) is a VLM judge trained by GRPO with
 ``r = r_theta + r_format``: a pairwise-ranking score and a format score. Here, for a verdict text on a pair
 whose preferred image is known (``metadata["preferred"]`` in ``{"A", "B"}``):
 
@@ -46,7 +46,9 @@ class RankingCorrect:
     def __call__(self, texts: Sequence[str], prompts: Sequence[str], metadata: Sequence[dict]) -> Tensor:
         return torch.tensor(
             [
-                float("nan") if meta.get("preferred") is None else float(parse_verdict(text) == meta["preferred"])
+                float("nan")
+                if meta.get("preferred") is None
+                else float(parse_verdict(text) == meta["preferred"])
                 for text, meta in zip(texts, metadata, strict=True)
             ]
         )

@@ -85,7 +85,9 @@ def judge_pairs(
     """``num_pairs`` pairs, tasks drawn uniformly (GenEval weighs its six tasks equally), then a caption of
     the task (see the module docstring)."""
     if split_name not in ("train", "heldout"):
-        raise ValueError(f"data.split_name={split_name!r}: the judge's pairs have a train and a heldout split")
+        raise ValueError(
+            f"data.split_name={split_name!r}: the judge's pairs have a train and a heldout split"
+        )
     captions = split(split_name)
     detector = GenEvalShapes(strict=False)
     rng = np.random.default_rng([seed, ("train", "heldout").index(split_name)])
