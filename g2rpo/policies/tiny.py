@@ -1,11 +1,11 @@
-"""Tiny SD3, FLUX, Qwen-Image and Janus models built from configs in code: no download, random but seeded
+"""Tiny SD3, FLUX, Qwen-Image, Qwen2.5-VL and Janus models built from configs in code: no download, random but seeded
 weights.
 
 They have the real architecture (``SD3Transformer2DModel``, optionally an ``AutoencoderKL``, two CLIP text
 encoders; T5 omitted as diffusers allows; Qwen-Image's MMDiT, video VAE and Qwen2.5-VL with its vision
-tower; Janus's Llama, vision encoder and VQ-VAE) at a few hundred thousand parameters, as diffusers' and
-transformers' own fast tests do, so the code path that drives SD3.5, Qwen-Image-Edit or Janus-Pro is the
-one tested here. Tokenisation is byte-level: a BPE tokenizer with a byte vocabulary and no
+tower, the Qwen2.5-VL also alone as a judge; Janus's Llama, vision encoder and VQ-VAE) at a few hundred
+thousand parameters, as diffusers' and transformers' own fast tests do, so the code path that drives SD3.5,
+Qwen-Image-Edit, Janus-Pro or a Qwen2.5-VL judge is the one tested here. Tokenisation is byte-level: a BPE tokenizer with a byte vocabulary and no
 merges, built locally.
 """
 
@@ -51,6 +51,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from g2rpo.policies.janus import Janus
 from g2rpo.policies.qwen_image import ImageOnlyQwen2VLProcessor
+from g2rpo.policies.qwen_vl import QwenVL
 
 
 def char_tokenizer(max_length: int = 16) -> CLIPTokenizer:
@@ -275,18 +276,13 @@ def tiny_qwen_tokenizer() -> Qwen2Tokenizer:
     return Qwen2Tokenizer(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>")
 
 
-def tiny_qwen_image_components(
-    seed: int = 0, latent_channels: int = 4, text_hidden_size: int = 32, vision_patch_size: int = 4
-) -> dict:
-    """The parts of a tiny Qwen-Image(-Edit), as diffusers' Qwen-Image tests size them: the real
-    ``QwenImageTransformer2DModel`` (RoPE axes summing to the head dimension), an ``AutoencoderKLQwenImage``
-    downsampling 2x with non-trivial latent normalisation constants, a Qwen2.5-VL with its vision tower
-    (multimodal RoPE sections summing to half the text head dimension), the byte-level tokenizer and a VL
-    processor that cuts images into ``vision_patch_size`` patches, merged 2x2 into tokens; the scheduler is
-    Qwen-Image's own config. Weights depend only on ``seed``."""
-    tokenizer = tiny_qwen_tokenizer()
+def tiny_qwen_vl_config(
+    tokenizer: Qwen2Tokenizer, text_hidden_size: int = 32, vision_patch_size: int = 4
+) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config at a few hundred thousand parameters: multimodal RoPE sections summing to half the
+    text head dimension, a one-block vision tower (full attention) whose merger outputs the text width."""
     token = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": text_hidden_size,
@@ -313,6 +309,29 @@ def tiny_qwen_image_components(
         vision_start_token_id=token("<|vision_start|>"),
         vision_end_token_id=token("<|vision_end|>"),
     )
+
+
+def tiny_qwen_vl_image_processor(vision_patch_size: int = 4) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL's image processor cutting ``vision_patch_size`` patches, merged 2x2 into tokens."""
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision_patch_size,
+        merge_size=2,
+        min_pixels=(2 * vision_patch_size) ** 2,
+        max_pixels=(32 * vision_patch_size) ** 2,
+    )
+
+
+def tiny_qwen_image_components(
+    seed: int = 0, latent_channels: int = 4, text_hidden_size: int = 32, vision_patch_size: int = 4
+) -> dict:
+    """The parts of a tiny Qwen-Image(-Edit), as diffusers' Qwen-Image tests size them: the real
+    ``QwenImageTransformer2DModel`` (RoPE axes summing to the head dimension), an ``AutoencoderKLQwenImage``
+    downsampling 2x with non-trivial latent normalisation constants, a Qwen2.5-VL with its vision tower
+    (multimodal RoPE sections summing to half the text head dimension), the byte-level tokenizer and a VL
+    processor that cuts images into ``vision_patch_size`` patches, merged 2x2 into tokens; the scheduler is
+    Qwen-Image's own config. Weights depend only on ``seed``."""
+    tokenizer = tiny_qwen_tokenizer()
+    config = tiny_qwen_vl_config(tokenizer, text_hidden_size, vision_patch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = QwenImageTransformer2DModel(
@@ -335,12 +354,7 @@ def tiny_qwen_image_components(
             latents_std=torch.linspace(1.2, 2.8, latent_channels).tolist(),
         )
         text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=vision_patch_size,
-        merge_size=2,
-        min_pixels=(2 * vision_patch_size) ** 2,
-        max_pixels=(32 * vision_patch_size) ** 2,
-    )
+    image_processor = tiny_qwen_vl_image_processor(vision_patch_size)
     # Qwen-Image's scheduler: dynamic shifting by the number of image tokens, exponential time shift
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0,
@@ -373,6 +387,39 @@ def tiny_qwen_image_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
     """A tiny Qwen-Image-Edit of :func:`tiny_qwen_image_components`: the same parts as the text-to-image
     model, the VL processor added for the source image."""
     return QwenImageEditPipeline(**tiny_qwen_image_components(seed))
+
+
+# The hub Qwen2-VL / Qwen2.5-VL chat template without its video branch and vision ids: a default system
+# prompt, then "<|im_start|>{role}\n{content}<|im_end|>\n" turns, images as
+# "<|vision_start|><|image_pad|><|vision_end|>".
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen_vl(seed: int = 0, text_hidden_size: int = 32, vision_patch_size: int = 4) -> QwenVL:
+    """A randomly initialised Qwen2.5-VL of :func:`tiny_qwen_vl_config` with the byte-level tokenizer and an
+    image-only processor carrying the hub chat template's image subset: the judge's tiny model. Images of
+    side ``4 * vision_patch_size`` are 4 tokens each. Weights depend only on ``seed``."""
+    tokenizer = tiny_qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(
+            tiny_qwen_vl_config(tokenizer, text_hidden_size, vision_patch_size)
+        ).eval()
+    processor = ImageOnlyQwen2VLProcessor(
+        image_processor=tiny_qwen_vl_image_processor(vision_patch_size),
+        tokenizer=tokenizer,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    return QwenVL(model, processor)
 
 
 def random_sd3_pipeline(
