@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 EXACT = re.compile(r"<answer>([AB])</answer>")
+REASONED = re.compile(r"(?:(?!<answer>).)*<answer>([AB])</answer>", re.DOTALL)  # one verdict, at the end
 LENIENT = re.compile(r"<answer>\s*([AB])\s*</answer>", re.IGNORECASE)
 
 
@@ -34,9 +35,10 @@ def parse_verdict(text: str) -> str | None:
     return match.group(1).upper() if match else None
 
 
-def exact_format(text: str) -> bool:
-    """Whether the whole text is ``<answer>A</answer>`` or ``<answer>B</answer>``, nothing around it."""
-    return EXACT.fullmatch(text) is not None
+def exact_format(text: str, reasoning: bool = False) -> bool:
+    """Whether the whole text is ``<answer>A</answer>`` or ``<answer>B</answer>``, nothing around it; with
+    ``reasoning``, any text without an ``<answer>`` tag may come before the verdict, nothing after it."""
+    return (REASONED if reasoning else EXACT).fullmatch(text) is not None
 
 
 class RankingCorrect:
@@ -55,10 +57,15 @@ class RankingCorrect:
 
 
 class VerdictFormat:
-    """1 when the text is exactly the verdict format (:func:`exact_format`), else 0."""
+    """1 when the text is exactly the verdict format (:func:`exact_format`), else 0. ``reasoning``: the
+    verdict may follow free reasoning (a judge prompted to think first, as the Qwen2.5-VL judge's default
+    instruction allows)."""
+
+    def __init__(self, reasoning: bool = False) -> None:
+        self.reasoning = reasoning
 
     def __call__(self, texts: Sequence[str], prompts: Sequence[str], metadata: Sequence[dict]) -> Tensor:
-        return torch.tensor([float(exact_format(text)) for text in texts])
+        return torch.tensor([float(exact_format(text, self.reasoning)) for text in texts])
 
 
 class Judge(Protocol):
