@@ -204,3 +204,60 @@ def pair_dataset(path: str, image_root: str | None = None, image_size: int = 384
         prompts.append(prompt)
         metadata.append({**record, "pair": pair})
     return PromptDataset(prompts=prompts, metadata=metadata)
+
+
+#: the columns of a preference-pairs file, each line ``{"caption", "image_a", "image_b", "preferred"}``
+PREFERENCE_COLUMNS = ("caption", "image_a", "image_b", "preferred")
+
+
+def preference_pairs(
+    path: str, image_root: str | None = None, image_size: int = 448, both_orders: bool = True
+) -> PromptDataset:
+    """Human preference pairs to train a judge (``task="compare"``) from a JSONL file, one pair per line:
+    ``{"caption": the prompt both images were drawn for, "image_a": path, "image_b": path, "preferred": "A" |
+    "B"}``, other keys kept as metadata (e.g. an export of Pick-a-Pic, HPDv2 or ImageRewardDB with the source
+    and its ids). ``image_root`` prefixes relative paths (default: the file's folder); every file is checked
+    here and read when its sample is rolled out, at ``image_size``.
+
+    ``both_orders`` shows each pair twice, A/B and swapped (its label with it), so that a judge cannot earn
+    the ranking reward by favouring one position. Errors name the file and line."""
+    root = Path(image_root) if image_root else Path(path).parent
+    prompts, metadata = [], []
+    for number, record in _json_lines(Path(path)):
+        where = f"{path}:{number}"
+        missing = [key for key in PREFERENCE_COLUMNS if key not in record]
+        if missing:
+            raise ValueError(
+                f"{where}: a preference pair needs {list(PREFERENCE_COLUMNS)}; missing {missing} (the keys are "
+                f"{sorted(record)})"
+            )
+        caption = record.pop("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f'{where}: "caption" must be a non-empty string, got {caption!r}')
+        preferred = record.pop("preferred")
+        if preferred not in ("A", "B"):
+            raise ValueError(
+                f'{where}: "preferred" must be "A" or "B" (image_a or image_b), got {preferred!r}'
+            )
+        images = []
+        for key in ("image_a", "image_b"):
+            image = Path(str(record.pop(key)))
+            image = image if image.is_absolute() else root / image
+            if not image.is_file():
+                raise FileNotFoundError(f"{where}: no {key} at {image}")
+            images.append(str(image))
+        orders = [(images, preferred)]
+        if both_orders:
+            orders.append((images[::-1], "B" if preferred == "A" else "A"))
+        for (first, second), label in orders:
+            prompts.append(caption)
+            metadata.append(
+                {
+                    **record,
+                    "image": first,
+                    "other_image": second,
+                    "preferred": label,
+                    "image_size": image_size,
+                }
+            )
+    return PromptDataset(prompts=prompts, metadata=metadata)
