@@ -19,10 +19,10 @@ from g2rpo.config import run_name
 GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks"]
 NEEDS_DOWNLOADED_WEIGHTS = {
     "sd3", "sd35_medium", "flux_dev", "flux_kontext", "pickscore", "clipscore", "aesthetic", "hps", "hps_clip", "imagereward",
-    "janus_pro_1b", "janus_pro_7b", "qwen_image", "qwen_image_edit",
+    "janus_pro_1b", "janus_pro_7b", "qwen_image", "qwen_image_edit", "qwen25_vl_3b_judge", "qwen25_vl_7b_judge",
 }  # fmt: skip
 # prompt files of the papers' data sets, not shipped (README, "Rewards": prompt data)
-NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file"}
+NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file", "preference_pairs"}
 # evaluation suites on the papers' prompt sets (conf/eval/*.yaml say where to get each)
 EVAL_NEEDS_DOWNLOADED_DATA = {
     "geneval", "drawbench", "drawbench_served", "ocr", "pairuni", "gedit_bench", "imgedit_bench",
