@@ -38,9 +38,10 @@ HUB_LOADERS = {
     "g2rpo.policies.load_qwen_image_edit_pipeline": "pipeline",
     "g2rpo.policies.qwen_image.load_qwen_image_edit_pipeline": "pipeline",
     "g2rpo.policies.janus.load_janus": "janus",
+    "g2rpo.policies.qwen_vl.load_qwen_vl": "qwen_vl",
 }
 #: a file every snapshot of the model has
-INDEX_FILE = {"pipeline": "model_index.json", "janus": "config.json"}
+INDEX_FILE = {"pipeline": "model_index.json", "janus": "config.json", "qwen_vl": "config.json"}
 
 
 class PreflightError(RuntimeError):
@@ -49,7 +50,7 @@ class PreflightError(RuntimeError):
 
 def hub_model(cfg: DictConfig) -> tuple[str, str] | None:
     """``(node, path)`` of the model's hub weights, or None for a model built in code (shapes, tiny)."""
-    for node in ("pipeline", "janus"):
+    for node in INDEX_FILE:
         part = cfg.model.get(node)
         if part is not None and HUB_LOADERS.get(part.get("_target_")) == node:
             return node, str(part.path)

@@ -11,12 +11,14 @@ import torch
 from peft import LoraConfig
 from PIL import Image
 
+import g2rpo.preflight as preflight
 from g2rpo.algos.token_grpo import TokenGRPO
 from g2rpo.data import preference_pairs
 from g2rpo.policies.qwen_vl import QwenVLJudgePolicy, load_qwen_vl
 from g2rpo.policies.tiny import tiny_qwen_vl
 from g2rpo.randomness import keyed
 from g2rpo.rewards.base import RewardEnsemble
+from g2rpo.rewards.judge import VLMPairJudge
 from g2rpo.rewards.preference import RankingCorrect, VerdictFormat
 from g2rpo.types import PromptBatch
 
@@ -247,3 +249,41 @@ def test_missing_weights_raise_with_the_download_command(tmp_path):
         load_qwen_vl(str(tmp_path / "nowhere"), dtype="float32")
     with pytest.raises(ValueError, match="multiple of 8"):
         judge(image_size=20)
+
+
+class FakeChat:
+    """Answers like a served judge: the verdict named by the caption ("prefer A" / "prefer B"), none for
+    "mumble"; records the messages."""
+
+    def __init__(self) -> None:
+        self.messages = []
+
+    def complete_all(self, messages: list) -> list:
+        self.messages.extend(messages)
+        answers = {"prefer A": "A is crisper. <answer>A</answer>", "prefer B": "<answer> b </answer>"}
+        return [answers.get(message[-1]["text"].split('"')[1], "hmm") for message in messages]
+
+
+def test_a_served_judge_is_asked_as_it_was_trained_and_its_verdicts_read():
+    chat = FakeChat()
+    served = VLMPairJudge(chat, instruction=judge().compare_instruction, image_size=16)
+    images, others = compare_inputs([0, 1, 2])["images"], compare_inputs([0, 1, 2])["other_images"]
+    preference = served.prefer(images, others, ["prefer A", "prefer B", "mumble"])
+    assert preference.tolist() == [1.0, 0.0, 0.5]
+    message = chat.messages[0]
+    assert [part["type"] for part in message] == ["text", "image_url", "text", "image_url", "text"]
+    assert (message[0]["text"], message[2]["text"]) == ("Image A:", "Image B:")
+    # the same instruction text as the policy's own prompt
+    template = judge().processor.apply_chat_template(
+        judge().conversation("compare", "prefer A"), tokenize=False
+    )
+    assert message[-1]["text"] in template
+    with pytest.raises(ValueError, match="caption"):
+        VLMPairJudge(chat, instruction="Which one?")
+
+
+def test_preflight_names_the_qwen_weights_and_the_gpu_before_anything_loads(compose_config):
+    cfg = compose_config("experiment=paper_unipic_imgreward_qwen25vl", "trainer=cpu")
+    found = " ".join(preflight.problems(cfg))
+    assert "hf download Qwen/Qwen2.5-VL-7B-Instruct" in found and "trainer=cpu" in found
+    assert preflight.problems(compose_config("model=tiny_qwen_vl")) == []

@@ -31,13 +31,10 @@ from g2rpo.policies.qwen_image import ImageOnlyQwen2VLProcessor
 from g2rpo.policies.reference import FrozenReference
 from g2rpo.policies.tokens import TokenPolicy
 from g2rpo.randomness import rand_per_key
+from g2rpo.rewards.judge import DEFAULT_COMPARE_INSTRUCTION
 from g2rpo.types import TokenRollout
 
 VL_TASKS = ("compare", "answer")
-DEFAULT_COMPARE_INSTRUCTION = (
-    'Which image matches the caption "{caption}" better, in content and in visual quality? You may reason '
-    "first. End with your verdict, exactly <answer>A</answer> or <answer>B</answer>."
-)
 
 
 class QwenVL(NamedTuple):

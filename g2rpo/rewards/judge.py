@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from g2rpo.rewards.chat import ChatClient
+from g2rpo.rewards.preference import parse_verdict
 from g2rpo.rewards.remote import encode_image, pixels_of
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,17 @@ DEFAULT_PROMPT_TEMPLATE = (
     "Text caption: [{prompt}]"
 )
 DEFAULT_SCORE_PATTERN = r"Final Score:\s*([0-9]+(?:\.[0-9]+)?)"
+
+
+def encode_resized(pixels: np.ndarray, image_size: int | None) -> str:
+    """``uint8 [H, W, 3]`` pixels as base64 PNG, their longer side resized to ``image_size`` (bicubic)."""
+    image = Image.fromarray(pixels)
+    if image_size is not None:
+        scale = image_size / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+    return encode_image(np.asarray(image))
 
 
 class VLMJudge:
@@ -124,13 +136,7 @@ class VLMJudge:
         return {"type": "text", "text": self.prompt_template.replace("{prompt}", str(prompt))}
 
     def _encode(self, pixels: np.ndarray) -> str:
-        image = Image.fromarray(pixels)
-        if self.image_size is not None:
-            scale = self.image_size / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            if size != image.size:
-                image = image.resize(size, Image.Resampling.BICUBIC)
-        return encode_image(np.asarray(image))
+        return encode_resized(pixels, self.image_size)
 
     def _parse_score(self, answer: str | None) -> float:
         matches = [] if answer is None else list(self.score_pattern.finditer(answer))
@@ -203,3 +209,59 @@ class VLMEditJudge(VLMJudge):
         if sources.shape[0] != count:
             raise ValueError(f"{count} images but {sources.shape[0]} source images")
         return pixels_of(sources), pixels_of(images)
+
+
+DEFAULT_COMPARE_INSTRUCTION = (
+    'Which image matches the caption "{caption}" better, in content and in visual quality? You may reason '
+    "first. End with your verdict, exactly <answer>A</answer> or <answer>B</answer>."
+)
+
+
+class VLMPairJudge:
+    """A pairwise judge served behind an OpenAI-compatible chat endpoint: the Qwen2.5-VL judge trained by
+    token GRPO (:class:`~g2rpo.policies.qwen_vl.QwenVLJudgePolicy`) served by vLLM, asked exactly as it was
+    trained (``Image A:`` image ``Image B:`` image, then ``instruction`` with the caption). It is the
+    ``judge`` of :class:`~g2rpo.rewards.preference.PairwiseJudgeReward`, which turns its preferences into
+    per-image rewards.
+
+    :meth:`prefer` is 1 when the verdict names A, 0 when it names B, 1/2 (logged) when the answer holds no
+    verdict: a sampled verdict, not a probability (the chat API's answer text is all it reads).
+    """
+
+    def __init__(
+        self,
+        chat: ChatClient,
+        instruction: str = DEFAULT_COMPARE_INSTRUCTION,
+        image_size: int | None = 448,
+    ) -> None:
+        if "{caption}" not in instruction:
+            raise ValueError("VLMPairJudge.instruction must contain '{caption}', where the caption goes")
+        self.chat = chat
+        self.instruction = instruction
+        self.image_size = image_size
+
+    def __repr__(self) -> str:  # never shows the API key
+        return f"{type(self).__name__}({self.chat!r})"
+
+    def message(self, first: np.ndarray, second: np.ndarray, caption: str) -> list[dict]:
+        """The user turn: image A, image B (labelled), then the instruction with the caption."""
+        parts = []
+        for label, pixels in (("A", first), ("B", second)):
+            url = "data:image/png;base64," + encode_resized(pixels, self.image_size)
+            parts += [
+                {"type": "text", "text": f"Image {label}:"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ]
+        return [*parts, {"type": "text", "text": self.instruction.replace("{caption}", str(caption))}]
+
+    def prefer(self, images: Tensor, others: Tensor, prompts: Sequence[str]) -> Tensor:
+        if not len(images) == len(others) == len(prompts):
+            raise ValueError(f"{len(images)} images A, {len(others)} images B and {len(prompts)} captions")
+        answers = self.chat.complete_all(
+            [self.message(a, b, p) for a, b, p in zip(pixels_of(images), pixels_of(others), prompts)]
+        )
+        verdicts = [parse_verdict(answer or "") for answer in answers]
+        for answer, verdict in zip(answers, verdicts):
+            if verdict is None:
+                log.warning("VLM pair judge: no verdict in the answer, scored 1/2: %r", (answer or "")[:200])
+        return torch.tensor([{"A": 1.0, "B": 0.0, None: 0.5}[v] for v in verdicts])
