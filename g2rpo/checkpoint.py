@@ -26,7 +26,6 @@ from diffusers.training_utils import EMAModel
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch import nn
 
 from g2rpo import ema
 from g2rpo.distributed import full_tensors
@@ -64,8 +63,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from error
 
 
-def trainable_keys(module: nn.Module) -> set[str]:
-    return {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+def trainable_keys(module: LightningModule) -> set[str]:
+    """The state-dict keys of the policy's trainable weights, paused ones included (a progressive schedule's
+    frozen stage still carries the weights that earlier stages trained)."""
+    return {POLICY + name for name, _ in module.policy.named_trainable_parameters()}
 
 
 def save(module: LightningModule, checkpoint: dict) -> None:

@@ -104,6 +104,8 @@ class RLModule(L.LightningModule):
         # optimiser step n, updated every 8 steps. Evaluation and the exported policy use it.
         self.ema = EMAModel(policy.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
         self.ema_update_every = ema_update_every
+        # the factor on every unit's loss: a progressive schedule's stage weight of the task trained (g2rpo.schedule)
+        self.loss_weight = 1.0
         self.fsdp_cpu_offload = fsdp_cpu_offload
         self.sharded = False
         self.run_config = config  # the resolved run config, kept in checkpoints (g2rpo.resume compares it)

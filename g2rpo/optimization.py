@@ -83,7 +83,7 @@ class Optimization:
             for position, (unit, weight) in enumerate(zip(units, weights)):
                 out = algorithm.loss(policy, rollout, advantages, unit)
                 with _gradient_sync(module, position == len(units) - 1):
-                    module.manual_backward(out.loss * weight)
+                    module.manual_backward(out.loss * weight * module.loss_weight)
                 if not weight:
                     continue
                 metrics = dict(out.metrics)

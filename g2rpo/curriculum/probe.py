@@ -76,7 +76,7 @@ class PolicyProbe:
     def _grad_norms(self, rollout: SDERollout, guidance_scale: float, noise_level: float) -> Tensor:
         """``||grad_theta sum_i log pi(x_{i+1} | x_i)||`` per sample, one backward each (per-sample norms
         cannot come out of one batched backward)."""
-        parameters = list(self.policy.trainable_parameters())
+        parameters = [p for p in self.policy.trainable_parameters() if p.requires_grad]  # not those paused
         norms = []
         for j in range(len(rollout)):
             cond = rollout.cond.select(rollout.cond_index[j : j + 1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import fields
 from pathlib import Path
@@ -34,8 +34,28 @@ class Policy(nn.Module):
     def enable_reference(self) -> None:
         """Make ``reference()`` available; called once before training when an algorithm needs it."""
 
+    #: trainable parameters that do not train for now (a progressive schedule's stage, g2rpo.schedule): they
+    #: keep their place among :meth:`trainable_parameters`, with ``requires_grad`` False
+    paused: frozenset[str] = frozenset()
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters the run trains, whichever are paused: one fixed list for the optimiser, the EMA and
+        checkpoints, so that pausing some never changes what they hold."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad or n in self.paused]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def train_only(self, names: Collection[str]) -> None:
+        """Train only the trainable parameters ``names`` from now on; the others pause (no gradient, so AdamW
+        skips them and their weights stay as they are) until a later call names them."""
+        trainable = self.named_trainable_parameters()
+        unknown = set(names) - {n for n, _ in trainable}
+        if unknown:
+            raise ValueError(f"not trainable parameters of {type(self).__name__}: {sorted(unknown)[:5]}")
+        for name, parameter in trainable:
+            parameter.requires_grad_(name in names)
+        self.paused = frozenset(n for n, _ in trainable if n not in names)
 
 
 def stack_rows(first: Conditioning, second: Conditioning) -> Conditioning:

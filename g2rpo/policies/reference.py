@@ -62,5 +62,9 @@ class FrozenReference:
         finally:
             self._use_reference = False
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.trained.parameters() if p.requires_grad]
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [
+            (n, p)
+            for n, p in self.trained.named_parameters(prefix=self.trained_module)
+            if p.requires_grad or n in self.paused
+        ]
