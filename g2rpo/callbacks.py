@@ -51,6 +51,8 @@ class Evaluate(L.Callback):
         self.final_num_steps = list(final_num_steps)  # also evaluate the final policy with these ODE steps
         self.save_final_images = save_final_images
         self.history: dict[int, dict] = {}  # iterations trained -> Evaluation.to_json(images=False)
+        # (iterations trained, resolution) -> Evaluation.to_json(images=False), sampled at other resolutions
+        self.by_resolution: dict[tuple[int, int], dict] = {}
         self.final_by_steps: dict[int, dict] = {}  # ODE steps -> the final policy's Evaluation.to_json()
 
     def _evaluate(self, pl_module, evaluator: Evaluator, images_dir: Path | None = None) -> Evaluation:
@@ -61,7 +63,8 @@ class Evaluate(L.Callback):
         pl_module.policy.train(was_training)
         return evaluation
 
-    def _run(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
+    def run(self, trainer: L.Trainer, pl_module, iterations: int) -> None:
+        """The evaluation after ``iterations`` (once: a second call at the same iteration does nothing)."""
         if iterations in self.history:
             return
         directory = Path(trainer.default_root_dir) / "eval"
@@ -74,6 +77,20 @@ class Evaluate(L.Callback):
         self._write(directory / f"iteration_{iterations:06d}.json", evaluation)
         log_to_wandb(trainer, evaluation, iterations)
         log.info("\n%s", evaluation.table(f"evaluation after {iterations} iterations"))
+
+    def run_at_resolution(self, trainer: L.Trainer, pl_module, iterations: int, resolution: int) -> None:
+        """The evaluation after ``iterations`` sampled at ``resolution`` px instead of the protocol's (a
+        progressive schedule's stage resolution), logged as ``eval_<resolution>px/<reward>/<task>`` and written
+        to ``<run>/eval/iteration_<n>_<resolution>px.json``; once per iteration and resolution."""
+        if (iterations, resolution) in self.by_resolution:
+            return
+        evaluation = self._evaluate(pl_module, self.evaluator.with_resolution(resolution))
+        self.by_resolution[(iterations, resolution)] = evaluation.to_json(images=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(evaluation.metrics(prefix=f"eval_{resolution}px"), step=iterations)
+        directory = Path(trainer.default_root_dir) / "eval"
+        self._write(directory / f"iteration_{iterations:06d}_{resolution}px.json", evaluation)
+        log.info("\n%s", evaluation.table(f"evaluation at {resolution} px after {iterations} iterations"))
 
     @rank_zero_only
     def _write(self, path: Path, evaluation: Evaluation) -> None:
@@ -90,15 +107,15 @@ class Evaluate(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.at_start:
-            self._run(trainer, pl_module, trainer.current_epoch)
+            self.run(trainer, pl_module, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         done = trainer.current_epoch + 1
         if done % self.every_n_iterations == 0 or done == trainer.max_epochs:
-            self._run(trainer, pl_module, done)
+            self.run(trainer, pl_module, done)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._run(trainer, pl_module, trainer.current_epoch)
+        self.run(trainer, pl_module, trainer.current_epoch)
         self._run_step_counts(trainer, pl_module, trainer.current_epoch)
         self._report(Path(trainer.default_root_dir))
 

@@ -229,6 +229,12 @@ class Evaluator:
         other.protocol = replace(self.protocol, num_steps=num_steps)
         return other
 
+    def with_resolution(self, resolution: int) -> Evaluator:
+        """This evaluation sampled at another resolution (a progressive schedule's stage trains at its own)."""
+        other = copy.copy(self)
+        other.protocol = replace(self.protocol, resolution=resolution)
+        return other
+
     def _at_resolution(self, policy: Any) -> contextlib.AbstractContextManager:
         """The policy sampling at the protocol's resolution: a transformer policy switches for the evaluation;
         a policy that samples one size only must already be at it."""
