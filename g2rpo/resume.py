@@ -152,8 +152,9 @@ def resume_point(
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": leaf}`` for a nested mapping (lists are leaves)."""
-    if not isinstance(tree, Mapping) or (prefix and not tree):
+    """``{"a.b": leaf}`` for a nested mapping (lists are leaves). An empty mapping holds no setting: ``{}``
+    (``schedule=none``) compares equal to a field absent from a checkpoint written before it existed."""
+    if not isinstance(tree, Mapping):
         return {prefix: tree}
     flat: dict[str, Any] = {}
     for key, value in tree.items():
