@@ -53,6 +53,9 @@ class FrozenReference:
             finally:
                 for layer in self._lora_layers:
                     layer.enable_adapters(True)
+                if self.paused:  # peft's enable_adapters turns requires_grad back on for every adapter
+                    names = {n for n, _ in self.named_trainable_parameters()}
+                    self.train_only(names - self.paused)
             return
         if self.reference_copy is None:
             raise RuntimeError("full fine-tuning keeps a frozen reference only after enable_reference()")
