@@ -62,7 +62,9 @@ def plot(run: Path, out: Path) -> None:
     records = read_metrics(run / "metrics.jsonl")
     figure, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=80)
     rewards = series(records, REWARD)
-    axes[0].plot(*zip(*rewards), marker=".", linewidth=1, label="training reward (partial credit, own resolution)")
+    axes[0].plot(
+        *zip(*rewards), marker=".", linewidth=1, label="training reward (partial credit, own resolution)"
+    )
     axes[0].set_title("training reward per iteration", fontsize=10)
     for prefix in eval_prefixes(records):
         where = "32 px (eval protocol)" if prefix == "eval" else prefix.removeprefix("eval_")
@@ -76,7 +78,9 @@ def plot(run: Path, out: Path) -> None:
     for axis in axes:
         for boundary in boundaries(records):
             switch = f"{resolutions.get(boundary - 1, 0):.0f} -> {resolutions.get(boundary, 0):.0f} px"
-            axis.axvline(boundary, color="red", linestyle=":", linewidth=1, label=f"stage boundary ({switch})")
+            axis.axvline(
+                boundary, color="red", linestyle=":", linewidth=1, label=f"stage boundary ({switch})"
+            )
         axis.set_xlabel("iteration")
         axis.legend(fontsize=7)
     figure.tight_layout()

@@ -45,7 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config = OmegaConf.to_container(cfg, resolve=True)
     # before any model loads: callbacks name the checkpoint directories, and a resume checks its config
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
-    if cfg.get("schedule"):  # a progressive schedule (conf/schedule), after Evaluate, whose evaluations it adds to
+    # a progressive schedule (conf/schedule), after Evaluate, whose evaluations it adds to
+    if cfg.get("schedule"):
         callbacks.append(instantiate(cfg.schedule, _convert_="all"))
     checkpoint_dirs = [Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
     ckpt_path = g2rpo.resume.resume_point(

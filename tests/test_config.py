@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from experiments.reproduce import SUITES, Suite
 from g2rpo.config import run_name
 
-GROUPS = ["algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks", "schedule"]
+GROUPS = [
+    "algo", "model", "reward", "data", "eval", "curriculum", "trainer", "logger", "callbacks", "schedule",
+]  # fmt: skip
 NEEDS_DOWNLOADED_WEIGHTS = {
     "sd3", "sd35_medium", "flux_dev", "flux_kontext", "pickscore", "clipscore", "aesthetic", "hps", "hps_clip", "imagereward",
     "janus_pro_1b", "janus_pro_7b", "qwen_image", "qwen_image_edit", "qwen25_vl_3b_judge", "qwen25_vl_7b_judge",
