@@ -182,9 +182,13 @@ def _setup(stages, max_epochs: int = 2, **module):
         "dataset": PromptDataset(prompts=["a cat"]),
         **module,
     }
+    optimizer = parts["optimizer_factory"](parts["policy"].trainable_parameters())
+    module = SimpleNamespace(
+        optimizers=lambda: SimpleNamespace(optimizer=optimizer), loss_weight=1.0, **parts
+    )
     schedule = ProgressiveSchedule(stages)
-    schedule.setup(SimpleNamespace(max_epochs=max_epochs, world_size=1), SimpleNamespace(**parts), "fit")
-    return schedule
+    schedule.setup(SimpleNamespace(max_epochs=max_epochs, world_size=1), module, "fit")
+    return schedule, module
 
 
 @pytest.mark.parametrize(
@@ -241,6 +245,25 @@ def test_the_loss_weight_of_each_algorithm_is_that_of_the_task_it_trains():
     assert trained_tasks(TokenGRPO(task="answer"), text) == ("understanding",)
     assert trained_tasks(TokenGRPO(task="image"), text) == ("generation",)
     assert trained_tasks(PairGRPO(generation=FlowGRPO()), text) == ("generation", "understanding")
+
+
+def test_loss_weights_reach_pair_grpo_sides_or_the_single_task_loss():
+    """Pair-GRPO: its configured side weights times the stage's; one task: the module's loss weight; null: 1."""
+    weights = {"understanding": 0.01, "generation": 2.0, "editing": 3.0}
+    stages = [{"iterations": 1, "loss_weights": weights}, {"iterations": 1}]
+    pair = PairGRPO(generation=FlowGRPO(), side_weights={"generation": 1.0, "understanding": 0.5})
+    schedule, module = _setup(stages, algorithm=pair)
+    schedule.apply(module, 0)
+    assert pair.side_weights == pytest.approx({"generation": 2.0, "understanding": 0.005})
+    assert module.loss_weight == 1.0
+    schedule.apply(module, 1)
+    assert pair.side_weights == {"generation": 1.0, "understanding": 0.5}  # the config's, not stage 1's
+    edits = PromptDataset(prompts=["make it red"], metadata=[{"source": [["circle", "blue", 16, 16, 8]]}])
+    schedule, module = _setup(stages, dataset=edits)
+    schedule.apply(module, 0)
+    assert module.loss_weight == 3.0  # a flow algorithm on edits trains editing
+    schedule.apply(module, 1)
+    assert module.loss_weight == 1.0
 
 
 def test_the_shapes_detector_reads_16_px_images():
