@@ -43,16 +43,21 @@ def test_config_errors_name_the_field():
         RFT(threshold=None, top_k=None)
     with pytest.raises(ValueError, match="source"):
         RFT(source="both")
+    with pytest.raises(ValueError, match="text_dropout=0"):
+        RFT(train_guidance_scale=4.5)
 
 
 def online_rollout(policy, algo, batch):
     return algo.rollout(policy, batch, iteration_generator(0, 0))
 
 
-def test_loss_is_flow_matching_on_kept_samples_only():
+@pytest.mark.parametrize("train_guidance_scale", [1.0, 3.0])
+def test_loss_is_flow_matching_on_kept_samples_only(train_guidance_scale):
+    """The conditional velocity's flow-matching loss, or with ``train_guidance_scale`` the guided one's."""
     torch.manual_seed(0)
     policy = make_policy()
-    algo = RFT(num_steps=2, threshold=0.5, batch_size=8, num_minibatches=1, text_dropout=0.0)
+    algo = RFT(num_steps=2, threshold=0.5, batch_size=8, num_minibatches=1, text_dropout=0.0,
+               train_guidance_scale=train_guidance_scale)  # fmt: skip
     batch = PromptBatch.from_groups(["a cat", "a dog"], [{}, {}], torch.arange(2), torch.tensor([3, 3]))
     rollout = online_rollout(policy, algo, batch)
     rewards = RewardOutput({"r": torch.tensor([0.9, 0.1, 0.6, 0.2, 0.7, 0.0])}, {"r": 1.0})
@@ -69,7 +74,8 @@ def test_loss_is_flow_matching_on_kept_samples_only():
     x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * unit.noise
     cond = rollout.cond.select(rollout.cond_index[unit.samples])
     with torch.no_grad():
-        expected = mean_over_dims((policy.velocity(x_t, sigma, cond) - (unit.noise - x0)) ** 2).mean()
+        v = policy.velocity(x_t, sigma, cond, train_guidance_scale)
+        expected = mean_over_dims((v - (unit.noise - x0)) ** 2).mean()
     torch.testing.assert_close(out.loss.detach(), expected)
 
     # the loss does not depend on a dropped sample's content

@@ -109,6 +109,9 @@ class RFT(Algorithm[ODERollout]):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     text_dropout: float = 0.1  # UniPic's MAR label_drop_prob
+    # CFG of the fitted velocity: 1 fits the conditional branch (SD/UniPic fine-tuning); the rollouts' scale fits
+    # the guided velocity the sampler follows, so sampling with that CFG moves towards the kept samples
+    train_guidance_scale: float = 1.0
     rollout_batch_size: int = 32  # images per sampling forward
     batch_size: int = 16  # kept samples per training forward
     num_minibatches: int = 2  # optimiser steps per pass over the kept samples
@@ -135,6 +138,11 @@ class RFT(Algorithm[ODERollout]):
             )
         if not 0 <= self.text_dropout < 1:
             raise ValueError(f"algo.text_dropout={self.text_dropout} must be in [0, 1)")
+        if self.train_guidance_scale < 1 or (self.train_guidance_scale > 1 and self.text_dropout > 0):
+            raise ValueError(
+                f"algo.train_guidance_scale={self.train_guidance_scale} must be >= 1, and a guided fit "
+                "(> 1) trains both branches through CFG already: set algo.text_dropout=0"
+            )
         self._kept: list[CuratedSample] | None = None
 
     # ---- rollout: sampled (online) or read (offline) -------------------------------------------------
@@ -163,7 +171,7 @@ class RFT(Algorithm[ODERollout]):
     ) -> ODERollout:
         if self.source == "offline":
             return self._read(policy, iteration)
-        negative = self.text_dropout > 0
+        negative = self.text_dropout > 0 or self.train_guidance_scale > 1
         if self.sampler == "sde":
             return final_samples(
                 sde_rollout(
@@ -197,7 +205,8 @@ class RFT(Algorithm[ODERollout]):
             [read_image(Path(self.dataset) / sample.image, policy.resolution) for sample in picked]
         ).to(policy.device)
         prompts, cond_index, metadata = batch.unique()
-        cond = policy.encode(prompts, negative=self.text_dropout > 0, sources=policy.sources(metadata))
+        negative = self.text_dropout > 0 or self.train_guidance_scale > 1
+        cond = policy.encode(prompts, negative=negative, sources=policy.sources(metadata))
         return ODERollout(
             images=images,
             samples=policy.encode_images(images).float(),
@@ -298,7 +307,7 @@ class RFT(Algorithm[ODERollout]):
         sigma = sigmas.view(-1, *[1] * (x0.dim() - 1))
         x_t = (1 - sigma) * x0 + sigma * eps
         cond = drop_text(rollout.cond.select(rollout.cond_index[samples]), unit.text_dropped)
-        v = policy.velocity(x_t, sigmas, cond)
+        v = policy.velocity(x_t, sigmas, cond, self.train_guidance_scale)
         per_sample = mean_over_dims((v - (eps - x0)) ** 2)
         loss = per_sample.mean()
         return LossOutput(
