@@ -291,6 +291,10 @@ class ComputeBudget(L.Callback):
         self.spent_before = spent_before
         self.spent = 0.0
 
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.spent >= self.forward_equivalents:  # resumed after the budget was spent: train nothing more
+            trainer.should_stop = True
+
     def iteration_cost(self, metrics: dict) -> float:
         forwards = sum(float(metrics.get(f"nfe/{part}", 0.0)) for part in ("curriculum", "rollout", "train"))
         return forwards + self.backward_weight * float(metrics.get("nfe/train_backward", 0.0))

@@ -57,6 +57,9 @@ def test_budget_stops_training_and_resumes_where_it_stopped(compose_config):
     assert len(records) == 3
     assert records[-1]["compute/forward_equivalents"] == pytest.approx(sum(cost(r) for r in records))
     assert [r["compute/iteration"] for r in records] == pytest.approx([cost(r) for r in records])
+    # the same command again trains nothing more
+    train(compose_config(*FAST_RUN, "trainer.max_epochs=10", BUDGET % budget, name="budget"))
+    assert len(read_metrics(Path(cfg.run_dir) / "metrics.jsonl")) == 3
     # a longer budget resumes from the checkpoint with the work already counted
     longer = compose_config(
         *FAST_RUN, "trainer.max_epochs=10", BUDGET % int(4.5 * per_iteration), name="budget"
