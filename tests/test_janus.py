@@ -100,6 +100,8 @@ def test_greedy_answers_take_the_argmax_whatever_the_generators():
     torch.testing.assert_close(policy.token_log_probs(greedy), greedy.log_probs, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="image codes a positive one"):
         policy.sample_tokens("image", {"prompts": PROMPTS}, generators([0, 1, 2]), temperature=0.0)
+    with pytest.raises(ValueError, match="Janus-Pro samples 'answer' or 'image'"):
+        policy.sample_tokens("compare", inputs, generators([0, 1, 2]))
 
 
 def test_images_are_sampled_with_cfg_decoded_and_their_log_probs_recomputed_exactly():

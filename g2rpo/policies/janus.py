@@ -250,8 +250,11 @@ class JanusPolicy(FrozenReference, TokenPolicy):
         """``max_new_tokens`` (default the policy's) bounds answers; an image is always its VQ grid's codes.
         ``guidance_scale`` applies to images (PairUni: 5, as Janus-Pro). Answers at temperature 0 are greedy
         (benchmarks), their log-probs those of the argmax under temperature 1."""
-        if task not in TOKEN_TASKS:
-            raise ValueError(f"task={task!r}: expected one of {', '.join(TOKEN_TASKS)}")
+        if task not in ("answer", "image"):
+            raise ValueError(
+                f"task={task!r}: Janus-Pro samples 'answer' or 'image' tokens (a pairwise 'compare' judge is "
+                "model=shapes_judge or a Qwen2.5-VL judge); the token tasks are " + ", ".join(TOKEN_TASKS)
+            )
         if temperature < 0 or (temperature == 0 and task == "image"):
             raise ValueError(
                 f"temperature={temperature}: answers take 0 (greedy) or a positive temperature, image codes a "
