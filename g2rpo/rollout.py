@@ -253,3 +253,37 @@ def ode_rollout(
         cond_index=cond_index.to(policy.device),
         scored=batch,
     )
+
+
+def clean_samples(
+    policy: FlowPolicy,
+    batch: PromptBatch,
+    *,
+    sampler: str,
+    num_steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    generator: torch.Generator,
+    negative: bool,
+    flow_shift: float | None = None,
+    sde_noise_level: float = 0.7,
+) -> ODERollout:
+    """The end points of ``dpm_solver`` (DPM-Solver++ at ``flow_shift``, else the model's shift), ``euler`` or
+    ``sde`` (Flow-SDE, noise ``sde_noise_level``) rollouts: what DGPO and RFT train on."""
+    if sampler == "sde":
+        return final_samples(
+            sde_rollout(
+                policy, batch, num_steps=num_steps, guidance_scale=guidance_scale,
+                noise_levels=torch.full((num_steps,), sde_noise_level), sde_type="sde", batch_size=batch_size,
+                train_steps=torch.zeros(len(batch), 0, dtype=torch.long), generator=generator, negative=negative,
+            )
+        )  # fmt: skip
+    scheduler = None
+    if sampler == "dpm_solver":
+        scheduler = flow_dpm_solver(
+            flow_shift if flow_shift is not None else policy.scheduler_config.get("shift", 1.0)
+        )
+    return ode_rollout(
+        policy, batch, num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+        generator=generator, scheduler=scheduler, negative=negative,
+    )  # fmt: skip

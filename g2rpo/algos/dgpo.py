@@ -63,7 +63,7 @@ from g2rpo.algos.base import (
 from g2rpo.ema import RampedEMA, restore, swapped_in
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import CHOICE, GROUP, keyed, rand_per_key
-from g2rpo.rollout import final_samples, flow_dpm_solver, ode_rollout, sde_rollout
+from g2rpo.rollout import clean_samples
 from g2rpo.sampling import mean_over_dims
 from g2rpo.types import Conditioning, Groups, LossOutput, ODERollout, PromptBatch, TrainingUnit
 
@@ -222,25 +222,11 @@ class DGPO(Algorithm[ODERollout]):
             return self._sample(policy, batch, generator)
 
     def _sample(self, policy: FlowPolicy, batch: PromptBatch, generator: torch.Generator) -> ODERollout:
-        negative = self.text_dropout > 0 or self.reference_guidance_scale > 1
-        if self.sampler == "sde":
-            return final_samples(
-                sde_rollout(
-                    policy, batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                    noise_levels=torch.full((self.num_steps,), self.sde_noise_level), sde_type="sde",
-                    batch_size=self.rollout_batch_size, train_steps=torch.zeros(len(batch), 0, dtype=torch.long),
-                    generator=generator, negative=negative,
-                )
-            )  # fmt: skip
-        scheduler = None
-        if self.sampler == "dpm_solver":
-            shift = (
-                self.flow_shift if self.flow_shift is not None else policy.scheduler_config.get("shift", 1.0)
-            )
-            scheduler = flow_dpm_solver(shift)
-        return ode_rollout(
-            policy, batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-            batch_size=self.rollout_batch_size, generator=generator, scheduler=scheduler, negative=negative,
+        return clean_samples(
+            policy, batch, sampler=self.sampler, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+            batch_size=self.rollout_batch_size, generator=generator, flow_shift=self.flow_shift,
+            sde_noise_level=self.sde_noise_level,
+            negative=self.text_dropout > 0 or self.reference_guidance_scale > 1,
         )  # fmt: skip
 
     # ---- training units -----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from g2rpo.distributed import rank_slice
 from g2rpo.policies.base import FlowPolicy
 from g2rpo.randomness import CHOICE, SAMPLE, keyed, seeded
 from g2rpo.rewards.base import RewardEnsemble
-from g2rpo.rollout import final_samples, flow_dpm_solver, ode_rollout, sde_rollout
+from g2rpo.rollout import clean_samples
 from g2rpo.sampling import mean_over_dims
 from g2rpo.types import LossOutput, ODERollout, PromptBatch, RewardOutput, TrainingUnit
 
@@ -171,22 +171,11 @@ class RFT(Algorithm[ODERollout]):
     ) -> ODERollout:
         if self.source == "offline":
             return self._read(policy, iteration)
-        negative = self.text_dropout > 0 or self.train_guidance_scale > 1
-        if self.sampler == "sde":
-            return final_samples(
-                sde_rollout(
-                    policy, batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                    noise_levels=torch.full((self.num_steps,), self.sde_noise_level), sde_type="sde",
-                    batch_size=self.rollout_batch_size, train_steps=torch.zeros(len(batch), 0, dtype=torch.long),
-                    generator=generator, negative=negative,
-                )
-            )  # fmt: skip
-        scheduler = None
-        if self.sampler == "dpm_solver":
-            scheduler = flow_dpm_solver(self.shift(policy))
-        return ode_rollout(
-            policy, batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-            batch_size=self.rollout_batch_size, generator=generator, scheduler=scheduler, negative=negative,
+        return clean_samples(
+            policy, batch, sampler=self.sampler, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+            batch_size=self.rollout_batch_size, generator=generator, flow_shift=self.shift(policy),
+            sde_noise_level=self.sde_noise_level,
+            negative=self.text_dropout > 0 or self.train_guidance_scale > 1,
         )  # fmt: skip
 
     def _read(self, policy: FlowPolicy, iteration: int) -> ODERollout:
