@@ -86,7 +86,9 @@ def test_kl_is_zero_at_the_reference_and_positive_with_gradient_after_it(policy,
     assert all(p.grad is None for p in policy.parameters() if not p.requires_grad)
 
 
-def test_minibatches_cover_the_kept_samples_once_per_step_and_pad_micro_batches(algo):
+@pytest.mark.parametrize("micro_batches", ["exact", "padded"])
+def test_minibatches_cover_the_kept_samples_once_per_step(micro_batches):
+    algo = FlowGRPO(num_steps=6, rollout_batch_size=4, micro_batches=micro_batches)
     batch = _batch(groups=3, size=4)
     flat_group = torch.tensor([1.0, 2, 3, 4, 0, 0, 0, 0, 5, 6, 7, 9])
     advantages = _advantages(algo, batch, flat_group)
@@ -100,13 +102,44 @@ def test_minibatches_cover_the_kept_samples_once_per_step_and_pad_micro_batches(
         advantages.train_mask.nonzero().flatten().tolist()
     )
 
-    odd = _advantages(algo, batch, torch.tensor([1.0, 2, 3, 4, 0, 0, 0, 0, 5, 5, 5, 9]))
-    units = [
-        u
-        for step in algo.minibatches(_trained_steps(algo, batch), odd, torch.Generator().manual_seed(0))
-        for u in step
-    ]
-    assert all(len(u.samples) == 4 for u in units)  # 5 kept + 3 re-added from the filtered samples
+
+def _units(algo, batch, advantages):
+    steps = algo.minibatches(_trained_steps(algo, batch), advantages, torch.Generator().manual_seed(0))
+    return [u for step in steps for u in step]
+
+
+def test_padded_micro_batches_refill_with_filtered_samples_and_exact_ones_train_only_the_kept():
+    batch = _batch(groups=3, size=3)
+    rewards = torch.tensor([1.0, 2, 3, 0, 0, 0, 5, 6, 9])  # 6 kept
+    padded = FlowGRPO(num_steps=6, rollout_batch_size=4, micro_batches="padded")
+    advantages = _advantages(padded, batch, rewards)
+    units = _units(padded, batch, advantages)
+    assert all(len(u.samples) == 4 for u in units)  # 6 kept + 2 re-added from the filtered group
+    assert len({i for u in units for i in u.samples.tolist()} & {3, 4, 5}) == 2
+    exact = FlowGRPO(num_steps=6, rollout_batch_size=4)
+    units = _units(exact, batch, advantages)
+    assert [len(u.samples) for u in units[:: exact.num_train_steps]] == [3, 3]  # ceil(6 / 4) near-equal
+    for column in range(exact.num_train_steps):
+        trained = torch.cat([u.samples for u in units if u.index == column])
+        assert sorted(trained.tolist()) == advantages.train_mask.nonzero().flatten().tolist()
+
+
+def test_exact_and_padded_micro_batches_take_the_same_loss_from_the_kept_samples(policy):
+    """At beta = 0 padding samples have advantage 0: each exact micro-batch's mean loss is weighted by its
+    size / rollout_batch_size, so the summed loss (and gradient) of an iteration is the padded one."""
+    batch = _batch(groups=3, size=3)
+    rewards = torch.tensor([1.0, 2, 3, 0, 0, 0, 5, 6, 9])
+    totals = {}
+    for mode in ("exact", "padded"):
+        algo = FlowGRPO(num_steps=6, rollout_batch_size=4, beta=0.0, micro_batches=mode)
+        rollout = algo.rollout(policy, batch, iteration_generator(0, 0))
+        advantages = _advantages(algo, batch, rewards)
+        totals[mode] = sum(
+            algo.loss(policy, rollout, advantages, u).loss for u in _units(algo, batch, advantages)
+        )
+        kept = advantages.values[advantages.train_mask]
+        torch.testing.assert_close(totals[mode], -kept.sum() * algo.num_train_steps / 4)  # ratio 1, unclipped
+    torch.testing.assert_close(totals["exact"], totals["padded"])
 
 
 def test_everything_filtered_means_no_update(algo):
@@ -122,6 +155,7 @@ def test_everything_filtered_means_no_update(algo):
         ("sde_type", "ode", "sde, dance, cps"),
         ("clip_range", 0.0, "clip_range must be > 0"),
         ("noise_level", 0.0, "deterministic"),
+        ("micro_batches", "pad", "exact, padded"),
     ],
 )
 def test_invalid_settings_are_rejected(field, value, message):

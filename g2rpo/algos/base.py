@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
@@ -104,12 +105,17 @@ def check_positive(config: object, *names: str, allow_zero: bool = False) -> Non
             raise ValueError(f"algo.{name} must be {'>=' if allow_zero else '>'} 0, got {value}")
 
 
+#: how kept samples are cut into micro-batches (``algo.micro_batches``)
+MICRO_BATCHES = ("exact", "padded")
+
+
 def training_samples(train_mask: Tensor, multiple: int, generator: torch.Generator) -> Tensor:
     """Indices of the samples to train on, padded to a multiple of the micro-batch size.
 
-    As Flow-GRPO does after zero-advantage filtering: randomly chosen filtered-out samples are re-added so
-    every micro-batch has the rollout's batch shape (kernels give batch-size-dependent results, which
-    would show up as a ratio != 1 on-policy). Re-added samples have advantage 0 in the surrogate.
+    ``algo.micro_batches=padded``: randomly chosen filtered-out samples are re-added so every micro-batch has
+    the rollout's batch shape (kernels give batch-size-dependent results, which would show up as a ratio
+    != 1 on-policy). Re-added samples have advantage 0 in the surrogate: at beta = 0 each costs a forward
+    and a backward for no gradient (docs/performance.md).
     """
     kept = train_mask.nonzero().flatten().cpu()
     if kept.numel() == 0:
@@ -126,18 +132,37 @@ def shuffled_minibatches(
     num_minibatches: int,
     num_inner_epochs: int,
     generator: torch.Generator,
+    micro_batches: str = "exact",
 ) -> list[list[Tensor]]:
-    """Sample indices per optimiser step, as micro-batches of ``batch_size``: each pass over the trained
-    samples (:func:`training_samples`) is shuffled, cut into micro-batches and split into ``num_minibatches``
-    steps (Flow-GRPO's and GRPO's updates)."""
-    samples = training_samples(train_mask, batch_size, generator)
+    """Sample indices per optimiser step, as micro-batches: each pass over the trained samples is shuffled,
+    cut into micro-batches and split into ``num_minibatches`` steps (Flow-GRPO's and GRPO's updates).
+
+    ``exact``: only the kept samples, in ``ceil(n / batch_size)`` micro-batches of near-equal size (weigh
+    each loss by :func:`micro_batch_weight`); ``padded``: whole micro-batches of ``batch_size``, refilled
+    with zero-advantage samples (:func:`training_samples`)."""
+    padded = micro_batches == "padded"
+    if padded:
+        samples = training_samples(train_mask, batch_size, generator)
+    else:
+        samples = train_mask.nonzero().flatten().cpu()
     if samples.numel() == 0:
         return []
     steps = []
     for _ in range(num_inner_epochs):
         order = samples[torch.randperm(samples.numel(), generator=generator)]
-        steps.extend(split_evenly(list(order.split(batch_size)), num_minibatches))
+        if padded:
+            chunks = order.split(batch_size)
+        else:
+            chunks = order.tensor_split(math.ceil(order.numel() / batch_size))
+        steps.extend(split_evenly(list(chunks), num_minibatches))
     return steps
+
+
+def micro_batch_weight(samples: Tensor, batch_size: int, micro_batches: str) -> float:
+    """The weight of a micro-batch's mean loss: ``exact`` micro-batches of ``b <= batch_size`` samples weigh
+    ``b / batch_size``, so every sample weighs ``1 / batch_size`` as in a padded micro-batch, whose padding
+    samples add nothing at beta = 0: the two modes take the same gradient from the same samples."""
+    return 1.0 if micro_batches == "padded" else samples.numel() / batch_size
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

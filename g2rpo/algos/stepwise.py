@@ -17,11 +17,13 @@ from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import (
+    MICRO_BATCHES,
     Algorithm,
     as_normalization,
     check_choice,
     check_num_steps,
     check_positive,
+    micro_batch_weight,
     shuffled_minibatches,
 )
 from g2rpo.losses import clipped_surrogate
@@ -47,6 +49,7 @@ class StepwiseGRPO(Algorithm[SDERollout]):
     rollout_batch_size: int = 8  # images per sampling forward; also the training micro-batch
     num_inner_epochs: int = 1  # passes over each rollout
     num_minibatches: int = 2  # optimiser steps per pass
+    micro_batches: str = "exact"  # exact (kept samples only) | padded (whole rollout-shaped micro-batches)
     normalization: GroupNormalization = field(default_factory=GroupNormalization)
     #: the fewest rollout steps the variant can train, and why (not fields: each variant's own rule)
     MIN_NUM_STEPS: ClassVar[int] = 2
@@ -56,6 +59,7 @@ class StepwiseGRPO(Algorithm[SDERollout]):
         check_num_steps(self.num_steps, self.MIN_NUM_STEPS, self.MIN_NUM_STEPS_WHY)
         self.normalization = as_normalization(self.normalization)
         check_choice("sde_type", self.sde_type, SDE_TYPES)
+        check_choice("micro_batches", self.micro_batches, MICRO_BATCHES)
         check_positive(self, "noise_level", "beta", allow_zero=True)
         check_positive(self, "clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches")
         if self.noise_level == 0:
@@ -122,6 +126,7 @@ class StepwiseGRPO(Algorithm[SDERollout]):
                 self.num_minibatches,
                 self.num_inner_epochs,
                 generator,
+                self.micro_batches,
             )  # fmt: skip
         ]
 
@@ -153,4 +158,5 @@ class StepwiseGRPO(Algorithm[SDERollout]):
             kl = transition_kl(transition.mean, ref_mean, transition.std_dev_t, self.sde_type).mean()
             loss = loss + self.beta * kl
             metrics["kl"] = kl.detach()
-        return LossOutput(loss=loss, metrics=metrics)
+        weight = micro_batch_weight(samples, self.rollout_batch_size, self.micro_batches)
+        return LossOutput(loss=loss * weight, metrics=metrics)

@@ -28,10 +28,12 @@ from torch import Tensor
 
 from g2rpo.advantages import Advantages, GroupNormalization
 from g2rpo.algos.base import (
+    MICRO_BATCHES,
     Algorithm,
     as_normalization,
     check_choice,
     check_positive,
+    micro_batch_weight,
     shuffled_minibatches,
 )
 from g2rpo.data import read_image
@@ -139,6 +141,7 @@ class TokenGRPO(Algorithm[TokenRollout]):
     rollout_batch_size: int = 32  # sequences per sampling call; also the training micro-batch
     num_inner_epochs: int = 1
     num_minibatches: int = 2
+    micro_batches: str = "exact"  # exact (kept samples only) | padded (whole rollout-shaped micro-batches)
     normalization: GroupNormalization = field(
         default_factory=lambda: GroupNormalization(std="group", drop_zero_std=True)
     )
@@ -146,6 +149,7 @@ class TokenGRPO(Algorithm[TokenRollout]):
     def __post_init__(self) -> None:
         self.normalization = as_normalization(self.normalization)
         check_choice("task", self.task, TOKEN_TASKS)
+        check_choice("micro_batches", self.micro_batches, MICRO_BATCHES)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         if self.temperature <= 0:
             raise ValueError(f"algo.temperature must be > 0 for sampling, got {self.temperature}")
@@ -201,6 +205,7 @@ class TokenGRPO(Algorithm[TokenRollout]):
                 self.num_minibatches,
                 self.num_inner_epochs,
                 generator,
+                self.micro_batches,
             )  # fmt: skip
         ]
 
@@ -226,4 +231,5 @@ class TokenGRPO(Algorithm[TokenRollout]):
             kl = aggregate(token_kl(log_probs, ref_log_probs), mask, self.aggregation)
             loss = loss + self.beta * kl
             metrics["kl"] = kl.detach()
-        return LossOutput(loss=loss, metrics=metrics)
+        weight = micro_batch_weight(unit.samples, self.rollout_batch_size, self.micro_batches)
+        return LossOutput(loss=loss * weight, metrics=metrics)
