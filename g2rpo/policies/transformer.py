@@ -4,6 +4,7 @@ lay out latents and build the sigma grid."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,9 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         lora: LoraConfig | None = None,
         max_sequence_length: int = 128,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
+        text_cache_size: int = 0,
     ) -> None:
         super().__init__()
         self.pipeline = pipeline  # not a Module: holds the same component objects registered below
@@ -94,6 +98,37 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.init_reference(is_lora=lora is not None)
+        self.compile_options = dict(compile_options or {}) if compile else None
+        if text_cache_size < 0:
+            raise ValueError(f"model.text_cache_size must be >= 0 (0: no cache), got {text_cache_size}")
+        self.text_cache_size = text_cache_size
+        self._text_cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        if compile:
+            self.compile_blocks(self.transformer)
+
+    def blocks(self, transformer: nn.Module) -> Iterator[nn.Module]:
+        """The repeated blocks of ``transformer`` (``block_lists``)."""
+        for name in self.block_lists:
+            yield from getattr(transformer, name)
+
+    def compile_blocks(self, transformer: nn.Module) -> None:
+        """Regional compilation (``model.compile``): ``torch.compile`` of each repeated block, as diffusers'
+        ``compile_repeated_blocks`` does for the models that declare ``_repeated_blocks`` (SD3's transformer
+        declares none, so the blocks come from ``block_lists``, the same units FSDP shards). Blocks share one
+        code object and dynamo treats their weights as inputs, so one graph serves every block: the warm-up
+        is one block's compile, not the whole model's. LoRA layers and the disabled-adapter reference are
+        traced inside the block (a second graph for the reference). ``compile_options`` go to
+        ``torch.compile`` verbatim (``mode``, ``dynamic``, ``backend``)."""
+        for block in self.blocks(transformer):
+            block.compile(**self.compile_options)
+
+    def enable_reference(self) -> None:
+        """A compiled block's compiled call is bound to that block, and ``deepcopy`` keeps the binding: the
+        full-fine-tuning reference copy would run the trained weights. Its blocks are compiled afresh."""
+        fresh = self.reference_copy is None
+        super().enable_reference()
+        if fresh and self.reference_copy is not None and self.compile_options is not None:
+            self.compile_blocks(self.reference_copy)
 
     @property
     def latent_multiple(self) -> int:
@@ -136,12 +171,12 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
     def encode(
         self, prompts: list[str], negative: bool = True, sources: Tensor | None = None
     ) -> Conditioning:
-        embeds, pooled = self.encode_text(list(prompts))
+        embeds, pooled = self.cached_text(list(prompts))
         context = None if sources is None else self.encode_source(sources)
         if not negative:
             return Conditioning(embeds, pooled, context_latents=context)
         # The negative prompt is the same "" for every row: encode it once and broadcast (a view).
-        negative_embeds, negative_pooled = self.encode_text([""])
+        negative_embeds, negative_pooled = self.cached_text([""])
         return Conditioning(
             embeds,
             pooled,
@@ -153,6 +188,26 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Token and pooled embeddings of ``prompts`` from the pipeline's own ``encode_prompt``."""
         raise NotImplementedError
+
+    def cached_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """:meth:`encode_text` through a least-recently-used cache of ``model.text_cache_size`` prompts (0: none).
+        Prompt sets repeat every epoch, and a T5-XXL forward per prompt (SD3.5, FLUX.1) is the one text cost
+        that grows with the encoder. The encoders are frozen, so a cached row is the prompt's encoding up to the
+        kernels' batch-size-dependent rounding (about 1e-7). Rows stay on the model's device: SD3.5's
+        333 x 4096 bf16 tokens are 2.7 MB a prompt."""
+        if not self.text_cache_size:
+            return self.encode_text(prompts)
+        cache = self._text_cache
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            embeds, pooled = self.encode_text(missing)
+            cache.update(zip(missing, zip(embeds, pooled)))
+        for prompt in prompts:
+            cache.move_to_end(prompt)
+        rows = [cache[p] for p in prompts]
+        while len(cache) > max(self.text_cache_size, len(set(prompts))):
+            cache.popitem(last=False)
+        return torch.stack([e for e, _ in rows]), torch.stack([p for _, p in rows])
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
@@ -190,9 +245,8 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         for transformer in (self.transformer, self.reference_copy):
             if transformer is not None:
-                for blocks in self.block_lists:
-                    for block in getattr(transformer, blocks):
-                        fully_shard(block, mesh=mesh, offload_policy=offload)
+                for block in self.blocks(transformer):
+                    fully_shard(block, mesh=mesh, offload_policy=offload)
                 fully_shard(transformer, mesh=mesh, offload_policy=offload)
 
     def save_pretrained(self, directory: str | Path) -> None:
