@@ -59,13 +59,15 @@ test-all: $(STAMP) ## Run every test, slow ones included
 docs: $(STAMP) ## Build the manual (docs/) into site/ with mkdocs --strict
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
-bench: $(STAMP) ## Print framework-overhead ratios and peak memory: tiny SD3 (0.09M) and the shapes base (2.3M)
+bench: $(STAMP) ## Framework overhead and peak memory (tiny SD3, shapes base), then each speed lever on/off and make run's iteration (~10 min)
 	$(PY) -m experiments.bench model=tiny_sd3 $(ARGS)
 	$(PY) -m experiments.bench model=shapes $(ARGS)
+	$(PY) -m experiments.levers $(ARGS)
 
 GPU_ALGOS := flow_grpo dance_grpo mix_grpo g2rpo dgpo
 bench-gpu: $(STAMP) ## GPU only (else it says it skipped): SD3.5-M-shaped random model, 512 px, LoRA, groups of 24, per algorithm
 	for algo in $(GPU_ALGOS); do $(PY) -m experiments.bench model=sd35_medium_random trainer=gpu algo=$$algo --images 48 $(ARGS) || exit 1; done
+	$(PY) -m experiments.levers model=sd35_medium_random trainer=gpu reward=jpeg_compressibility data=animals curriculum.prompts_per_iteration=2 curriculum.group_size=24 algo.rollout_batch_size=8 --iterations 0 $(ARGS)
 
 gpu-check: $(STAMP) ## First minutes on a GPU (~8 min; else it says it skipped): every algorithm, 2 checked iterations of an SD3.5-M-sized model
 	$(PY) -m experiments.gpu_check $(ARGS)

@@ -134,7 +134,7 @@ class Suite:
     description: str = ""
     overrides: list[str] = field(default_factory=list)  # every row's, after the row's own
     runs: str = ""  # another suite's run directory to share (same overrides), e.g. an ablation of its rows
-    speedup: Speedup | None = None
+    speedup: Speedup | list[Speedup] | None = None  # one table per baseline
     # commands run once before the rows, each ``[module, arg, ...]`` run as ``python -m module args``; they must be
     # resumable (a finished one returns at once), as a dataset curated for the rows (`python -m g2rpo.curate`)
     prepare: list[list[str]] = field(default_factory=list)
@@ -146,9 +146,15 @@ class Suite:
         curves = spec.pop("curves", None) or [spec.pop("curve", {})]
         spec["curves"] = [Curve(**c) for c in curves]
         if "speedup" in spec:
-            speedup = spec["speedup"]
-            spec["speedup"] = Speedup(**{**speedup, "costs": [Curve(**c) for c in speedup["costs"]]})
+            specs = spec["speedup"] if isinstance(spec["speedup"], list) else [spec["speedup"]]
+            spec["speedup"] = [Speedup(**{**s, "costs": [Curve(**c) for c in s["costs"]]}) for s in specs]
         return cls(name=path.stem, **spec)
+
+    @property
+    def speedups(self) -> list[Speedup]:
+        if self.speedup is None:
+            return []
+        return self.speedup if isinstance(self.speedup, list) else [self.speedup]
 
     @property
     def output_dir(self) -> Path:
@@ -276,10 +282,11 @@ def plot(suite: Suite, runs: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def speedup_table(suite: Suite, runs: dict) -> str:
+def speedup_table(suite: Suite, runs: dict, speedup: Speedup | None = None) -> str:
     """Per row: the cost at which it first reaches the baseline's final (or best) score in the same seed,
-    and the baseline's own cost to reach it divided by the row's ("N x faster")."""
-    speedup = suite.speedup
+    and the baseline's own cost to reach it divided by the row's ("N x faster"); ``speedup`` defaults to
+    the suite's first."""
+    speedup = speedup or suite.speedups[0]
     baseline = row_key(
         next(r for r in suite.rows if r["label"] == speedup.baseline and r.get("at") != "start")
     )
@@ -365,7 +372,7 @@ def report(suite: Suite, runs: dict) -> str:
     """Write ``experiments/results/<suite>.md`` and ``.png``; returns the page."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(suite, runs, RESULTS / f"{suite.name}.png")
-    results = table(suite, runs) + (f"\n\n{speedup_table(suite, runs)}" if suite.speedup else "")
+    results = "\n\n".join([table(suite, runs), *(speedup_table(suite, runs, s) for s in suite.speedups)])
     body = page(suite, results, seeds_found(suite, runs))
     (RESULTS / f"{suite.name}.md").write_text(body)
     return body

@@ -120,8 +120,8 @@ def test_suites_in_the_repository_load_and_define_their_rows():
             )
             assert (reproduce.SUITES / f"{row.get('runs', suite.name)}.yaml").is_file(), row
         assert not suite.runs or (reproduce.SUITES / f"{suite.runs}.yaml").is_file()
-        if suite.speedup:
-            assert suite.speedup.baseline in labels
+        for speedup in suite.speedups:
+            assert speedup.baseline in labels
         for override in suite.overrides:
             if override.startswith("experiment="):
                 assert (CONF_DIR / "experiment" / f"{override.split('=', 1)[1]}.yaml").is_file(), override
@@ -225,6 +225,19 @@ def test_evaluation_curves_cost_what_was_spent_before_them_and_speedup_compares_
     ]
     body = reproduce.report(suite, runs)
     assert "speed-up (s)" in body and (tmp_path / "results/speed.png").stat().st_size > 1000
+
+    # one table per baseline: DGPO against its paper's baseline and against a faster one
+    spec["speedup"] = [spec["speedup"], {**spec["speedup"], "baseline": "DGPO"}]
+    path.write_text(yaml.safe_dump(spec))
+    suite = Suite.load(path)
+    body = reproduce.report(suite, runs)
+    assert "Target: Flow's final" in body and "Target: DGPO's final" in body
+    lines = reproduce.speedup_table(suite, runs, suite.speedups[1]).splitlines()
+    assert lines[4:] == [
+        "| Flow | not reached | not reached | — | — | 0/1 |",
+        "| DGPO | 10 | 200 | 1.00x | 1.00x | 1/1 |",
+        "| Other | not reached | not reached | — | — | 0/1 |",
+    ]
 
 
 def test_speedup_can_target_the_baselines_best_score(tmp_path, monkeypatch):
