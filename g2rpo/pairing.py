@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
 WEIGHT_FNS = ("none", "linear", "sqrt")
@@ -51,6 +50,9 @@ def medoids(features: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.nda
     features = normalize(features)
     if not 1 <= k <= len(features):
         raise ValueError(f"k_clusters must be in [1, {len(features)}] (the number of items), got {k}")
+    # imported here: scikit-learn (and the pandas it loads) would cost every process's start-up 0.3 s
+    from sklearn.cluster import MiniBatchKMeans
+
     kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=1024)
     with threadpool_limits(1):
         labels = kmeans.fit_predict(features)
