@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LORA_TARGETS, perturb_lora
 from peft import LoraConfig
 
-from g2rpo.policies import SD3Policy, tiny_sd3_pipeline
-from tests.conftest import LORA_TARGETS, perturb_lora
+from g2rpo.policies import FluxPolicy, SD3Policy, tiny_flux_pipeline, tiny_sd3_pipeline
 
 
 def _policy(lora: bool = True, **options) -> SD3Policy:
@@ -102,3 +102,34 @@ def test_text_cache_returns_the_encoders_rows_and_encodes_each_prompt_once(monke
 def test_a_negative_text_cache_size_is_refused():
     with pytest.raises(ValueError, match="text_cache_size must be >= 0"):
         _policy(text_cache_size=-1)
+
+
+def _flux(**options):
+    torch.manual_seed(0)
+    return FluxPolicy(tiny_flux_pipeline(seed=0), resolution=16, lora=None, max_sequence_length=16, **options)
+
+
+def test_attention_backend_reaches_fluxs_dispatcher_with_the_same_velocity():
+    default, math = _flux(), _flux(attention_backend="_native_math")
+    assert {
+        m.processor._attention_backend for m in math.transformer.modules() if hasattr(m, "processor")
+    } == {"_native_math"}
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, *default.initial_noise(1, generator).shape[1:], generator=generator)
+    cond = default.encode(["a cat", "a dog"])
+    with torch.no_grad():
+        want, got = (p.velocity(latents, torch.tensor([0.8, 0.4]), cond) for p in (default, math))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("build", "backend", "message"),
+    [
+        (_policy, "native", "JointAttnProcessor2_0 calls torch's scaled_dot_product_attention itself"),
+        (_flux, "flash_hub", "choose one of flash, flash_varlen"),  # would download kernels
+        (_flux, "no-such-backend", "_native_flash"),
+    ],
+)
+def test_attention_backends_that_would_be_silent_or_reach_the_network_are_refused(build, backend, message):
+    with pytest.raises(ValueError, match=message):
+        build(attention_backend=backend)

@@ -49,6 +49,28 @@ def missing_weights(hub_name: str, path: str, error: Exception) -> FileNotFoundE
     )
 
 
+def set_attention_backend(transformer: nn.Module, backend: str) -> None:
+    """``model.attention_backend``: diffusers' attention dispatcher (``flash``, ``_native_flash``, ``sage``,
+    ``xformers``, ...) for every attention of ``transformer``. Refused where it would be silent or reach the
+    network: processors that call torch's SDPA themselves (SD3's joint attention, for which torch picks
+    the flash or memory-efficient kernel on CUDA), and the ``*_hub`` backends, which download kernels."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName if not b.value.endswith("_hub")]
+    if backend not in names:
+        raise ValueError(f"model.attention_backend={backend!r}: choose one of {', '.join(names)} (or null)")
+    fixed = sorted(
+        {type(m.processor).__name__ for m in transformer.modules()
+         if getattr(m, "processor", None) is not None and not hasattr(m.processor, "_attention_backend")}
+    )  # fmt: skip
+    if fixed:
+        raise ValueError(
+            f"model.attention_backend={backend!r}: {', '.join(fixed)} calls torch's scaled_dot_product_attention "
+            "itself (torch picks the flash or memory-efficient kernel on CUDA); set model.attention_backend=null"
+        )
+    transformer.set_attention_backend(backend)
+
+
 class TransformerPolicy(FrozenReference, FlowPolicy):
     """A diffusers pipeline whose transformer is trained: LoRA through peft (``lora`` given) or full
     fine-tuning (``lora=None``); text encoders and VAE frozen.
@@ -71,6 +93,7 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         compile: bool = False,
         compile_options: Mapping[str, Any] | None = None,
         text_cache_size: int = 0,
+        attention_backend: str | None = None,
     ) -> None:
         super().__init__()
         self.pipeline = pipeline  # not a Module: holds the same component objects registered below
@@ -98,6 +121,8 @@ class TransformerPolicy(FrozenReference, FlowPolicy):
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.init_reference(is_lora=lora is not None)
+        if attention_backend is not None:
+            set_attention_backend(self.transformer, attention_backend)
         self.compile_options = dict(compile_options or {}) if compile else None
         if text_cache_size < 0:
             raise ValueError(f"model.text_cache_size must be >= 0 (0: no cache), got {text_cache_size}")
