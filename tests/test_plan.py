@@ -11,7 +11,7 @@ from conftest import CONF_DIR
 from omegaconf import OmegaConf
 
 from g2rpo.plan import fake
-from g2rpo.plan.execute import _autocast, build, execute
+from g2rpo.plan.execute import _autocast, build, execute, fake_model_config
 from g2rpo.plan.gpus import GPUS, gpu
 from g2rpo.plan.levers import candidates, with_levers
 from g2rpo.plan.meter import Meter
@@ -218,3 +218,10 @@ def test_unknown_gpu_lists_the_known_ones():
 def test_unknown_architecture_lists_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="flux1_dev"):
         fake.architecture("sdxl")
+
+
+def test_a_compiled_model_is_planned_eagerly():
+    """Compiling fuses kernels; the bytes and FLOPs planned are the eager model's, and dynamo cannot trace
+    fake weights."""
+    model = OmegaConf.create({"_target_": "g2rpo.policies.SD3Policy", "compile": True, "pipeline": None})
+    assert fake_model_config(model).compile is False and model.compile is True

@@ -71,6 +71,8 @@ def fake_model_config(model: DictConfig, architecture: str | None = None) -> Dic
             "Janus-Pro policies are not planned yet: their autoregressive rollout has a new shape at every "
             "token, which replay cannot shortcut (docs/planning.md)"
         )
+    if node.get("compile"):
+        node.compile = False  # planned eagerly: compiling fuses kernels, it does not change the FLOPs planned
     pipeline = node.get("pipeline")
     if pipeline is None:
         return node
