@@ -1,12 +1,14 @@
 """Token GRPO's math: token log-probs, the clipped per-token surrogate and its two aggregations, the KL."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from g2rpo.algos.token_grpo import TokenGRPO, aggregate, clipped_token_loss, masked_log_probs, token_kl
 from g2rpo.policies.tokens import TokenRollout
+from g2rpo.types import PromptBatch, RewardOutput
 
 
 def test_masked_log_probs_pick_the_tempered_token_probability():
@@ -80,3 +82,18 @@ def test_invalid_options_name_the_valid_ones():
         TokenGRPO(aggregation="mean")
     with pytest.raises(ValueError, match="answer, image"):
         TokenGRPO(task="caption")
+    with pytest.raises(ValueError, match="exact, padded"):
+        TokenGRPO(micro_batches="pad")
+
+
+@pytest.mark.parametrize(("mode", "sizes"), [("exact", [3, 3]), ("padded", [4, 4])])
+def test_micro_batches_train_the_kept_sequences_or_pad_them_to_the_rollout_shape(mode, sizes):
+    """3 groups of 3, one with equal rewards: 6 kept sequences in micro-batches of at most 4."""
+    algo = TokenGRPO(rollout_batch_size=4, micro_batches=mode)
+    batch = PromptBatch.from_groups(["a", "b", "c"], [{}] * 3, torch.arange(3), torch.full((3,), 3))
+    rewards = RewardOutput({"r": torch.tensor([1.0, 0, 1, 1, 1, 1, 0, 0, 1])}, {"r": 1.0})
+    advantages = algo.advantages(rewards, SimpleNamespace(scored=batch))
+    units = [u for step in algo.minibatches(None, advantages, torch.Generator().manual_seed(0)) for u in step]
+    assert sorted(len(u.samples) for u in units) == sizes
+    kept = set(advantages.train_mask.nonzero().flatten().tolist())
+    assert kept <= {i for u in units for i in u.samples.tolist()}
