@@ -7,8 +7,8 @@ Part 1, per lever: two variants of the same policy and algorithm (the lever off,
 ``--repeats`` times on the same batch of real prompts, scored by the run's reward. Printed per variant: the
 rollout's generated images/s, and training's learning samples/s (samples with a non-zero advantage, per
 second of forward + backward over one pass). ``--equal-groups`` groups get equal rewards, as a run's
-all-correct or all-wrong groups do, so that padding has something to refill. The first call of each variant is a warm-up, reported
-separately (a compiled variant compiles there). Levers: ``algo.micro_batches`` (padded -> exact),
+all-correct or all-wrong groups do, so that padding has something to refill. Each variant's first rollout
+and training pass is a warm-up, reported separately (a compiled variant compiles there). Levers: ``algo.micro_batches`` (padded -> exact),
 ``model.compile``, CFG-free (``algo.guidance_scale=1``: a different algorithm setting, listed for its
 cost), ``model.text_cache_size``; on a CUDA device also bf16 autocast.
 
@@ -143,7 +143,7 @@ def measure_lever(
 ) -> dict[str, list]:
     setups = [Setup([*overrides, *v.overrides], device, equal_groups) for v in (lever.off, lever.on)]
     images = len(setups[0].batch)
-    warmup = [_timed(s.rollout, device)[0] + _timed(s.train_pass, device)[0] for s in setups]
+    warmup = [_timed(s.train_pass, device)[0] for s in setups]  # the first rollout, scoring and training pass
     rollout_s: list[list[float]] = [[], []]
     train_s: list[list[float]] = [[], []]
     counts = [(0, 0), (0, 0)]
