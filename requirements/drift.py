@@ -20,7 +20,8 @@ def pins(lock_path: str) -> dict[str, str]:
     pinned = {}
     with open(lock_path) as lock:
         for line in lock:
-            match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
+            # a name, its extras if any (pip-compile keeps them: math-verify[antlr4-9-3]), its version
+            match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^]]*\])?==(\S+)", line)
             if match:
                 pinned[canonicalize_name(match[1])] = match[2]
     return pinned

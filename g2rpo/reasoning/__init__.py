@@ -1,0 +1,1 @@
+"""Text reasoning worlds for RL on language models: tiny tasks with verifiable answers, trained here."""
