@@ -15,7 +15,17 @@ import re
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from g2rpo.algos import DGPO, G2RPO, RFT, DanceGRPO, FlowGRPO, MixGRPO, PairGRPO, TokenGRPO
+from g2rpo.algos import (
+    DGPO,
+    G2RPO,
+    RFT,
+    DanceGRPO,
+    FlowGRPO,
+    MixGRPO,
+    PairGRPO,
+    REINFORCEPlusPlus,
+    TokenGRPO,
+)
 from g2rpo.curriculum import CurESCurriculum, UniformCurriculum
 
 SCHEMAS = {
@@ -28,6 +38,7 @@ SCHEMAS = {
         "pair_grpo": PairGRPO,
         "rft": RFT,
         "token_grpo": TokenGRPO,
+        "rpp": REINFORCEPlusPlus,
     },
     "curriculum": {"uniform": UniformCurriculum, "cures": CurESCurriculum},
 }

@@ -35,7 +35,7 @@ import g2rpo.checkpoint
 import g2rpo.resume
 from g2rpo.advantages import Advantages
 from g2rpo.algos.base import Algorithm
-from g2rpo.curriculum import Curriculum, PolicyProbe
+from g2rpo.curriculum import Curriculum, probe_for
 from g2rpo.data import PromptDataset
 from g2rpo.distributed import gather_objects, gather_scored, mean_over_ranks, rank_slice
 from g2rpo.ema import swapped_in
@@ -168,7 +168,7 @@ class RLModule(L.LightningModule):
         started = time.perf_counter()
         self.policy.nfe = 0
         everyone = self.curriculum.sample(
-            self.dataset, sampling, PolicyProbe(self.policy, self.reward, sampling)
+            self.dataset, sampling, probe_for(self.policy, self.algorithm, self.reward, sampling)
         )
         prompts = rank_slice(everyone)  # this rank's whole groups
         if self.sharded:
@@ -210,6 +210,7 @@ class RLModule(L.LightningModule):
         metrics.update(self._optimize(rollout, advantages, training, iteration))
         metrics.update(
             {
+                "samples/rollout": len(everyone),
                 "nfe/curriculum": nfe_curriculum,
                 "nfe/rollout": nfe_rollout,
                 "nfe/train": self.policy.nfe,

@@ -24,6 +24,7 @@ SAMPLE = 0  # per-sample noise: initial latents, SDE steps
 GROUP = 1  # per-group noise: shared initial latents, DGPO's eps per group
 CHOICE = 2  # per-sample discrete choices: DanceGRPO's trained steps, DGPO's text dropout
 TOKEN = 3  # per-sample token sampling (token policies: answers, image codes)
+PROBE = 4  # a curriculum's pre-rollouts of a token policy (CurES), apart from the training samples' draws
 
 
 def seeded(*key: int) -> torch.Generator:

@@ -22,12 +22,13 @@ GROUPS = [
 NEEDS_DOWNLOADED_WEIGHTS = {
     "sd3", "sd35_medium", "flux_dev", "flux_kontext", "pickscore", "clipscore", "aesthetic", "hps", "hps_clip", "imagereward",
     "janus_pro_1b", "janus_pro_7b", "qwen_image", "qwen_image_edit", "qwen25_vl_3b_judge", "qwen25_vl_7b_judge",
+    "qwen25_math_1_5b", "qwen25_math_7b",
 }  # fmt: skip
 # prompt files of the papers' data sets, not shipped (README, "Rewards": prompt data)
-NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file", "preference_pairs"}
+NEEDS_DOWNLOADED_DATA = {"prompt_file", "pair_file", "preference_pairs", "math_jsonl"}
 # evaluation suites on the papers' prompt sets (conf/eval/*.yaml say where to get each)
 EVAL_NEEDS_DOWNLOADED_DATA = {
-    "geneval", "drawbench", "drawbench_served", "ocr", "pairuni", "gedit_bench", "imgedit_bench",
+    "geneval", "drawbench", "drawbench_served", "ocr", "pairuni", "gedit_bench", "imgedit_bench", "math_reasoning",
 }  # fmt: skip
 # ddp and fsdp default to GPUs; tests run them on CPU (test_distributed.py)
 NEEDS_A_GPU = {"gpu", "ddp", "fsdp"}

@@ -8,6 +8,7 @@ from g2rpo.algos.g2rpo import G2RPO
 from g2rpo.algos.mix_grpo import MixGRPO
 from g2rpo.algos.pair_grpo import PairGRPO
 from g2rpo.algos.rft import RFT
+from g2rpo.algos.rpp import REINFORCEPlusPlus
 from g2rpo.algos.stepwise import StepwiseGRPO
 from g2rpo.algos.token_grpo import TokenGRPO
 
@@ -19,6 +20,7 @@ __all__ = [
     "G2RPO",
     "MixGRPO",
     "PairGRPO",
+    "REINFORCEPlusPlus",
     "RFT",
     "StepwiseGRPO",
     "TokenGRPO",

@@ -68,15 +68,22 @@ def clipped_token_loss(
     mask: Tensor,
     clip_range: float,
     aggregation: str = "token",
+    dual_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO-clip surrogate per token (``advantages`` [B] broadcast over each sequence), aggregated.
+    """The PPO-clip surrogate per token, aggregated: ``advantages`` ``[B]`` (one per sequence, broadcast over
+    its tokens) or ``[B, T]`` (per token, REINFORCE++).
 
-    Diagnostics as :func:`g2rpo.losses.clipped_surrogate`, averaged over generated tokens only.
+    ``dual_clip = c > 1`` also bounds the loss of a negative advantage by ``-c A`` (Ye et al. 2020, arXiv
+    1912.09729, eq. 4; verl's ``clip_ratio_c``, 3 in CurES's scripts), so a huge ratio on a bad token cannot
+    dominate the step. Diagnostics as :func:`g2rpo.losses.clipped_surrogate`, averaged over generated tokens.
     """
     log_ratio = torch.where(mask, log_probs - old_log_probs, torch.zeros_like(log_probs))
     ratio = torch.exp(log_ratio)
-    advantage = advantages.to(log_probs.dtype)[:, None]
+    advantage = advantages.to(log_probs.dtype)
+    advantage = advantage[:, None] if advantage.dim() == 1 else advantage
     per_token = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range))
+    if dual_clip is not None:
+        per_token = torch.where(advantage < 0, torch.minimum(per_token, -advantage * dual_clip), per_token)
     loss = aggregate(per_token, mask, aggregation)
     with torch.no_grad():
         tokens = mask.float().sum().clamp_min(1)
@@ -114,10 +121,12 @@ def _images(batch: PromptBatch, key: str, task: str) -> Tensor:
 def token_inputs(task: str, batch: PromptBatch) -> dict:
     """What :meth:`TokenPolicy.sample_tokens` needs from a prompt batch: ``answer`` reads each sample's image
     from ``metadata["image"]`` and asks ``prompts`` (the questions); ``compare`` reads images A and B from
-    ``metadata["image"]`` and ``metadata["other_image"]`` with ``prompts`` as the captions; ``image`` draws
-    ``prompts``."""
+    ``metadata["image"]`` and ``metadata["other_image"]`` with ``prompts`` as the captions; ``text`` asks
+    ``prompts`` with no image; ``image`` draws ``prompts``."""
     if task == "answer":
         return {"images": _images(batch, "image", task), "questions": batch.prompts}
+    if task == "text":
+        return {"questions": batch.prompts}
     if task == "compare":
         return {
             "images": _images(batch, "image", task),
@@ -131,13 +140,14 @@ def token_inputs(task: str, batch: PromptBatch) -> dict:
 class TokenGRPO(Algorithm[TokenRollout]):
     """Defaults: PairUni's (temperature 1, beta 0, group std), with PPO's clip 0.2 (DeepSeekMath)."""
 
-    task: str = "answer"  # answer (text out) | compare (a judge's verdict) | image (image tokens)
+    task: str = "answer"  # answer (an image's question) | compare (a verdict) | text (text only) | image
     temperature: float = 1.0
     max_new_tokens: int = 4  # answer task: the shapes world's answers are one word and an end token
     guidance_scale: float = 5.0  # image task: CFG of the image-token logits (PairUni: 5); unused for answers
     clip_range: float = 0.2
     beta: float = 0.0
     aggregation: str = "token"  # token | sequence
+    dual_clip: float | None = None  # c > 1: a negative advantage's loss is at most -c A (CurES: 3)
     rollout_batch_size: int = 32  # sequences per sampling call; also the training micro-batch
     num_inner_epochs: int = 1
     num_minibatches: int = 2
@@ -157,6 +167,8 @@ class TokenGRPO(Algorithm[TokenRollout]):
             self, "clip_range", "rollout_batch_size", "num_inner_epochs", "num_minibatches", "max_new_tokens"
         )
         check_positive(self, "beta", allow_zero=True)
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"algo.dual_clip must be > 1 (or null: off), got {self.dual_clip}")
 
     @property
     def uses_reference(self) -> bool:
@@ -194,6 +206,9 @@ class TokenGRPO(Algorithm[TokenRollout]):
             )
         return dataclasses.replace(TokenRollout.cat(chunks), scored=batch)
 
+    def rollout_metrics(self, rollout: TokenRollout, rewards: RewardOutput) -> dict[str, float]:
+        return {"response_length": float(rollout.mask.sum(-1).float().mean())}
+
     def minibatches(
         self, rollout: TokenRollout, advantages: Advantages, generator: torch.Generator
     ) -> list[list[TrainingUnit]]:
@@ -222,6 +237,7 @@ class TokenGRPO(Algorithm[TokenRollout]):
             mask,
             self.clip_range,
             self.aggregation,
+            self.dual_clip,
         )
         loss = policy_loss
         metrics["policy_loss"] = policy_loss.detach()

@@ -119,11 +119,12 @@ def allocate(weights: Tensor, budget: int, n_min: int, n_max: int) -> Tensor:
 
 @dataclass
 class ProbeSettings:
-    """How pre-rollouts sample (the config takes the algorithm's steps, CFG and batch size)."""
+    """How pre-rollouts sample (the config takes the algorithm's steps, CFG and batch size); a token
+    policy's probe samples as its algorithm does, so these are null there."""
 
-    num_steps: int = 10
-    guidance_scale: float = 4.5
-    batch_size: int = 8
+    num_steps: int | None = 10
+    guidance_scale: float | None = 4.5
+    batch_size: int | None = 8
     noise_level: float = 0.7  # Flow-SDE a, for sigma_mode=grad_norm only (those probes need log-probs)
 
 

@@ -7,11 +7,20 @@ from torch import Tensor
 
 from g2rpo.curriculum.base import Probed
 from g2rpo.distributed import gather_objects, world
-from g2rpo.policies.base import FlowPolicy
+from g2rpo.policies.base import FlowPolicy, Policy
+from g2rpo.policies.tokens import TokenPolicy
+from g2rpo.randomness import PROBE, seeded
 from g2rpo.rewards.base import RewardEnsemble
 from g2rpo.rollout import ode_rollout, sde_rollout
 from g2rpo.sampling import sde_step
 from g2rpo.types import PromptBatch, SDERollout
+
+
+def probe_for(policy: Policy, algorithm, reward: RewardEnsemble, generator: torch.Generator):
+    """The probe of ``policy``'s kind: flow policies :class:`PolicyProbe`, token policies :class:`TokenProbe`."""
+    if isinstance(policy, TokenPolicy):
+        return TokenProbe(policy, algorithm, reward, generator)
+    return PolicyProbe(policy, reward, generator)
 
 
 class PolicyProbe:
@@ -89,6 +98,44 @@ class PolicyProbe:
                     prev_sample=rollout.latents[j : j + 1, i + 1],
                 )  # fmt: skip
                 log_likelihood = log_likelihood + step.log_prob.nansum()
+            grads = torch.autograd.grad(log_likelihood, parameters, allow_unused=True)
+            norms.append(torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None)))
+        return torch.stack(norms).detach().cpu()
+
+
+class TokenProbe:
+    """Pre-rollouts of a token policy: the algorithm's own sampling (its temperature and length) and scoring,
+    from a stream of their own (``PROBE``), so no pre-rollout repeats a training sample's draws.
+
+    ``grad_norms`` also returns each response's ``||grad_theta sum_t log pi(y_t | x, y_<t)||`` over the
+    trainable parameters, one backward each: CurES's code takes it on the embeddings of a full model
+    (brief A.3); a LoRA's trainable set is the analogue here. Flow settings (steps, CFG) do not apply.
+    """
+
+    def __init__(self, policy: TokenPolicy, algorithm, reward: RewardEnsemble, generator: torch.Generator):
+        self.policy, self.algorithm, self.reward = policy, algorithm, reward
+        self.generator = seeded(generator.initial_seed(), PROBE)
+
+    def __call__(self, batch: PromptBatch, *, grad_norms: bool = False, **flow_settings) -> Probed:
+        rank, size = world()
+        mine = batch.select(torch.arange(len(batch)).chunk(size)[rank]) if size > 1 else batch
+        with torch.no_grad():
+            rollout = self.algorithm.rollout(self.policy, mine, self.generator)
+            rewards = self.algorithm.score(self.reward, rollout).total.cpu()
+        probed = Probed(rewards=rewards, grad_norms=self._grad_norms(rollout) if grad_norms else None)
+        if size == 1:
+            return probed
+        parts = gather_objects(probed)
+        return Probed(
+            rewards=torch.cat([part.rewards for part in parts]),
+            grad_norms=torch.cat([part.grad_norms for part in parts]) if grad_norms else None,
+        )
+
+    def _grad_norms(self, rollout) -> Tensor:
+        parameters = [p for p in self.policy.trainable_parameters() if p.requires_grad]
+        norms = []
+        for j in range(len(rollout)):
+            log_likelihood = self.policy.token_log_probs(rollout.select(torch.tensor([j]))).sum()
             grads = torch.autograd.grad(log_likelihood, parameters, allow_unused=True)
             norms.append(torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None)))
         return torch.stack(norms).detach().cpu()

@@ -6,7 +6,8 @@ what was sampled, then recompute those log-probs with gradients during the updat
 A policy can implement both interfaces over shared weights (a unified model): the understanding side samples
 ``task="answer"`` tokens, the generation side is a flow policy or ``task="image"`` tokens. A judge samples
 ``task="compare"`` tokens: which of two images (``images`` A, ``other_images`` B, ``[B, 3, H, W]`` in [0, 1])
-matches a caption (``questions``) better, as ``<answer>A</answer>`` or ``<answer>B</answer>``.
+matches a caption (``questions``) better, as ``<answer>A</answer>`` or ``<answer>B</answer>``. A text-only
+language model samples ``task="text"`` tokens: an answer to each of ``questions``, with no image.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from g2rpo.policies.base import Policy
 from g2rpo.types import TokenRollout
 
-TOKEN_TASKS = ("answer", "image", "compare")
+TOKEN_TASKS = ("answer", "image", "compare", "text")
 
 
 class TokenPolicy(Policy):
