@@ -14,7 +14,7 @@ LOCKER := .venv-lock
 PIP_TOOLS := pip-tools==7.7.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test-latest run test test-all docs bench bench-gpu gpu-check plans reproduce base-model edit-model unified-model judge-model reward-model curate-shapes lint format clean
+.PHONY: help install lock test-latest run test test-all docs bench bench-gpu gpu-check plans reproduce base-model edit-model unified-model judge-model reward-model arith-model curate-shapes lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/
 
 judge-model: $(STAMP) ## Regenerate the shapes judge in g2rpo/shapes/weights/judge from the unified model (format cold start, then token GRPO; see its README)
 	$(PY) -m g2rpo.shapes.training.judge --threads 2 --out g2rpo/shapes/weights/judge
+
+arith-model: $(STAMP) ## Regenerate the arithmetic world's small Llama in g2rpo/reasoning/weights/arithmetic (deterministic; see its README)
+	$(PY) -m g2rpo.reasoning.training --threads 2 --out g2rpo/reasoning/weights/arithmetic
 
 REWARD_STEPS := 400
 reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weights/shapes_score
