@@ -93,8 +93,9 @@ unified-model: $(STAMP) ## Regenerate the shapes world's unified model in g2rpo/
 judge-model: $(STAMP) ## Regenerate the shapes judge in g2rpo/shapes/weights/judge from the unified model (format cold start, then token GRPO; see its README)
 	$(PY) -m g2rpo.shapes.training.judge --threads 2 --out g2rpo/shapes/weights/judge
 
+ARITH_STEPS := 2300
 arith-model: $(STAMP) ## Regenerate the arithmetic world's small Llama in g2rpo/reasoning/weights/arithmetic (deterministic; see its README)
-	$(PY) -m g2rpo.reasoning.training --threads 2 --out g2rpo/reasoning/weights/arithmetic
+	$(PY) -m g2rpo.reasoning.training --steps $(ARITH_STEPS) --threads 2 --out g2rpo/reasoning/weights/arithmetic
 
 REWARD_STEPS := 400
 reward-model: $(STAMP) ## Regenerate the shapes_score model in g2rpo/shapes/weights/shapes_score

@@ -6,7 +6,7 @@ A problem's level is its number of operations; higher levels also use larger num
 result is a non-negative integer no larger than the level's cap (at most 99), so a character-level model can
 learn the steps. The worked answer writes one step per line and ends in ``\\boxed{answer}``::
 
-    Ann has 3 apples. She buys 4 more and gives 2 away. How many apples does she have now?
+    Ann has 3 apples. She buys 4 more and gives 2 away. How many apples now?
     3+4=7
     7-2=5
     \\boxed{5}
@@ -140,7 +140,8 @@ def _apply(op: str, a: int, b: int) -> int:
 
 
 def _problem(rng: random.Random, level: int) -> dict:
-    """One problem of ``level`` operations drawn from ``rng``."""
+    """One problem of ``level`` operations drawn from ``rng`` (the feasibility checks draw from it too: the
+    draws are part of the data's definition, and the shipped model was trained on exactly this stream)."""
     cap = CAPS[level]
     name, subject, obj = rng.choice(NAMES)
     other = rng.choice([n for n, _, _ in NAMES if n != name])
@@ -187,7 +188,7 @@ def make_problems(
     count: int, seed: int = 0, levels: Sequence[int] = LEVELS, split: str | None = None
 ) -> list[dict]:
     """``count`` problems ``{"prompt", "answer", "level", "solution"}``, levels in turn (so each is equally
-    represented); problem ``i`` depends on ``(seed, i, split)`` only, so a longer list extends a shorter one.
+    represented); the list depends on ``(seed, levels, split)`` only, and a longer list extends a shorter one.
     ``split`` keeps only that side of the hash partition (:func:`split_of`); None keeps both."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from g2rpo.reasoning.arithmetic import (
+    CAPS,
     HELDOUT_EVERY,
     LEVELS,
     WEIGHTS,
@@ -207,51 +209,60 @@ def sampling_speed(
 
 def card(info: dict) -> str:
     """The model card (README.md) from ``training.json``'s contents."""
-    s, m = info["settings"], info["model"]
+    s, m, speed = info["settings"], info["model"], info["sampling_speed"]
     rows = "\n".join(
         f"{level:>5}  {r['problems']:>8}  {r['pass_rate']:>9.3f}  {r['none_solved']:>11.3f}  "
         f"{r['all_solved']:>10.3f}  {r['greedy']:>6.3f}  {r['answer_tokens']:>13}"
         for level, r in info["heldout"].items()
     )
-    speed = info["sampling_speed"]
+    caps = ", ".join(f"{cap} (level {level})" for level, cap in info["caps"].items())
+    per_level = info["heldout_problems"] // len(info["heldout"])
+    load = info.get("load_average")
+    load = (
+        f" (load average {load[0]} / {load[1]} / {load[2]} over 1 / 5 / 15 minutes as training ended)"
+        if load
+        else ""
+    )
+    notes = "".join(f" {note}" for note in info.get("notes", []))
     return f"""# arithmetic
 
 The arithmetic world's language model (`g2rpo.reasoning.arithmetic.load_arithmetic_lm()`): a small Llama
-pretrained here on generated multi-step arithmetic word problems with short worked answers, and stopped
-early, so that RL on text reasoning (GRPO, REINFORCE++ with a binary verifier reward, CurES's curriculum)
-finds problems it solves almost always, sometimes, and almost never. Code: `g2rpo/reasoning/arithmetic.py`,
-training `g2rpo/reasoning/training.py`.
+pretrained here on generated multi-step arithmetic word problems with short worked answers, and stopped early
+on purpose, so that RL on text reasoning (GRPO, REINFORCE++ with a binary verifier reward, CurES's
+curriculum) finds problems it solves almost always, sometimes, and almost never. Code:
+`g2rpo/reasoning/arithmetic.py`, training `g2rpo/reasoning/training.py`.
 
-- **Format**: `<bos><|user|>question<|assistant|>` (the tokenizer's chat template with the generation
-  prompt), answered `a+b=c` one step per line, then `\\boxed{{answer}}` and `<eos>` (id {info["eos_id"]}).
-  One token per character (printable ASCII and newline) plus `<pad> <bos> <eos> <unk> <|user|>
-  <|assistant|>`: {m["vocab_size"]} tokens, left padding.
-- **Architecture**: `LlamaForCausalLM`, hidden {m["hidden_size"]}, {m["num_layers"]} layers, {m["num_heads"]}
-  heads, MLP {m["intermediate_size"]}, tied embeddings, {m["max_length"]} positions; {m["parameters"]:,}
-  parameters (fp32).
-- **Data**: word problems of levels {", ".join(map(str, s["levels"]))} (level = number of operations among
-  + - * /, numbers up to 20, 40, 60, 80, 99 by level, every intermediate result a non-negative integer up to
-  that cap), one held out in {info["heldout_every"]} by a hash of the question text; training uses
-  {s["steps"] * s["batch_size"]:,} fresh training-side problems, each seen once.
-- **Training**: teacher forcing, loss on the answer tokens only; {s["steps"]} steps of batch
-  {s["batch_size"]}, AdamW lr {s["lr"]} (betas 0.9, 0.95, weight decay 0.01), {s["warmup"]} warm-up steps,
-  cosine decay to 10 %, gradient clip 1; seed {s["seed"]}. Loss {info["loss"][0]:.4f} -> {info["loss"][1]:.4f}
-  (mean of the last 50 steps {info["loss_last50"]:.4f}).
-- **Cost**: {info["train_minutes"]:.1f} minutes of training and {info["total_minutes"]:.1f} in all (the
-  held-out evaluation included) on {info["threads"]} CPU threads (2 cores shared with other jobs).
-- **Sampling speed**: {speed["sequences"]} answers (16 held-out problems x 8) decoded to completion with the
-  KV cache (`model.generate`, temperature 1) in {speed["seconds"]} s ({speed["answer_tokens"]} answer tokens)
-  on {info["threads"]} threads.
+- **Format**: prompt `<bos><|user|>question<|assistant|>` (the tokenizer's chat template with the generation
+  prompt); answer one step `a+b=c` per line (`+ - * /`), then `\\boxed{{answer}}` and `<eos>` (id
+  {info["eos_id"]}). One token per character (printable ASCII and the newline) plus `<pad> <bos> <eos> <unk>
+  <|user|> <|assistant|>`: {m["vocab_size"]} tokens; left padding.
+- **Architecture**: `LlamaForCausalLM`, hidden {m["hidden_size"]}, {m["num_layers"]} layers,
+  {m["num_heads"]} heads, MLP {m["intermediate_size"]}, tied embeddings, {m["max_length"]} positions;
+  {m["parameters"]:,} parameters (fp32).
+- **Data**: word problems of levels {", ".join(map(str, s["levels"]))}, level = number of operations; every
+  number (start, operand, intermediate result) a non-negative integer up to {caps}. One question text in
+  {info["heldout_every"]} is held out (by a hash of the text). Training reads
+  {s["steps"] * s["batch_size"]:,} training-side problems (`make_problems(..., seed={s["seed"]},
+  split="train")`), each once, levels in equal shares.
+- **Training**: teacher forcing, cross-entropy on the answer tokens only; {s["steps"]} steps of batch
+  {s["batch_size"]} (cut from length-sorted chunks), AdamW lr {s["lr"]} (betas 0.9, 0.95, weight decay 0.01),
+  {s["warmup"]} warm-up steps, cosine decay to 10 %, gradient clip 1; seed {s["seed"]}. Loss
+  {info["loss"][0]:.4f} -> {info["loss"][1]:.4f} (mean of the last 50 steps {info["loss_last50"]:.4f}).
+- **Cost**: {info["train_minutes"]:.1f} minutes of training, {info["total_minutes"]:.1f} with the held-out
+  evaluation, on {info["threads"]} CPU threads of 2 cores shared with other jobs{load}.{notes}
+- **Sampling speed**: {speed["sequences"]} answers (16 held-out problems x 8, all levels) decoded to
+  completion with the KV cache (`model.generate`, temperature 1) in {speed["seconds"]} s
+  ({speed["answer_tokens"]} answer tokens) on {info["threads"]} threads.
 - **Regenerate**: `make arith-model`, i.e. `{info["command"]}` (deterministic on a given machine and thread
   count).
 
 ## Held-out pass rates
 
-{info["heldout_problems"]} held-out problems ({info["heldout_problems"] // len(info["heldout"])} per level),
-{s["samples"]} answers each sampled at temperature 1 (no top-k or top-p); an answer passes when its last
-`\\boxed{{}}` holds the right integer. `pass rate`: mean over problems; `none`/`all`: problems solved by none /
-all of the samples; `greedy`: greedy decoding's accuracy; `answer tokens`: the longest reference answer, eos
-included.
+The first {info["heldout_problems"]} held-out problems ({per_level} per level, `arithmetic_dataset("heldout",
+seed={s["seed"]})`), {s["samples"]} answers each sampled at temperature 1 (no top-k or top-p); an answer
+passes when its last `\\boxed{{}}` holds the right integer. `pass rate`: mean over problems; `none solved` /
+`all solved`: the share of problems that none / all of the samples solve; `greedy`: greedy decoding's
+accuracy; `answer tokens`: the longest reference answer, eos included.
 
 ```
 level  problems  pass rate  none solved  all solved  greedy  answer tokens
@@ -267,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=2300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
@@ -287,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer, args.steps, args.batch_size, args.lr, args.warmup, args.levels, args.seed
     )
     train_seconds = time.perf_counter() - clock
+    load = os.getloadavg()
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
 
@@ -319,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "eos_id": tokenizer.eos_token_id,
         "heldout_every": HELDOUT_EVERY,
+        "caps": {str(level): CAPS[level] for level in args.levels},
         "threads": args.threads,
         "loss": [round(losses[0], 4), round(losses[-1], 4)],
         "loss_last50": round(float(np.mean(losses[-50:])), 4),
@@ -328,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         "mean_greedy": round(float(np.mean([r["greedy"] for r in results.values()])), 4),
         "sampling_speed": speed,
         "train_minutes": round(train_seconds / 60, 2),
+        "load_average": [round(value, 2) for value in load],
         "total_minutes": round(seconds / 60, 2),
     }
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
