@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from g2rpo.algos.token_grpo import TokenGRPO
 from g2rpo.curriculum.base import Probed
 from g2rpo.distributed import gather_objects, world
 from g2rpo.policies.base import FlowPolicy, Policy
@@ -17,8 +18,9 @@ from g2rpo.types import PromptBatch, SDERollout
 
 
 def probe_for(policy: Policy, algorithm, reward: RewardEnsemble, generator: torch.Generator):
-    """The probe of ``policy``'s kind: flow policies :class:`PolicyProbe`, token policies :class:`TokenProbe`."""
-    if isinstance(policy, TokenPolicy):
+    """The probe of what the algorithm samples: token GRPO's answers (text, REINFORCE++) :class:`TokenProbe`;
+    images :class:`PolicyProbe` (Pair-GRPO too: a unified model's prompts are captions, probed as images)."""
+    if isinstance(algorithm, TokenGRPO) and isinstance(policy, TokenPolicy):
         return TokenProbe(policy, algorithm, reward, generator)
     return PolicyProbe(policy, reward, generator)
 
