@@ -24,10 +24,9 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from g2rpo.distributed import world
-from g2rpo.policies.janus import positions_of, sample_from
+from g2rpo.policies.janus import positions_of
 from g2rpo.policies.reference import FrozenReference
-from g2rpo.policies.tokens import TokenPolicy
-from g2rpo.randomness import rand_per_key
+from g2rpo.policies.tokens import TokenPolicy, decode
 from g2rpo.types import TokenRollout
 
 TEXT_TASKS = ("text",)
@@ -177,30 +176,19 @@ class CausalLMPolicy(FrozenReference, TokenPolicy):
         positions = positions_of(mask)
         output = self.forward_tokens(prompt["input_ids"], mask, positions, use_cache=True)
         positions = positions[:, -1:]
-        uniforms = rand_per_key(generators, steps).to(self.device)
-        end_ids = self.end_ids.to(self.device)
-        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
-        tokens, log_probs, valid = [], [], []
-        for step in range(steps):
-            step_log_probs = self.tempered(output.logits[:, -1], temperature)
-            token = (
-                step_log_probs.argmax(-1)
-                if temperature == 0
-                else sample_from(step_log_probs, uniforms[:, step])
-            )
-            token = token.masked_fill(done, self.pad_id)
-            valid.append(~done)
-            tokens.append(token)
-            log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0))
-            done = done | torch.isin(token, end_ids)
-            if bool(done.all()) or step == steps - 1:
-                break
+
+        def feed(token: Tensor) -> None:
+            nonlocal mask, positions, output
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions + 1
             output = self.forward_tokens(
                 token[:, None], mask, positions, cache=output.past_key_values, use_cache=True
             )
-        tokens, valid = torch.stack(tokens, dim=1), torch.stack(valid, dim=1)
+
+        tokens, valid, log_probs = decode(
+            lambda: self.tempered(output.logits[:, -1], temperature),
+            feed, generators, steps, temperature, self.end_ids, self.pad_id,
+        )  # fmt: skip
         texts = self.tokenizer.batch_decode(
             [row[keep].tolist() for row, keep in zip(tokens, valid)], skip_special_tokens=True
         )
@@ -209,7 +197,7 @@ class CausalLMPolicy(FrozenReference, TokenPolicy):
             inputs={"questions": list(inputs["questions"])},
             tokens=tokens,
             mask=valid,
-            log_probs=torch.stack(log_probs, dim=1),
+            log_probs=log_probs,
             texts=texts,
             temperature=temperature,
         )

@@ -30,7 +30,7 @@ from transformers import (
 
 from g2rpo.distributed import world
 from g2rpo.policies.reference import FrozenReference
-from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy
+from g2rpo.policies.tokens import TOKEN_TASKS, TokenPolicy, decode, sample_from
 from g2rpo.randomness import rand_per_key
 from g2rpo.types import TokenRollout
 
@@ -61,14 +61,6 @@ def load_janus(path: str = "deepseek-community/Janus-Pro-1B", dtype: str = "bflo
             f"  ({type(error).__name__}: {error})"
         ) from error
     return Janus(model, processor)
-
-
-def sample_from(log_probs: Tensor, uniforms: Tensor) -> Tensor:
-    """Inverse-CDF draws, one per row, from ``[B, V]`` log-probs with ``[B]`` uniforms: each sample consumes
-    one number of its own stream, so its draw does not depend on the batch."""
-    cdf = log_probs.double().exp().cumsum(-1)
-    target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
 def positions_of(attention_mask: Tensor) -> Tensor:
@@ -274,28 +266,19 @@ class JanusPolicy(FrozenReference, TokenPolicy):
         prompt = self.answer_prompts(inputs["images"], inputs["questions"])
         mask = prompt["attention_mask"]
         embeds = self.prompt_embeddings(prompt["input_ids"], prompt["pixel_values"])
-        output, positions, uniforms = self._prefill(embeds, mask, generators, max_new_tokens)
-        batch = mask.shape[0]
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        tokens, log_probs, valid = [], [], []
-        for step in range(max_new_tokens):
-            step_log_probs = self.answer_log_probs(output.last_hidden_state[:, -1], temperature)
-            token = (
-                step_log_probs.argmax(-1)
-                if temperature == 0
-                else sample_from(step_log_probs, uniforms[:, step])
-            )
-            token = token.masked_fill(done, self.pad_id)
-            valid.append(~done)
-            tokens.append(token)
-            log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0))
-            done = done | (token == self.eos_id)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
+        positions = positions_of(mask)
+        output = self.language_model(embeds, mask, positions, use_cache=True)
+
+        def feed(token: Tensor) -> None:
+            nonlocal mask, positions, output
             mask, positions, output = self._extend(
                 self.prompt_embeddings(token[:, None]), mask, positions, output
             )
-        tokens, valid = torch.stack(tokens, dim=1), torch.stack(valid, dim=1)
+
+        tokens, valid, log_probs = decode(
+            lambda: self.answer_log_probs(output.last_hidden_state[:, -1], temperature),
+            feed, generators, max_new_tokens, temperature, torch.tensor([self.eos_id]), self.pad_id,
+        )  # fmt: skip
         texts = self.processor.tokenizer.batch_decode(
             [row[keep].tolist() for row, keep in zip(tokens, valid)], skip_special_tokens=True
         )
@@ -304,7 +287,7 @@ class JanusPolicy(FrozenReference, TokenPolicy):
             inputs={"images": inputs["images"], "questions": list(inputs["questions"])},
             tokens=tokens,
             mask=valid,
-            log_probs=torch.stack(log_probs, dim=1),
+            log_probs=log_probs,
             texts=texts,
             temperature=temperature,
         )

@@ -26,11 +26,10 @@ from torch import Tensor
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from g2rpo.distributed import world
-from g2rpo.policies.janus import language_model_only, sample_from
+from g2rpo.policies.janus import language_model_only
 from g2rpo.policies.qwen_image import ImageOnlyQwen2VLProcessor
 from g2rpo.policies.reference import FrozenReference
-from g2rpo.policies.tokens import TokenPolicy
-from g2rpo.randomness import rand_per_key
+from g2rpo.policies.tokens import TokenPolicy, decode
 from g2rpo.rewards.judge import DEFAULT_COMPARE_INSTRUCTION
 from g2rpo.types import TokenRollout
 
@@ -227,31 +226,20 @@ class QwenVLJudgePolicy(FrozenReference, TokenPolicy):
         positions = self.prompt_positions(prompt)
         output = self.language_model(self.prompt_embeddings(prompt), mask, positions, use_cache=True)
         positions = positions[:, :, -1:]
-        uniforms = rand_per_key(generators, steps).to(self.device)
-        end_ids = self.end_ids.to(self.device)
-        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
-        tokens, log_probs, valid = [], [], []
-        for step in range(steps):
-            step_log_probs = self.next_log_probs(output.last_hidden_state[:, -1], temperature)
-            token = (
-                step_log_probs.argmax(-1)
-                if temperature == 0
-                else sample_from(step_log_probs, uniforms[:, step])
-            )
-            token = token.masked_fill(done, self.pad_id)
-            valid.append(~done)
-            tokens.append(token)
-            log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0))
-            done = done | torch.isin(token, end_ids)
-            if bool(done.all()) or step == steps - 1:
-                break
+
+        def feed(token: Tensor) -> None:
+            nonlocal mask, positions, output
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions + 1
             embeds = self.active.get_input_embeddings()(token[:, None])
             output = self.language_model(
                 embeds, mask, positions, use_cache=True, cache=output.past_key_values
             )
-        tokens, valid = torch.stack(tokens, dim=1), torch.stack(valid, dim=1)
+
+        tokens, valid, log_probs = decode(
+            lambda: self.next_log_probs(output.last_hidden_state[:, -1], temperature),
+            feed, generators, steps, temperature, self.end_ids, self.pad_id,
+        )  # fmt: skip
         texts = self.processor.tokenizer.batch_decode(
             [row[keep].tolist() for row, keep in zip(tokens, valid)], skip_special_tokens=True
         )
@@ -261,7 +249,7 @@ class QwenVLJudgePolicy(FrozenReference, TokenPolicy):
             inputs={**{key: inputs[key] for key in kept}, "questions": list(inputs["questions"])},
             tokens=tokens,
             mask=valid,
-            log_probs=torch.stack(log_probs, dim=1),
+            log_probs=log_probs,
             texts=texts,
             temperature=temperature,
         )

@@ -12,12 +12,14 @@ language model samples ``task="text"`` tokens: an answer to each of ``questions`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from g2rpo.policies.base import Policy
+from g2rpo.randomness import rand_per_key
 from g2rpo.types import TokenRollout
 
 TOKEN_TASKS = ("answer", "image", "compare", "text")
@@ -48,3 +50,48 @@ class TokenPolicy(Policy):
         exactly as during sampling (``rollout.temperature`` and ``rollout.guidance_scale``), 0 where
         ``~rollout.mask``."""
         raise NotImplementedError
+
+
+def sample_from(log_probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draws, one per row, from ``[B, V]`` log-probs with ``[B]`` uniforms: each sample consumes
+    one number of its own stream, so its draw does not depend on the batch."""
+    cdf = log_probs.double().exp().cumsum(-1)
+    target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
+def decode(
+    next_log_probs: Callable[[], Tensor],
+    feed: Callable[[Tensor], None],
+    generators: list[torch.Generator],
+    steps: int,
+    temperature: float,
+    end_ids: Tensor,
+    pad_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The text decoding loop of every policy that answers in words: ``next_log_probs()`` gives the ``[B, V]``
+    tempered log-probs of the next token, ``feed(token)`` advances the model's cache by one ``[B]`` token.
+    Each row draws from its own generator (temperature 0: argmax); a row that has produced an end token
+    pads from then on. Returns ``tokens``, ``mask`` (generated, through the end token) and ``log_probs``
+    (0 where ``~mask``), each ``[B, T]``."""
+    log_probs_now = next_log_probs()
+    device = log_probs_now.device
+    uniforms = rand_per_key(generators, steps).to(device)
+    end_ids = end_ids.to(device)
+    done = torch.zeros(log_probs_now.shape[0], dtype=torch.bool, device=device)
+    tokens, log_probs, valid = [], [], []
+    for step in range(steps):
+        if step:
+            log_probs_now = next_log_probs()
+        token = (
+            log_probs_now.argmax(-1) if temperature == 0 else sample_from(log_probs_now, uniforms[:, step])
+        )
+        token = token.masked_fill(done, pad_id)
+        valid.append(~done)
+        tokens.append(token)
+        log_probs.append(log_probs_now.gather(-1, token[:, None]).squeeze(-1).masked_fill(done, 0.0))
+        done = done | torch.isin(token, end_ids)
+        if bool(done.all()) or step == steps - 1:
+            break
+        feed(token)
+    return torch.stack(tokens, dim=1), torch.stack(valid, dim=1), torch.stack(log_probs, dim=1)

@@ -30,6 +30,7 @@ from tokenizers.models import WordLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from g2rpo.data import PromptDataset
+from g2rpo.reasoning.verifier import boxed_answer
 
 #: the levels (numbers of operations) of the shipped model's data
 LEVELS = (1, 2, 3, 4, 5)
@@ -113,7 +114,6 @@ QUESTIONS = (
 #: weights of the operations (an infeasible one is skipped)
 OPERATIONS = {"+": 0.35, "-": 0.35, "*": 0.15, "/": 0.15}
 _STEP = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def split_of(prompt: str) -> str:
@@ -231,12 +231,6 @@ def solution_steps(solution: str) -> list[tuple[int, str, int, int]]:
         a, op, b, result = match.groups()
         steps.append((int(a), op, int(b), int(result)))
     return steps
-
-
-def boxed_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text``, stripped; None when there is none."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
 
 
 def is_correct(text: str, answer: str) -> bool:
