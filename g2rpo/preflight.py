@@ -225,7 +225,12 @@ def server_problems(cfg: DictConfig, roots: tuple[str, ...] = SERVED_ROOTS) -> l
             continue
         for path, client in _served(node, root):
             try:
-                instantiate(client).check()
+                served = instantiate(client)
+            except Exception as error:  # e.g. an api_key_env that names an unset variable
+                found.append(f"{path}: {getattr(error, '__cause__', None) or error}")
+                continue
+            try:
+                served.check()
             except RewardServerError as error:
                 found.append(f"{path}: {error}")
     return found

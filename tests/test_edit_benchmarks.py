@@ -25,7 +25,7 @@ from g2rpo.rewards.benchmark_judges import (
     viescore_list,
 )
 from g2rpo.rewards.chat import ChatClient
-from g2rpo.rewards.remote import encode_image, pixels_of
+from g2rpo.rewards.wire import encode_image, pixels_of
 
 # our own stand-ins for VIEScore's strings: the names and slots of vie_prompts.py, not its wording; a file
 # that is run instead of parsed stops the test

@@ -12,7 +12,7 @@ from g2rpo.data import source_images
 from g2rpo.rewards import RewardEnsemble
 from g2rpo.rewards.chat import ChatClient
 from g2rpo.rewards.judge import VLMEditJudge
-from g2rpo.rewards.remote import RemoteReward, RewardServer, encode_image, pixels_of
+from g2rpo.rewards.wire import encode_image, pixels_of
 from g2rpo.shapes.edit_reward import EditShapes, judge_edit
 from g2rpo.shapes.editing import EDIT_TYPES, as_objects, edit_dataset, edits, held_out, make_edit
 from g2rpo.shapes.geneval import ShapesDetector, holds
@@ -177,16 +177,6 @@ def test_the_ensemble_gives_sources_only_to_rewards_that_read_them():
     torch.testing.assert_close(reader.seen[0], source_images(metadata, 32))
     ensemble(images, prompts, [{"tag": "single_object"}] * 3)  # text-to-image prompts: no source
     assert reader.seen[1] is None
-
-
-def test_a_served_reward_gets_the_sources_over_the_wire():
-    images, prompts, metadata = _edit_batch()
-    reader = SourceReader()
-    with RewardServer(reader) as server:
-        RewardEnsemble({"served": RemoteReward(server.url, batch_size=2)})(images, prompts, metadata)
-    received = torch.cat([seen for seen in reader.seen])
-    expected = (source_images(metadata, 32) * 255).round() / 255  # PNG of the rounded pixels: lossless
-    torch.testing.assert_close(received, expected)
 
 
 def test_the_vlm_edit_judge_sends_the_source_then_the_edit(monkeypatch):

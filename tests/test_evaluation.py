@@ -22,9 +22,10 @@ from g2rpo.preflight import PreflightError
 from g2rpo.rewards.clip import AestheticMLP
 from g2rpo.rewards.geneval import GenEval
 from g2rpo.rewards.jpeg import JpegCompressibility
-from g2rpo.rewards.remote import RemoteNamedReward, RemoteReward, RewardServer
+from g2rpo.rewards.remote import RemoteNamedReward, RemoteReward
 from g2rpo.shapes.editing import EDIT_TYPES
 from tests.conftest import CONF_DIR, make_policy
+from tests.served_rewards import FakeGenEval, serving
 from tests.test_reward_models import tiny_clip
 
 GENEVAL_LINES = [
@@ -38,25 +39,17 @@ GENEVAL_LINES = [
 ]
 
 
-class BrightnessDetector:
-    """A stand-in for Mask2Former: one ``cat`` whose confidence is the mean of the red channel, one ``dog``
-    whose confidence is the mean of the green channel, each covering the whole image."""
-
-    classes = ["cat", "dog"]
-
-    def __call__(self, image: np.ndarray):
-        height, width = image.shape[:2]
-        boxes = [
-            np.array([[0, 0, width, height, image[..., channel].mean() / 255]], dtype=np.float32)
-            for channel in (0, 1)
-        ]
-        return boxes, None
-
-
 def fake_geneval() -> GenEval:
-    return GenEval(
-        detector=BrightnessDetector(), colours=lambda crops, name: ["red"] * len(crops), threshold=0.45
-    )
+    return FakeGenEval()
+
+
+@pytest.fixture(scope="module")
+def geneval_server(tmp_path_factory):
+    """The fake GenEval served, for the tests of its named scores over HTTP."""
+    with serving(
+        "tests.served_rewards.FakeGenEval", output=tmp_path_factory.mktemp("geneval") / "server.log"
+    ) as served:
+        yield served
 
 
 def write_jsonl(path: Path, lines: list[dict]) -> Path:
@@ -146,25 +139,26 @@ def test_a_pinned_resolution_is_sampled_whatever_the_training_resolution():
         Evaluator(PromptDataset(["a"]), reward, images_per_prompt=1, resolution=32)(janus)
 
 
-def test_geneval_suite_served_written_in_geneval_layout_and_read_back_as_its_scorer_does(tmp_path):
+def test_geneval_suite_served_written_in_geneval_layout_and_read_back_as_its_scorer_does(
+    tmp_path, geneval_server
+):
     """eval=geneval end to end through the CLI: the tiny model's images scored by a served GenEval (fake
     detector) with both named scores, and written so that a walk of GenEval's ``evaluate_images.py`` finds every
     image with its metadata; re-scoring the files gives the recorded per-image verdicts."""
     metadata = write_jsonl(tmp_path / "geneval" / "evaluation_metadata.jsonl", GENEVAL_LINES)
-    with RewardServer(fake_geneval()) as server:
-        cfg = compose_evaluate(
-            "model=tiny_sd3",
-            "eval=geneval",
-            f"eval.dataset.path={metadata}",
-            f"eval.rewards.geneval.url={server.url}",
-            "eval.num_steps=2",
-            "eval.resolution=32",
-            "eval.panel_size=2",
-            f"output={tmp_path / 'out' / 'eval.json'}",
-            "suite=geneval",
-            f"run_dir={tmp_path / 'out'}",
-        )
-        evaluation = evaluate(cfg)
+    cfg = compose_evaluate(
+        "model=tiny_sd3",
+        "eval=geneval",
+        f"eval.dataset.path={metadata}",
+        f"eval.rewards.geneval.url={geneval_server.url}",
+        "eval.num_steps=2",
+        "eval.resolution=32",
+        "eval.panel_size=2",
+        f"output={tmp_path / 'out' / 'eval.json'}",
+        "suite=geneval",
+        f"run_dir={tmp_path / 'out'}",
+    )
+    evaluation = evaluate(cfg)
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert record["protocol"] == {
         "num_steps": 2, "guidance_scale": 4.5, "images_per_prompt": 4, "images_per_task": None,
@@ -192,20 +186,18 @@ def test_geneval_suite_served_written_in_geneval_layout_and_read_back_as_its_sco
     assert rescored.tolist() == [by_file[(m["prompt"], int(p.stem))] for m, p in found]
 
 
-def test_named_scores_over_http_and_a_reward_without_them(tmp_path):
+def test_named_scores_over_http(geneval_server):
+    """(A reward without named scores: tests/test_remote_reward.py.)"""
     pixels = torch.rand(3, 3, 16, 16)
     prompts = [line["prompt"] for line in GENEVAL_LINES]
-    with RewardServer(fake_geneval()) as server:
-        named = RemoteNamedReward(server.url, batch_size=2).scores(pixels, prompts, GENEVAL_LINES)
-        local = fake_geneval().scores(pixels, prompts, GENEVAL_LINES)
-        assert named.keys() == local.keys()
-        for key in named:
-            torch.testing.assert_close(named[key], local[key])
-        torch.testing.assert_close(
-            RemoteNamedReward(server.url)(pixels, prompts, GENEVAL_LINES), local["partial"]
-        )
-    with RewardServer(JpegCompressibility()) as server, pytest.raises(Exception, match="no named scores"):
-        RemoteNamedReward(server.url, max_retries=0).scores(pixels, prompts, GENEVAL_LINES)
+    named = RemoteNamedReward(geneval_server.url, batch_size=2).scores(pixels, prompts, GENEVAL_LINES)
+    local = fake_geneval().scores(pixels, prompts, GENEVAL_LINES)
+    assert named.keys() == local.keys()
+    for key in named:
+        torch.testing.assert_close(named[key], local[key])
+    torch.testing.assert_close(
+        RemoteNamedReward(geneval_server.url)(pixels, prompts, GENEVAL_LINES), local["partial"]
+    )
 
 
 def test_drawbench_suite_per_category_and_mean_over_images(tmp_path):
@@ -335,10 +327,11 @@ def test_token_policies_sample_image_tokens_under_the_protocol():
         )
 
 
-def test_the_served_reward_client_still_scores_unnamed():
-    with RewardServer(JpegCompressibility()) as server:
-        scores = RemoteReward(server.url)(torch.rand(2, 3, 16, 16), ["a", "b"])
-    assert scores.shape == (2,)
+def test_the_served_reward_client_still_scores_unnamed(geneval_server):
+    pixels = torch.rand(2, 3, 16, 16)
+    prompts = [line["prompt"] for line in GENEVAL_LINES[:2]]
+    scores = RemoteReward(geneval_server.url)(pixels, prompts, GENEVAL_LINES[:2])
+    torch.testing.assert_close(scores, fake_geneval()(pixels, prompts, GENEVAL_LINES[:2]))
 
 
 def test_unified_evaluation_adds_an_understanding_column_and_can_stand_alone():

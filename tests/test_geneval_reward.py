@@ -161,7 +161,7 @@ def test_colour_classifier_is_the_template_mean_zero_shot_rule():
 
 def test_mmdet_detector_gets_bgr_arrays_and_missing_mmdet_says_how_to_serve_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mmdet", None)
-    with pytest.raises(ImportError, match="g2rpo.rewards.remote"):
+    with pytest.raises(ImportError, match="g2rpo.rewards.serve"):
         MMDetDetector("config.py", "model.pth")
     calls = {}
     model = types.SimpleNamespace(CLASSES=("person", "dog"))

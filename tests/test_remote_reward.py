@@ -1,5 +1,6 @@
-"""Remote rewards: exact scores over loopback, NaN passthrough, retries, a clear failure, and a training run
-that stops on a dead reward server and resumes once it is back."""
+"""Served rewards: the LitServe server (``python -m g2rpo.rewards.serve``) and its client over loopback: exact
+scores, NaN passthrough, batching across clients, per-request errors, a key, body and read limits, retries
+over replicas, and a training run that stops when its server is killed and resumes once it is back."""
 
 from __future__ import annotations
 
@@ -13,191 +14,249 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import FAST_RUN
 from hydra.utils import instantiate
 
+from g2rpo.data import source_images
 from g2rpo.loggers import read_metrics
 from g2rpo.preflight import PreflightError
 from g2rpo.rewards import JpegCompressibility, RewardEnsemble, http, remote
 from g2rpo.rewards.http import RewardServerError
-from g2rpo.rewards.remote import RemoteReward, RewardServer
+from g2rpo.rewards.remote import RemoteReward
+from g2rpo.rewards.wire import encode_image, pixels_of
 from g2rpo.run import train
+from g2rpo.shapes.editing import as_objects, edit_dataset
+from g2rpo.shapes.world import render
+from tests.served_rewards import KEY_ENV, calls, free_port, serving, start, wait_ready
+
+SCRIPTED = "tests.served_rewards.Scripted"
 
 
-def _batch(count: int = 10, size: int = 16):
-    images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+def _batch(count: int = 10, size: int = 16, **extra):
+    images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(count))
     prompts = [f"prompt {i}" for i in range(count)]
-    metadata = [{"tag": "single_object", "index": i} for i in range(count)]
+    metadata = [{"tag": "single_object", "index": i, **extra} for i in range(count)]
     return images, prompts, metadata
 
 
-class Recording:
-    """Wraps a reward, recording each call's prompts and metadata (one call per HTTP request)."""
-
-    def __init__(self, reward) -> None:
-        self.reward = reward
-        self.calls: list[tuple[list[str], list[dict]]] = []
-
-    def __call__(self, images, prompts, metadata):
-        self.calls.append((list(prompts), list(metadata)))
-        return self.reward(images, prompts, metadata)
+def _body(images, prompts, metadata) -> bytes:
+    return json.dumps(
+        {"images": [encode_image(a) for a in pixels_of(images)], "prompts": prompts, "metadata": metadata}
+    ).encode()
 
 
-class FailsAfter:
-    """A served reward that scores ``calls`` batches, then raises (a crashed model behind a live server)."""
-
-    def __init__(self, calls: int) -> None:
-        self.left = calls
-
-    def __call__(self, images, prompts, metadata):
-        if self.left == 0:
-            raise RuntimeError("the reward model crashed")
-        self.left -= 1
-        return JpegCompressibility()(images)
-
-
-def test_loopback_scores_equal_the_in_process_reward_in_requests_of_batch_size():
-    images, prompts, metadata = _batch(10)
-    served = Recording(JpegCompressibility())
-    with RewardServer(served) as server:
-        scores = RemoteReward(server.url, batch_size=4, timeout_s=10, max_retries=0)(
-            images, prompts, metadata
-        )
-    assert torch.equal(scores, JpegCompressibility()(images))
-    assert [len(p) for p, _ in served.calls] == [4, 4, 2]  # ceil(10 / 4) requests
-    assert [p for call, _ in served.calls for p in call] == prompts
-    assert [m for _, call in served.calls for m in call] == metadata
-
-
-@pytest.mark.parametrize(
-    "returned", [[1.5, None, float("nan"), -2.0], torch.tensor([1.5, float("nan"), float("nan"), -2.0])]
-)
-def test_unscorable_samples_come_back_as_nan(returned):
-    images, prompts, metadata = _batch(4)
-    with RewardServer(lambda *args: returned) as server:
-        scores = RemoteReward(server.url, max_retries=0)(images, prompts, metadata)
-    assert scores[0] == 1.5 and scores[3] == -2.0
-    assert math.isnan(scores[1]) and math.isnan(scores[2])
-
-
-def test_a_reward_slower_than_the_timeout_fails_after_max_retries_plus_one_attempts(caplog):
-    release, calls = threading.Event(), []
-
-    def hangs(images, prompts, metadata):
-        calls.append(len(prompts))
-        release.wait(10)
-        return torch.zeros(len(prompts))
-
-    images, prompts, metadata = _batch(2)
-    client_kwargs = {"timeout_s": 0.2, "max_retries": 2, "backoff_s": 0.01}
-    with RewardServer(hangs) as server, caplog.at_level(logging.WARNING, logger=http.__name__):
-        with pytest.raises(RewardServerError, match="failed 3 attempts") as raised:
-            RemoteReward(server.url, **client_kwargs)(images, prompts, metadata)
-        release.set()  # the server serialises reward calls: let the queued attempts through, then count them
-        deadline = time.monotonic() + 5
-        while len(calls) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    assert calls == [2, 2, 2]
-    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
-    assert server.url in str(raised.value) and "timed out" in str(raised.value)
-
-
-def test_a_stopped_server_fails_clearly_and_a_restarted_one_is_picked_up():
-    images, prompts, metadata = _batch(3)
-    expected = JpegCompressibility()(images)
-    server = RewardServer(JpegCompressibility()).start()
-    client = RemoteReward(server.url, timeout_s=5, max_retries=2, backoff_s=0.01)
-    assert torch.equal(client(images, prompts, metadata), expected)
-    server.stop()
-
-    with pytest.raises(RewardServerError) as raised:
-        client(images, prompts, metadata)
-    message = str(raised.value)
-    assert server.url in message and "failed 3 attempts" in message
-    assert "re-run the same command" in message and "Connection refused" in message
-
-    # Back on the same port during the backoff (0.05 + 0.1 + 0.2 + ... s): the call succeeds.
-    restarted: list[RewardServer] = []
-    timer = threading.Timer(
-        0.1, lambda: restarted.append(RewardServer(JpegCompressibility(), port=server.port).start())
+def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
     )
-    timer.start()
     try:
-        patient = RemoteReward(server.url, timeout_s=5, max_retries=6, backoff_s=0.05)
-        assert torch.equal(patient(images, prompts, metadata), expected)
-    finally:
-        timer.join()
-        for started in restarted:
-            started.stop()
-    assert len(restarted) == 1
-
-
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         with error:
             return error.code, json.loads(error.read())
 
 
-def test_malformed_requests_get_a_json_400_and_the_client_does_not_retry_it(monkeypatch, caplog):
-    served = Recording(JpegCompressibility())
-    with RewardServer(served) as server:
-        status, body = _post(server.url, b"not json")
-        assert status == 400 and "malformed request" in body["error"]
-        status, body = _post(server.url, json.dumps({"images": ["AAAA"], "prompts": ["a cat"]}).encode())
-        assert status == 400 and "not a base64 PNG" in body["error"]
-        status, body = _post(server.url, json.dumps({"images": [], "prompts": ["a cat"]}).encode())
-        assert status == 400 and "0 images but 1 prompts" in body["error"]
-
-        monkeypatch.setattr(remote, "encode_image", lambda pixels: "not base64!")
-        client = RemoteReward(server.url, max_retries=3, backoff_s=30)  # a retry would take 30 s
-        started = time.monotonic()
-        with (
-            caplog.at_level(logging.WARNING, logger=http.__name__),
-            pytest.raises(RewardServerError, match="HTTP 400 .*not a base64 PNG"),
-        ):
-            client(*_batch(2))
-        assert time.monotonic() - started < 5
-        assert not [r for r in caplog.records if "retrying" in r.getMessage()]
-    assert served.calls == []
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    """One server for the module: :class:`Scripted`, batches of up to 8 requests gathered for 50 ms."""
+    folder = tmp_path_factory.mktemp("scripted")
+    log = folder / "calls.jsonl"
+    options = ("--kwargs", json.dumps({"log": str(log)}), "--max-batch-size", "8", "--batch-timeout", "0.05")
+    with serving(SCRIPTED, *options, output=folder / "server.log") as served:
+        served.log = log
+        yield served
 
 
-def test_the_server_binds_loopback_by_default_and_answers_health_checks():
-    with RewardServer(JpegCompressibility()) as server:
-        assert server.host == "127.0.0.1" and server.port > 0
-        assert server.url == f"http://127.0.0.1:{server.port}/score"
-        health = f"http://127.0.0.1:{server.port}/health"
-        with urllib.request.urlopen(health, timeout=5) as response:
-            assert json.loads(response.read()) == {"status": "ok"}
+def _new_calls(served, before: int) -> list[dict]:
+    return calls(served.log)[before:]
 
 
-def test_a_crashing_reward_is_a_retried_500_with_its_message():
-    images, prompts, metadata = _batch(2)
-    served = FailsAfter(0)
-    with RewardServer(served) as server:
-        status, body = _post(
-            server.url,
-            json.dumps(
-                {
-                    "images": [
-                        remote.encode_image(a)
-                        for a in (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
-                    ],
-                    "prompts": prompts,
-                    "metadata": metadata,
-                }
-            ).encode(),
+def _wait_for_calls(served, count: int, timeout_s: float = 30) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while len(calls(served.log)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return calls(served.log)
+
+
+def test_loopback_scores_equal_the_in_process_reward_in_requests_of_batch_size(scripted):
+    images, prompts, metadata = _batch(10)
+    before = len(calls(scripted.log))
+    one_at_a_time = RemoteReward(scripted.url, batch_size=4, max_concurrency=1, timeout_s=30, max_retries=0)
+    assert torch.equal(one_at_a_time(images, prompts, metadata), JpegCompressibility()(images))
+    logged = _new_calls(scripted, before)
+    assert [len(call["prompts"]) for call in logged] == [4, 4, 2]  # ceil(10 / 4) requests, in order
+    assert [p for call in logged for p in call["prompts"]] == prompts
+    assert [m for call in logged for m in call["metadata"]] == metadata
+    concurrent = RemoteReward(scripted.url, batch_size=2, max_concurrency=3, timeout_s=30, max_retries=0)
+    assert torch.equal(concurrent(images, prompts, metadata), JpegCompressibility()(images))  # order kept
+
+
+def test_unscorable_samples_come_back_as_nan(scripted):
+    images, prompts, metadata = _batch(4)
+    metadata[1]["nan"] = metadata[2]["nan"] = True
+    scores = RemoteReward(scripted.url, max_retries=0)(images, prompts, metadata)
+    expected = JpegCompressibility()(images)
+    assert scores[0] == expected[0] and scores[3] == expected[3]
+    assert math.isnan(scores[1]) and math.isnan(scores[2])
+
+
+def test_requests_of_two_concurrent_clients_are_scored_in_one_reward_call(scripted):
+    """While the worker is busy, two clients' requests queue; the next batch takes both (LitServe's dynamic
+    batching), so the reward is called once for both and each client gets its own scores back."""
+    before = len(calls(scripted.log))
+    blocker = threading.Thread(target=lambda: _post(scripted.url, _body(*_batch(1, sleep=1.0))))
+    blocker.start()
+    _wait_for_calls(scripted, before + 1)  # the blocker is being scored: the worker sleeps for 1 s
+    batches = {"a": _batch(4), "b": _batch(5)}
+    answers: dict[str, tuple[int, dict]] = {}
+    clients = [
+        threading.Thread(
+            target=lambda name=name, batch=batch: answers.__setitem__(
+                name, _post(scripted.url, _body(*batch))
+            )
         )
-        assert status == 500 and "the reward model crashed" in body["error"]
-        with pytest.raises(
-            RewardServerError, match="failed 2 attempts.*HTTP 500: .*the reward model crashed"
-        ):
-            RemoteReward(server.url, max_retries=1, backoff_s=0.01)(images, prompts, metadata)
+        for name, batch in batches.items()
+    ]
+    for client in clients:
+        client.start()
+    for thread in [*clients, blocker]:
+        thread.join()
+    for name, (images, _, _) in batches.items():
+        status, body = answers[name]
+        assert status == 200 and body["batch"] == {"requests": 2, "images": 9}
+        assert body["scores"] == pytest.approx(JpegCompressibility()(images).tolist())
+    together = _new_calls(scripted, before)[1:]
+    assert len(together) == 1 and sorted(together[0]["prompts"]) == sorted(
+        [*batches["a"][1], *batches["b"][1]]
+    )
+
+
+def test_a_malformed_request_fails_alone_not_the_batch_it_lands_in(scripted):
+    """LitServe fails a whole batch when one input fails to decode; ours answers that request 400 alone."""
+    blocker = threading.Thread(target=lambda: _post(scripted.url, _body(*_batch(1, sleep=0.5))))
+    blocker.start()
+    time.sleep(0.1)
+    bad = json.dumps({"images": ["AAAA"], "prompts": ["a cat"]}).encode()
+    images, prompts, metadata = _batch(3)
+    answers = {}
+    threads = [
+        threading.Thread(target=lambda: answers.__setitem__("bad", _post(scripted.url, bad))),
+        threading.Thread(
+            target=lambda: answers.__setitem__("good", _post(scripted.url, _body(images, prompts, metadata)))
+        ),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in [*threads, blocker]:
+        thread.join()
+    assert answers["bad"][0] == 400 and "not a base64 PNG" in answers["bad"][1]["error"]
+    assert answers["good"][0] == 200
+    assert answers["good"][1]["scores"] == pytest.approx(JpegCompressibility()(images).tolist())
+
+
+def test_a_reward_slower_than_the_timeout_fails_after_max_retries_plus_one_attempts(scripted, caplog):
+    images, prompts, metadata = _batch(2, sleep=0.6, slow=True)
+    client_kwargs = {"timeout_s": 0.2, "max_retries": 2, "backoff_s": 0.01}
+    with (
+        caplog.at_level(logging.WARNING, logger=http.__name__),
+        pytest.raises(RewardServerError, match="failed 3 attempts") as raised,
+    ):
+        RemoteReward(scripted.url, **client_kwargs)(images, prompts, metadata)
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
+    assert scripted.url in str(raised.value) and "timed out" in str(raised.value)
+    deadline = time.monotonic() + 30  # the server scores the abandoned attempts all the same: 3 x 2 images
+    while len(_logged(scripted, "slow")) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_logged(scripted, "slow")) == 6
+
+
+def _logged(served, marker: str) -> list[dict]:
+    """The metadata of every image the served reward was called on that carries ``marker``."""
+    return [m for call in calls(served.log) for m in call["metadata"] if marker in m]
+
+
+def test_malformed_requests_get_a_json_400_and_the_client_does_not_retry_it(scripted, monkeypatch, caplog):
+    status, body = _post(scripted.url, b"not json")
+    assert status == 400 and "malformed request" in body["error"]
+    status, body = _post(scripted.url, json.dumps({"images": ["AAAA"], "prompts": ["a cat"]}).encode())
+    assert status == 400 and "not a base64 PNG" in body["error"]
+    status, body = _post(scripted.url, json.dumps({"images": [], "prompts": ["a cat"]}).encode())
+    assert status == 400 and "0 images but 1 prompts" in body["error"]
+
+    monkeypatch.setattr(remote, "encode_image", lambda pixels: "not base64!")
+    client = RemoteReward(scripted.url, max_retries=3, backoff_s=30)  # a retry would take 30 s
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger=http.__name__),
+        pytest.raises(RewardServerError, match="HTTP 400 .*not a base64 PNG"),
+    ):
+        client(*_batch(2, malformed=True))
+    assert time.monotonic() - started < 5
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert not _logged(scripted, "malformed")  # none reached the reward
+    assert "a cat" not in [p for call in calls(scripted.log) for p in call["prompts"]]
+
+
+def test_the_server_binds_loopback_by_default_and_answers_health_checks(scripted):
+    server = psutil.Process(scripted.process.pid)
+    listening = {
+        connection.laddr
+        for process in [server, *server.children(recursive=True)]
+        for connection in process.net_connections(kind="tcp")
+        if connection.status == psutil.CONN_LISTEN
+    }
+    assert {(address.ip, address.port) for address in listening} == {("127.0.0.1", scripted.port)}
+    with urllib.request.urlopen(f"http://127.0.0.1:{scripted.port}/health", timeout=5) as response:
+        assert response.read() == b"ok"
+
+
+def test_a_crashing_reward_is_a_retried_500_with_its_message(scripted):
+    images, prompts, metadata = _batch(2, **{"raise": "the reward model crashed"})
+    status, body = _post(scripted.url, _body(images, prompts, metadata))
+    assert status == 500 and "the reward model crashed" in body["error"]
+    with pytest.raises(RewardServerError, match="failed 2 attempts.*HTTP 500: .*the reward model crashed"):
+        RemoteReward(scripted.url, max_retries=1, backoff_s=0.01)(images, prompts, metadata)
+
+
+def test_a_reward_without_named_scores_says_so(scripted):
+    """Moved from test_evaluation: ``/scores`` of a reward with no ``scores()`` is a 400 naming ``/score``."""
+    with pytest.raises(RewardServerError, match="no named scores"):
+        remote.RemoteNamedReward(scripted.url, max_retries=0).scores(*_batch(2))
+
+
+def test_a_served_reward_gets_the_sources_over_the_wire(scripted):
+    """Moved from test_editing: the ensemble gives an edit's source images to the client, which sends them
+    with the edits; the served reward receives them losslessly (PNG of the rounded pixels)."""
+    dataset = edit_dataset("train", per_type=1, seed=8)
+    metadata = dataset.metadata[:3]
+    images = torch.stack([render(as_objects(m["target"])) for m in metadata])
+    before = len(calls(scripted.log))
+    served = RemoteReward(scripted.url, batch_size=2, max_concurrency=1)
+    RewardEnsemble({"served": served})(images, dataset.prompts[:3], metadata)
+    received = torch.tensor([pixels for call in _new_calls(scripted, before) for pixels in call["sources"]])
+    expected = (source_images(metadata, 32) * 255).round()
+    torch.testing.assert_close(received.float(), expected)
+
+
+def test_several_urls_are_used_in_turn_and_a_retry_goes_to_the_next(scripted):
+    dead = f"http://127.0.0.1:{free_port()}/score"
+    images, prompts, metadata = _batch(6)
+    expected = JpegCompressibility()(images)
+    # each request starts at the next URL: the dead one fails a request that may not retry...
+    one_try = RemoteReward([scripted.url, dead], batch_size=2, max_concurrency=1, max_retries=0)
+    with pytest.raises(RewardServerError, match=rf"{dead} failed 1 attempts.*Connection refused"):
+        one_try(images, prompts, metadata)
+    # ...and its retry goes to the live one
+    retried = RemoteReward(
+        [dead, scripted.url], batch_size=2, max_concurrency=2, max_retries=1, backoff_s=0.01
+    )
+    assert torch.equal(retried(images, prompts, metadata), expected)
+    with pytest.raises(RewardServerError, match=f"reward server {dead.replace('score', 'health')} does not"):
+        retried.check()
 
 
 def test_the_remote_reward_config_composes_and_instantiates(compose_config):
@@ -206,98 +265,186 @@ def test_the_remote_reward_config_composes_and_instantiates(compose_config):
     assert isinstance(ensemble, RewardEnsemble) and list(ensemble.rewards) == ["remote"]
     client = ensemble.rewards["remote"]
     assert isinstance(client, RemoteReward)
-    assert client.url == "http://127.0.0.1:8765/score"
-    assert (client.batch_size, client.timeout_s, client.max_retries, client.backoff_s) == (32, 120, 5, 1.0)
+    assert client.urls == ["http://127.0.0.1:8765/score"]
+    assert (client.batch_size, client.max_concurrency, client.timeout_s, client.connect_timeout_s) == (
+        32,
+        4,
+        120,
+        10,
+    )
+    assert (client.max_retries, client.backoff_s, client.api_key_env) == (5, 1.0, None)
+    replicas = compose_config(
+        "reward=remote", "reward.rewards.remote.url=[http://a:1/score,http://b:2/score]"
+    )
+    assert instantiate(replicas.reward).rewards["remote"].urls == ["http://a:1/score", "http://b:2/score"]
 
 
-def test_a_run_stops_cleanly_when_the_reward_server_dies_and_resumes_once_it_is_back(compose_config):
-    server = RewardServer(FailsAfter(1)).start()  # scores iteration 0, then every request gets a 500
+def test_the_start_up_check_asks_health_and_names_the_url_and_the_command_when_down(scripted):
+    RemoteReward(scripted.url).check()
+    prefixed = RemoteReward(f"http://127.0.0.1:{scripted.port}/rewards/jpeg/score")
+    assert prefixed.health_url == f"http://127.0.0.1:{scripted.port}/rewards/jpeg/health"
+    with pytest.raises(RewardServerError, match=r"answered HTTP 404 .* is it a g2rpo reward server\?"):
+        prefixed.check()  # our server has no such path: not the server the url meant
+    port = free_port()
+    with pytest.raises(RewardServerError) as raised:
+        RemoteReward(f"http://127.0.0.1:{port}/score").check()
+    message = str(raised.value)
+    assert f"reward server http://127.0.0.1:{port}/health does not answer" in message
+    assert f"`python -m g2rpo.rewards.serve <dotted.path.of.a.Reward> --port {port}`" in message
+
+
+def test_a_run_whose_reward_server_is_down_stops_before_anything_loads(compose_config):
+    url = f"http://127.0.0.1:{free_port()}/score"  # nothing answers there
+    remote_reward = "reward.rewards.remote"
+    cfg = compose_config(
+        *FAST_RUN, "reward=remote", f"{remote_reward}.url='{url}'", f"{remote_reward}.max_retries=0"
+    )
+    with pytest.raises(
+        PreflightError, match=r"reward.rewards.remote: reward server .*/health does not answer"
+    ):
+        train(cfg)
+    assert not Path(cfg.run_dir).exists()  # train() stopped at its preflight
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    """A server with a key, a 16 KiB body limit and a 0.3 s read timeout."""
+    folder = tmp_path_factory.mktemp("strict")
+    options = ("--max-request-mb", str(16 / 1024), "--read-timeout", "0.3")
+    with serving(
+        "g2rpo.rewards.JpegCompressibility", *options, output=folder / "server.log", key="s3cret"
+    ) as served:
+        yield served
+
+
+def test_a_wrong_key_is_refused_with_401_and_not_retried(strict, monkeypatch, caplog):
+    images, prompts, metadata = _batch(2)
+    monkeypatch.setenv("WRONG_KEY", "guess")
+    monkeypatch.setenv("RIGHT_KEY", "s3cret")
+    wrong = RemoteReward(strict.url, max_retries=3, backoff_s=30, api_key_env="WRONG_KEY")  # a retry: 30 s
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger=http.__name__),
+        pytest.raises(RewardServerError, match="HTTP 401 .*wrong X-API-Key"),
+    ):
+        wrong(images, prompts, metadata)
+    assert time.monotonic() - started < 5
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+    with pytest.raises(RewardServerError, match=r"refused the key \(HTTP 401\): the client sent \$WRONG_KEY"):
+        wrong.check()
+    with pytest.raises(RewardServerError, match=r"refused the key .*sent no key"):
+        RemoteReward(strict.url).check()
+    assert _post(strict.url, _body(images, prompts, metadata))[0] == 401  # no key at all
+    right = RemoteReward(strict.url, api_key_env="RIGHT_KEY")
+    right.check()
+    assert torch.equal(right(images, prompts, metadata), JpegCompressibility()(images))
+    assert "s3cret" not in repr(right)
+    monkeypatch.delenv("RIGHT_KEY")
+    with pytest.raises(ValueError, match=r"\$RIGHT_KEY is not set"):
+        RemoteReward(strict.url, api_key_env="RIGHT_KEY")
+
+
+def test_a_body_over_the_server_limit_gets_a_413_saying_what_to_change(strict, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    images, prompts, metadata = _batch(8, size=32)  # ~4 KiB of base64 PNG an image
+    client = RemoteReward(strict.url, batch_size=8, max_retries=3, backoff_s=30, api_key_env=KEY_ENV)
+    started = time.monotonic()
+    with pytest.raises(RewardServerError) as raised:
+        client(images, prompts, metadata)
+    assert time.monotonic() - started < 5  # not retried
+    message = str(raised.value)
+    assert "HTTP 413" in message and "over this server's limit of 0.015625 MiB" in message
+    assert "lower the client's batch_size" in message and "larger --max-request-mb" in message
+    # a body far over the limit and the socket buffers is read and dropped, so the client gets the answer
+    status, body = _post(strict.url, b" " * (8 << 20), {"X-API-Key": "s3cret"})
+    assert status == 413 and "the body has 8.0 MiB" in body["error"]
+    small = RemoteReward(strict.url, batch_size=2, api_key_env=KEY_ENV)
+    assert torch.equal(small(images, prompts, metadata), JpegCompressibility()(images))
+
+
+def test_a_client_silent_mid_body_gets_a_408_and_the_server_keeps_serving(strict, monkeypatch):
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as stalled:
+        stalled.sendall(
+            b"POST /score HTTP/1.1\r\nHost: x\r\nX-API-Key: s3cret\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )  # then nothing
+        started = time.monotonic()
+        answer = b""
+        while b"sent no data" not in answer and (piece := stalled.recv(4096)):  # headers and body may split
+            answer += piece
+        assert answer.startswith(b"HTTP/1.1 408") and b"sent no data for 0.3 s" in answer
+        assert time.monotonic() - started < 5
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    RemoteReward(strict.url, api_key_env=KEY_ENV).check()  # and still serves
+
+
+def test_the_read_timeout_is_not_the_connect_timeout():
+    """A short connect_timeout_s bounds the connection only: a reward slower than it still answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def slow() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(1 << 16)
+            time.sleep(0.5)
+            body = b'{"scores": [0.5]}'
+            connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    thread = threading.Thread(target=slow, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/score"
+        client = RemoteReward(url, connect_timeout_s=0.1, timeout_s=5, max_retries=0)
+        assert client(*_batch(1)).tolist() == [0.5]
+    finally:
+        thread.join()
+        listener.close()
+
+
+def test_a_run_stops_cleanly_when_its_reward_server_is_killed_and_resumes_once_it_is_back(
+    compose_config, tmp_path, caplog
+):
+    """The server scores iteration 0, then dies (SIGKILL of its process group) on iteration 1's request: the
+    client retries, the run stops with the checkpoint of iteration 0, and re-running it once a new server is up
+    resumes there. A server that comes back during a client's backoff is picked up."""
+    port = free_port()
+    options = ("--kwargs", json.dumps({"die_after_calls": 1}))
+    server = start(SCRIPTED, *options, port=port, output=tmp_path / "server.log")
+    wait_ready(server)
     cfg = compose_config(
         *FAST_RUN,
         "reward=remote",
         f"reward.rewards.remote.url='{server.url}'",
-        "reward.rewards.remote.max_retries=1",
-        "reward.rewards.remote.backoff_s=0.01",
+        "reward.rewards.remote.max_retries=2",
+        "reward.rewards.remote.backoff_s=0.05",
         "reward.rewards.remote.timeout_s=30",
         "callbacks.images=null",  # no image grids or export: this test is about the reward server
         "callbacks.export=null",
     )
     run = Path(cfg.run_dir)
     try:
-        with pytest.raises(RewardServerError, match="re-run the same command"):
+        with (
+            caplog.at_level(logging.WARNING, logger=http.__name__),
+            pytest.raises(RewardServerError, match="failed 3 attempts.*re-run the same command"),
+        ):
             train(cfg)
     finally:
-        server.stop()
+        server.kill()
+    assert server.process.returncode is not None
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["epoch"] == 0
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0]
 
-    with RewardServer(JpegCompressibility(), port=server.port):
+    back = start(SCRIPTED, port=port, output=tmp_path / "server.log")  # not ready for seconds yet
+    try:
+        images, prompts, metadata = _batch(2)
+        patient = RemoteReward(back.url, max_retries=10, backoff_s=0.1, max_backoff_s=2)
+        assert torch.equal(patient(images, prompts, metadata), JpegCompressibility()(images))
         train(cfg)
+    finally:
+        back.kill()
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1]
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["epoch"] == 1
-
-
-def test_the_start_up_check_asks_health_and_names_the_url_and_the_command_when_down():
-    with RewardServer(JpegCompressibility()) as server:
-        RemoteReward(server.url).check()
-        prefixed = RemoteReward(f"http://127.0.0.1:{server.port}/rewards/jpeg/score")
-        assert prefixed.health_url == f"http://127.0.0.1:{server.port}/rewards/jpeg/health"
-        with pytest.raises(RewardServerError, match=r"answered HTTP 404 .* is it a g2rpo reward server\?"):
-            prefixed.check()  # our server has no such path: not the server the url meant
-    with pytest.raises(RewardServerError) as raised:
-        RemoteReward(server.url).check()
-    message = str(raised.value)
-    assert f"reward server http://127.0.0.1:{server.port}/health does not answer" in message
-    assert f"`python -m g2rpo.rewards.remote <dotted.path.of.a.Reward> --port {server.port}`" in message
-
-
-def test_a_run_whose_reward_server_is_down_stops_before_anything_loads(compose_config):
-    server = RewardServer(JpegCompressibility())  # bound, never started: a free port nothing answers on
-    server.stop()
-    remote = "reward.rewards.remote"
-    cfg = compose_config(
-        *FAST_RUN, "reward=remote", f"{remote}.url='{server.url}'", f"{remote}.max_retries=0"
-    )
-    with pytest.raises(
-        PreflightError, match=rf"reward.rewards.remote: reward server .*:{server.port}/health does"
-    ):
-        train(cfg)
-    assert not Path(cfg.run_dir).exists()  # train() stopped at its preflight
-
-
-def test_a_body_over_the_server_limit_gets_a_413_saying_what_to_change():
-    images, prompts, metadata = _batch(8, size=32)  # ~4 KiB of base64 PNG an image
-    served = Recording(JpegCompressibility())
-    with RewardServer(served, max_request_mb=16 / 1024) as server:  # 16 KiB
-        client = RemoteReward(
-            server.url, batch_size=8, max_retries=3, backoff_s=30
-        )  # a retry would take 30 s
-        started = time.monotonic()
-        with pytest.raises(RewardServerError) as raised:
-            client(images, prompts, metadata)
-        assert time.monotonic() - started < 5
-        message = str(raised.value)
-        assert "HTTP 413" in message and "over this server's limit of 0.015625 MiB" in message
-        assert "lower the client's batch_size" in message and "larger --max-request-mb" in message
-        # a body far over the limit and the socket buffers is read and dropped, so the client gets the answer
-        status, body = _post(server.url, b" " * (8 << 20))
-        assert status == 413 and "the body has 8.0 MiB" in body["error"]
-        assert torch.equal(
-            RemoteReward(server.url, batch_size=2)(images, prompts, metadata), JpegCompressibility()(images)
-        )
-    assert [len(p) for p, _ in served.calls] == [2, 2, 2, 2]
-
-
-def test_a_silent_client_is_dropped_after_the_request_timeout():
-    with RewardServer(JpegCompressibility(), request_timeout_s=0.2) as server:
-        with socket.create_connection((server.host, server.port), timeout=5) as stalled:
-            stalled.sendall(
-                b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"
-            )  # then nothing
-            started = time.monotonic()
-            assert stalled.recv(1024) == b""  # the server closed the connection
-            assert time.monotonic() - started < 2
-        RemoteReward(server.url).check()  # and still serves
 
 
 def test_an_answer_trickled_past_timeout_s_fails_as_a_timeout():

@@ -18,7 +18,7 @@ Differences, deliberate: CLIP runs through transformers (``openai/clip-vit-large
 as open_clip's ``ViT-L-14`` / ``openai``, with the same bicubic-224 / centre-crop / OpenAI-mean preprocessing)
 and colours are classified for every kept detection of a class (the rules read only the top ``count``, so
 verdicts are unchanged). mmdet 2.x needs its own environment (mmcv-full, an old torch): serve this reward
-from there with :mod:`g2rpo.rewards.remote` and score through ``reward=geneval`` (README, "Rewards").
+from there with :mod:`g2rpo.rewards.serve` and score through ``reward=geneval`` (README, "Rewards").
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class MMDetDetector:
             raise ImportError(
                 "GenEval's detector needs mmdet 2.x with mmcv-full (GenEval's environment). Serve the reward "
                 "from that environment and score through reward=geneval:\n"
-                "  python -m g2rpo.rewards.remote g2rpo.rewards.geneval.GenEval --port 18085 --kwargs '{...}'"
+                "  python -m g2rpo.rewards.serve g2rpo.rewards.geneval.GenEval --port 18085 --kwargs '{...}'"
             ) from error
         for path in (config, checkpoint):
             if not Path(path).is_file():

@@ -7,11 +7,17 @@ answer to begin, for each next piece of it) but not the whole answer: a server t
 request for ever. So the body is read in pieces against a deadline of ``timeout_s`` from the request's
 start, and a request still receiving past it fails as a timeout. A request thus ends within about
 ``2 * timeout_s``: the deadline, plus at most one socket wait. (A server that trickles its status line and
-headers is bounded per wait only; ours, vLLM's and SGLang's send them at once.)
+headers is bounded per wait only; ours, vLLM's and SGLang's send them at once.) ``connect_timeout_s``, where
+given, bounds the connection alone, so a host that is down fails in seconds while a slow reward still has
+``timeout_s`` to answer.
+
+``url`` may be several URLs (replicas of one server): attempt ``k`` goes to the ``k``-th, cyclically, so a
+retry tries the next replica, and one replica down does not fail a request while another is up.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import logging
@@ -19,6 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +35,65 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CHUNK_BYTES = 1 << 16
 
 
+class _ReadTimeout:
+    """Sets the socket's timeout to ``read_timeout_s`` once connected (urllib uses one timeout for both)."""
+
+    read_timeout_s: float
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self.sock.settimeout(self.read_timeout_s)  # type: ignore[attr-defined]
+
+
+class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):
+    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout_s = read_timeout_s
+
+
+class _HTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
+    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout_s = read_timeout_s
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, read_timeout_s: float) -> None:
+        super().__init__()
+        self.read_timeout_s = read_timeout_s
+
+    def http_open(self, request: urllib.request.Request):
+        return self.do_open(functools.partial(_HTTPConnection, read_timeout_s=self.read_timeout_s), request)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, read_timeout_s: float) -> None:
+        super().__init__()
+        self.read_timeout_s = read_timeout_s
+
+    def https_open(self, request: urllib.request.Request):
+        return self.do_open(
+            functools.partial(_HTTPSConnection, read_timeout_s=self.read_timeout_s),
+            request,
+            context=self._context,
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def opener(read_timeout_s: float) -> urllib.request.OpenerDirector:
+    """An opener (no proxy) whose connections wait ``read_timeout_s`` on the socket once connected; the
+    timeout given to its ``open`` then bounds the connection alone."""
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), _HTTPHandler(read_timeout_s), _HTTPSHandler(read_timeout_s)
+    )
+
+
 class RewardServerError(RuntimeError):
     """The reward server could not score a batch; the run stops rather than train on missing rewards."""
 
 
 def post_with_retries(
-    url: str,
+    url: str | Sequence[str],
     body: bytes,
     headers: dict[str, str],
     *,
@@ -45,20 +105,23 @@ def post_with_retries(
     retried_statuses: frozenset[int] = frozenset(),
     stop: threading.Event | None = None,
     hint: str = "",
+    connect_timeout_s: float | None = None,
 ) -> bytes:
     """POST ``body`` and return the answer, retrying what a restarted or less busy server could answer
     (connection errors, timeouts, 5xx and ``retried_statuses``) with exponential backoff, then raising
     :class:`RewardServerError`; another 4xx raises at once. ``stop`` (set by a failed sibling request)
     ends the retries early. ``what`` and ``hint`` name the server and what to check in the messages."""
+    urls = [url] if isinstance(url, str) else list(url)
     attempts = max_retries + 1
     started = time.monotonic()
     last_error = ""
     for attempt in range(attempts):
+        url = urls[attempt % len(urls)]
         if stop is not None and stop.is_set():
             raise RewardServerError(f"{what} {url}: another request of the batch failed")
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with OPENER.open(request, timeout=timeout_s) as response:
+            with _open(request, timeout_s, connect_timeout_s) as response:
                 return read_before(response, time.monotonic() + timeout_s, timeout_s)
         except urllib.error.HTTPError as error:
             message = error_message(error)
@@ -85,8 +148,10 @@ def post_with_retries(
                 time.sleep(delay)
             else:
                 stop.wait(delay)
+    tried = urls[: min(attempts, len(urls))]
+    where = tried[0] if len(tried) == 1 else f"({', '.join(tried)})"
     raise RewardServerError(
-        f"{what} {url} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
+        f"{what} {where} failed {attempts} attempts in {time.monotonic() - started:.1f} s "
         f"(timeout_s={timeout_s:g}, max_retries={max_retries}); last error: {last_error}. "
         "No score was made up: the run stops here. Once the server is back, re-run the same command to "
         "resume from the last checkpoint."
@@ -102,6 +167,12 @@ def read_before(response: http.client.HTTPResponse, deadline: float, timeout_s: 
         if time.monotonic() > deadline and response.length != 0:  # 0: the whole body is in
             raise TimeoutError(f"timed out: the answer was still arriving after timeout_s={timeout_s:g} s")
     return b"".join(chunks)
+
+
+def _open(request: urllib.request.Request, timeout_s: float, connect_timeout_s: float | None):
+    if connect_timeout_s is None:
+        return OPENER.open(request, timeout=timeout_s)
+    return opener(timeout_s).open(request, timeout=connect_timeout_s)
 
 
 def get(url: str, *, timeout_s: float, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from g2rpo.rewards.chat import ChatClient
 from g2rpo.rewards.preference import parse_verdict
-from g2rpo.rewards.remote import encode_image, pixels_of
+from g2rpo.rewards.wire import encode_image, pixels_of
 
 log = logging.getLogger(__name__)
 
