@@ -481,3 +481,28 @@ def test_an_answer_trickled_past_timeout_s_fails_as_a_timeout():
         done.set()
         thread.join()
         listener.close()
+
+
+def test_a_wrong_dotted_path_or_an_unset_key_variable_stops_the_server_before_it_starts(monkeypatch, capsys):
+    from g2rpo.rewards.serve import build_server
+    from g2rpo.rewards.serve.__main__ import main
+
+    with pytest.raises(
+        ValueError, match="module g2rpo.rewards has no 'Nope': check the reward's dotted path"
+    ):
+        build_server("g2rpo.rewards.Nope")
+    monkeypatch.delenv("UNSET_REWARD_KEY", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["g2rpo.rewards.JpegCompressibility", "--api-key-env", "UNSET_REWARD_KEY"])
+    assert exited.value.code == 2 and "$UNSET_REWARD_KEY is not set" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["JpegCompressibility"])
+    assert exited.value.code == 2 and "is not a dotted path" in capsys.readouterr().err
+
+
+def test_a_run_whose_key_variable_is_unset_stops_before_anything_loads(compose_config, monkeypatch):
+    monkeypatch.delenv("UNSET_REWARD_KEY", raising=False)
+    cfg = compose_config(*FAST_RUN, "reward=remote", "reward.rewards.remote.api_key_env=UNSET_REWARD_KEY")
+    with pytest.raises(PreflightError, match=r"reward.rewards.remote: .*\$UNSET_REWARD_KEY is not set"):
+        train(cfg)
+    assert not Path(cfg.run_dir).exists()
