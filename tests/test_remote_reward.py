@@ -506,3 +506,42 @@ def test_a_run_whose_key_variable_is_unset_stops_before_anything_loads(compose_c
     with pytest.raises(PreflightError, match=r"reward.rewards.remote: .*\$UNSET_REWARD_KEY is not set"):
         train(cfg)
     assert not Path(cfg.run_dir).exists()
+
+
+def test_the_api_scores_a_batch_in_one_call_per_image_size_and_answers_bad_requests_alone():
+    """LitServe's worker side, in process: a batch of requests is one reward call per image size (and endpoint),
+    each request gets its own scores back in order, and a malformed or empty request is answered alone."""
+    from g2rpo.rewards.serve import NamedScoreRequest, RewardAPI, ScoreRequest
+
+    api = RewardAPI("tests.served_rewards.OnDevice", max_batch_size=8)
+    api.setup("cpu")
+    assert api.reward.device == "cpu"  # the worker's device, as the reward takes one
+
+    def request(count: int, size: int, cls=ScoreRequest):
+        images = torch.rand(count, 3, size, size)
+        encoded = [encode_image(a) for a in pixels_of(images)]
+        return cls(images=encoded, prompts=["p"] * count), (pixels_of(images) / 255).mean(axis=(1, 2, 3))
+
+    (small, small_means), (large, large_means), (other, other_means) = (
+        request(2, 8),
+        request(3, 16),
+        request(1, 8),
+    )
+    bad = ScoreRequest(images=["AAAA"], prompts=["p"])
+    empty = ScoreRequest(images=[], prompts=[])
+    named, _ = request(1, 8, NamedScoreRequest)
+    jobs = api.batch([api.decode_request(r) for r in (small, bad, large, other, empty, named)])
+    outcomes = api.unbatch(api.predict(jobs))
+    assert sorted(api.reward.calls) == [3, 3]  # 2 + 1 images of 8 px together, the 3 of 16 px apart
+    assert [o.status for o in outcomes] == [200, 400, 200, 200, 200, 400]
+    for outcome, means in (
+        (outcomes[0], small_means),
+        (outcomes[2], large_means),
+        (outcomes[3], other_means),
+    ):
+        assert outcome.body["scores"] == pytest.approx(means.tolist(), abs=1e-6)
+    assert outcomes[0].body["batch"] == outcomes[3].body["batch"] == {"requests": 2, "images": 3}
+    assert "not a base64 PNG" in outcomes[1].body["error"] and outcomes[4].body["scores"] == []
+    assert "no named scores" in outcomes[5].body["error"]
+    answer = api.encode_response(outcomes[1])
+    assert answer.status_code == 400 and json.loads(answer.body)["error"].startswith("malformed request")

@@ -89,14 +89,14 @@ class Outcome:
 
 @dataclass
 class Job:
-    """One decoded request in a worker; ``error`` marks one answered on its own, unscored."""
+    """One decoded request in a worker; ``answer`` is set for one answered unscored (malformed, or empty)."""
 
     named: bool
     images: Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     metadata: list[dict] = field(default_factory=list)
     sources: Tensor | None = None
-    error: Outcome | None = None
+    answer: Outcome | None = None
 
     @property
     def key(self) -> tuple:
@@ -167,12 +167,12 @@ class RewardAPI(ls.LitAPI):
         count = len(request.images)
         metadata = request.metadata if request.metadata is not None else [{} for _ in range(count)]
         if not count:
-            return Job(named, error=Outcome(200, {"scores": {} if named else [], "batch": _batch_of([])}))
+            return Job(named, answer=Outcome(200, {"scores": {} if named else [], "batch": _batch_of([])}))
         try:
             images = images_of(request.images)
             sources = None if request.sources is None else images_of(request.sources)
         except ValueError as error:
-            return Job(named, error=Outcome(400, {"error": f"malformed request: {error}"}))
+            return Job(named, answer=Outcome(400, {"error": f"malformed request: {error}"}))
         return Job(named, images, list(request.prompts), list(metadata), sources)
 
     def batch(self, inputs: list[Job]) -> list[Job]:
@@ -183,10 +183,10 @@ class RewardAPI(ls.LitAPI):
         its requests only (the client retries them)."""
         if isinstance(jobs, Job):  # max_batch_size=1: LitServe's unbatched loop
             return self.predict([jobs])[0]
-        outcomes: list[Outcome | None] = [job.error for job in jobs]
+        outcomes: list[Outcome | None] = [job.answer for job in jobs]
         groups: dict[tuple, list[int]] = {}
         for index, job in enumerate(jobs):
-            if job.error is None:
+            if job.answer is None:
                 groups.setdefault(job.key, []).append(index)
         for members in groups.values():
             group = [jobs[index] for index in members]
