@@ -242,7 +242,7 @@ def test_a_served_reward_gets_the_sources_over_the_wire(scripted):
     torch.testing.assert_close(received.float(), expected)
 
 
-def test_several_urls_are_used_in_turn_and_a_retry_goes_to_the_next(scripted):
+def test_several_urls_are_used_in_turn_and_a_retry_goes_to_the_next(scripted, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}/score"
     images, prompts, metadata = _batch(6)
     expected = JpegCompressibility()(images)
@@ -250,6 +250,12 @@ def test_several_urls_are_used_in_turn_and_a_retry_goes_to_the_next(scripted):
     one_try = RemoteReward([scripted.url, dead], batch_size=2, max_concurrency=1, max_retries=0)
     with pytest.raises(RewardServerError, match=rf"{dead} failed 1 attempts.*Connection refused"):
         one_try(images, prompts, metadata)
+    # rank r of a distributed run starts at the r-th URL
+    with monkeypatch.context() as patched:
+        patched.setenv("RANK", "1")
+        second_first = RemoteReward([scripted.url, dead], batch_size=2, max_concurrency=1, max_retries=0)
+        with pytest.raises(RewardServerError, match=rf"{dead} failed 1 attempts"):
+            second_first(images[:2], prompts[:2], metadata[:2])
     # ...and its retry goes to the live one
     retried = RemoteReward(
         [dead, scripted.url], batch_size=2, max_concurrency=2, max_retries=1, backoff_s=0.01

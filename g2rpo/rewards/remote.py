@@ -7,7 +7,8 @@ The wire format is JSON (:mod:`g2rpo.rewards.wire`). VLM judges served by vLLM /
 API instead, which :class:`~g2rpo.rewards.chat.ChatClient` speaks.
 
 A rollout is sent in requests of ``batch_size`` images, ``max_concurrency`` of them in flight at once, each to
-the next of ``url``'s URLs (one per replica, round-robin), with ``X-API-Key`` from the environment variable
+the next of ``url``'s URLs (one per replica, round-robin; rank ``r`` of a distributed run starts at the
+``r``-th, so ranks spread over the replicas from their first request), with ``X-API-Key`` from the variable
 ``api_key_env`` names. The server batches requests from every client, so concurrent requests also fill its
 batches.
 
@@ -102,7 +103,7 @@ class RemoteReward:
                     f"the key the server was started with (--api-key-env), e.g. `export {api_key_env}=...`"
                 )
             self._headers["X-API-Key"] = key
-        self._turn = itertools.count()
+        self._turn = itertools.count(int(os.environ.get("RANK", 0)))  # ranks start on different replicas
         self._turn_lock = threading.Lock()
 
     @property
