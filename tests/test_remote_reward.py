@@ -444,7 +444,7 @@ def test_a_run_stops_cleanly_when_its_reward_server_is_killed_and_resumes_once_i
     back = start(SCRIPTED, port=port, output=tmp_path / "server.log")  # not ready for seconds yet
     try:
         images, prompts, metadata = _batch(2)
-        patient = RemoteReward(back.url, max_retries=10, backoff_s=0.1, max_backoff_s=2)
+        patient = RemoteReward(back.url, max_retries=20, backoff_s=0.1, max_backoff_s=2)  # ~35 s of patience
         assert torch.equal(patient(images, prompts, metadata), JpegCompressibility()(images))
         train(cfg)
     finally:
