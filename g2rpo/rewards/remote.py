@@ -142,7 +142,8 @@ class RemoteReward:
         command += f" --port {where.port}" if where.port else ""
         start = (
             f"start it first{f' on {where.hostname}' if elsewhere else ''} with `{command}` (docs/rewards.md, "
-            "remote rewards), or correct the reward's url"
+            "remote rewards), or correct the reward's url; a server just started answers once its workers have "
+            f"built the reward (seconds to minutes): wait until `curl {self._beside(scoring, 'health')}` says ok"
         )
         try:
             status, body = get(url, timeout_s=timeout_s, headers=self._headers)
