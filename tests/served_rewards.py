@@ -101,6 +101,7 @@ class Served:
     port: int
     output: Path
     key: str | None = None
+    log: Path | None = None  #: a :class:`Scripted` reward's call log, where it keeps one
 
     @property
     def url(self) -> str:

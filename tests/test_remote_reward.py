@@ -536,8 +536,7 @@ def test_the_api_scores_a_batch_in_one_call_per_image_size_and_answers_bad_reque
     bad = ScoreRequest(images=["AAAA"], prompts=["p"])
     empty = ScoreRequest(images=[], prompts=[])
     named, _ = request(1, 8, NamedScoreRequest)
-    jobs = api.batch([api.decode_request(r) for r in (small, bad, large, other, empty, named)])
-    outcomes = api.unbatch(api.predict(jobs))
+    outcomes = api.predict([api.decode_request(r) for r in (small, bad, large, other, empty, named)])
     assert sorted(api.reward.calls) == [3, 3]  # 2 + 1 images of 8 px together, the 3 of 16 px apart
     assert [o.status for o in outcomes] == [200, 400, 200, 200, 200, 400]
     for outcome, means in (

@@ -10,14 +10,13 @@ SGLang accept when started without ``--api-key``).
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
 import json
 import os
 import threading
 from typing import Any
 
-from g2rpo.rewards.http import RewardServerError, get, post_with_retries
+from g2rpo.rewards.http import RewardServerError, all_or_nothing, get, post_with_retries
 
 RETRIED_STATUS = 429  # a busy server's "too many requests": retried like a 5xx
 
@@ -100,22 +99,7 @@ class ChatClient:
     def complete_all(self, contents: list[Any]) -> list[str | None]:
         """The assistant's text for each user message ``content`` (a string, or OpenAI's list of parts), in
         order; ``None`` where an answer has no text."""
-        if not contents:
-            return []
-        stop = threading.Event()  # set on the first failure: the other requests give up instead of retrying
-        executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, len(contents)), thread_name_prefix="chat"
-        )
-        try:
-            futures = [executor.submit(self.complete, content, stop) for content in contents]
-            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = [f for f in futures if f in done and f.exception() is not None]
-            if failed:
-                raise failed[0].exception()
-            return [f.result() for f in futures]
-        finally:
-            stop.set()
-            executor.shutdown(wait=True, cancel_futures=True)
+        return all_or_nothing(self.complete, contents, self.max_concurrency, "chat")
 
     def complete(self, content: Any, stop: threading.Event | None = None) -> str | None:
         """One user message's answer; a body that is not a chat completion means a wrong server."""

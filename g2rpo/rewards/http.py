@@ -17,6 +17,7 @@ retry tries the next replica, and one replica down does not fail a request while
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import http.client
 import json
@@ -25,20 +26,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
-# A reward server is an internal service: a site-wide http_proxy from the environment must not intercept it.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 #: bytes per read of an answer, between checks of its deadline
 CHUNK_BYTES = 1 << 16
 
 
 class _ReadTimeout:
-    """Sets the socket's timeout to ``read_timeout_s`` once connected (urllib uses one timeout for both)."""
+    """A connection that waits ``read_timeout_s`` on its socket once connected: urllib's ``timeout`` then
+    bounds the connection alone (urllib otherwise uses one timeout for both)."""
 
-    read_timeout_s: float
+    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout_s = read_timeout_s
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
@@ -46,46 +49,66 @@ class _ReadTimeout:
 
 
 class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):
-    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.read_timeout_s = read_timeout_s
+    pass
 
 
 class _HTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
-    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.read_timeout_s = read_timeout_s
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
     def __init__(self, read_timeout_s: float) -> None:
         super().__init__()
-        self.read_timeout_s = read_timeout_s
+        self.connection = functools.partial(_HTTPConnection, read_timeout_s=read_timeout_s)
 
     def http_open(self, request: urllib.request.Request):
-        return self.do_open(functools.partial(_HTTPConnection, read_timeout_s=self.read_timeout_s), request)
+        return self.do_open(self.connection, request)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, read_timeout_s: float) -> None:
         super().__init__()
-        self.read_timeout_s = read_timeout_s
+        self.connection = functools.partial(_HTTPSConnection, read_timeout_s=read_timeout_s)
 
     def https_open(self, request: urllib.request.Request):
-        return self.do_open(
-            functools.partial(_HTTPSConnection, read_timeout_s=self.read_timeout_s),
-            request,
-            context=self._context,
-        )
+        return self.do_open(self.connection, request, context=self._context)
 
 
 @functools.lru_cache(maxsize=32)
 def opener(read_timeout_s: float) -> urllib.request.OpenerDirector:
-    """An opener (no proxy) whose connections wait ``read_timeout_s`` on the socket once connected; the
-    timeout given to its ``open`` then bounds the connection alone."""
+    """An opener whose connections wait ``read_timeout_s`` on the socket once connected. No proxy: a reward
+    server is an internal service, and a site-wide http_proxy from the environment must not intercept it."""
     return urllib.request.build_opener(
         urllib.request.ProxyHandler({}), _HTTPHandler(read_timeout_s), _HTTPSHandler(read_timeout_s)
     )
+
+
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
+
+
+def all_or_nothing(
+    send: Callable[[Item, threading.Event], Answer], items: Sequence[Item], max_concurrency: int, name: str
+) -> list[Answer]:
+    """``send(item, stop)`` for every item, ``max_concurrency`` at a time, answers in order. The first that
+    fails for good sets ``stop`` (its siblings give up their retries, see :func:`post_with_retries`) and is
+    raised: a batch is scored whole or not at all."""
+    if not items:
+        return []
+    stop = threading.Event()
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=min(max_concurrency, len(items)), thread_name_prefix=name
+    )
+    try:
+        futures = [executor.submit(send, item, stop) for item in items]
+        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+        return [f.result() for f in futures]
+    finally:
+        stop.set()
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 class RewardServerError(RuntimeError):
@@ -121,7 +144,8 @@ def post_with_retries(
             raise RewardServerError(f"{what} {url}: another request of the batch failed")
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with _open(request, timeout_s, connect_timeout_s) as response:
+            connect_s = timeout_s if connect_timeout_s is None else connect_timeout_s
+            with opener(timeout_s).open(request, timeout=connect_s) as response:
                 return read_before(response, time.monotonic() + timeout_s, timeout_s)
         except urllib.error.HTTPError as error:
             message = error_message(error)
@@ -169,18 +193,12 @@ def read_before(response: http.client.HTTPResponse, deadline: float, timeout_s: 
     return b"".join(chunks)
 
 
-def _open(request: urllib.request.Request, timeout_s: float, connect_timeout_s: float | None):
-    if connect_timeout_s is None:
-        return OPENER.open(request, timeout=timeout_s)
-    return opener(timeout_s).open(request, timeout=connect_timeout_s)
-
-
 def get(url: str, *, timeout_s: float, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """One GET and no retry, for a client's start-up check: the HTTP status and body, an HTTP error's
     included; a server that cannot be reached raises ``OSError`` (or ``http.client.HTTPException``)."""
     request = urllib.request.Request(url, headers=headers or {}, method="GET")
     try:
-        with OPENER.open(request, timeout=timeout_s) as response:
+        with opener(timeout_s).open(request, timeout=timeout_s) as response:
             return response.status, read_before(response, time.monotonic() + timeout_s, timeout_s)
     except urllib.error.HTTPError as error:
         with error:

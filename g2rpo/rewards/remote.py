@@ -25,7 +25,6 @@ retried. A failed request never becomes a score of 0, which would silently train
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
 import itertools
 import json
@@ -39,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 from torch import Tensor
 
-from g2rpo.rewards.http import RewardServerError, get, post_with_retries
+from g2rpo.rewards.http import RewardServerError, all_or_nothing, get, post_with_retries
 from g2rpo.rewards.wire import encode_image, pixels_of
 
 #: how long a client's start-up check waits for GET /health
@@ -191,22 +190,13 @@ class RemoteReward:
         """Each request's answer and image count, in order: ``max_concurrency`` requests in flight; the first
         that fails for good stops the others' retries and raises."""
         bodies = list(self._requests(images, prompts, metadata, sources))
-        if len(bodies) <= 1 or self.max_concurrency == 1:
-            return [(self._post(endpoint, body), count) for body, count in bodies]
-        stop = threading.Event()
-        executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, len(bodies)), thread_name_prefix="reward"
+        answers = all_or_nothing(
+            lambda body, stop: self._post(endpoint, body, stop),
+            [body for body, _ in bodies],
+            self.max_concurrency,
+            "reward",
         )
-        try:
-            futures = [executor.submit(self._post, endpoint, body, stop) for body, _ in bodies]
-            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = [f for f in futures if f in done and f.exception() is not None]
-            if failed:
-                raise failed[0].exception()
-            return [(f.result(), count) for f, (_, count) in zip(futures, bodies)]
-        finally:
-            stop.set()
-            executor.shutdown(wait=True, cancel_futures=True)
+        return [(answer, count) for answer, (_, count) in zip(answers, bodies)]
 
     def _requests(
         self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict], sources: Tensor | None = None

@@ -175,9 +175,6 @@ class RewardAPI(ls.LitAPI):
             return Job(named, answer=Outcome(400, {"error": f"malformed request: {error}"}))
         return Job(named, images, list(request.prompts), list(metadata), sources)
 
-    def batch(self, inputs: list[Job]) -> list[Job]:
-        return list(inputs)
-
     def predict(self, jobs: list[Job] | Job) -> list[Outcome] | Outcome:
         """Score the batch's requests, one reward call per :attr:`Job.key`; a call that raises is a 500 for
         its requests only (the client retries them)."""
@@ -193,9 +190,6 @@ class RewardAPI(ls.LitAPI):
             for index, outcome in zip(members, self._score(group)):
                 outcomes[index] = outcome
         return outcomes
-
-    def unbatch(self, outputs: list[Outcome]) -> list[Outcome]:
-        return outputs
 
     def encode_response(self, output: Outcome) -> Response:
         return JSONResponse(output.body, status_code=output.status)

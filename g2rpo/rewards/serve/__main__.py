@@ -4,7 +4,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 from g2rpo.rewards.serve import MAX_REQUEST_MB, QUEUE_TIMEOUT_S, READ_TIMEOUT_S, build_server
@@ -125,7 +124,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         generate_client_file=False,
         log_level="warning",
     )
-    sys.exit(0)
 
 
 if __name__ == "__main__":
